@@ -1,0 +1,259 @@
+"""The public facade for text LLMs.
+
+Lifecycle of a run (each phase lives in the module named after it):
+
+1. **resolve plan** (:mod:`auto_round.tuning.plan`): block lists, each linear layer's scheme, what
+   stays in full precision and why; export-format capability checked here, before any tuning.
+2. **build calibration data** (:mod:`auto_round.calib.text`): token windows from the data set.
+3. **capture block inputs** (:mod:`auto_round.calib.cache`).
+4. **tune blocks** (:mod:`auto_round.tuning.loop` / :mod:`auto_round.tuning.block`).
+5. **pack and export** (:mod:`auto_round.export`): written to a temporary folder, then moved into
+   place, so a failed save never destroys an existing folder.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+from auto_round.config import Settings, build_settings
+from auto_round.device import peak_gpu_mb, peak_rss_mb, resolve_device
+from auto_round.models.blocks import resolve_block_names
+from auto_round.models.loading import load_causal_lm
+from auto_round.quant.types import QuantizedWeight
+from auto_round.tuning.block import BlockResult
+from auto_round.tuning.loop import quantize_model
+from auto_round.tuning.plan import QuantPlan, resolve_plan
+
+logger = logging.getLogger(__name__)
+
+
+def parse_formats(format: Union[str, Sequence[str]]) -> List[str]:
+    """``"auto_round,auto_gptq"`` -> ``["auto_round", "auto_gptq"]``, each checked to exist."""
+    from auto_round.export import get_format
+
+    items = [f.strip() for f in format.split(",")] if isinstance(format, str) else [str(f) for f in format]
+    items = [f for f in items if f]
+    if not items:
+        raise ValueError(f"format={format!r} names no export format")
+    for f in items:
+        get_format(f)  # raises with the valid names
+    return items
+
+
+def _capability_checker(formats: Sequence[str]):
+    from auto_round.export import get_format
+
+    exporters = [get_format(f) for f in formats]
+
+    def check(name: str, out: int, in_: int, params) -> Optional[str]:
+        for fmt, ex in zip(formats, exporters):
+            why = ex.check_layer(name, out, in_, params.bits, params.group_size, params.sym)
+            if why:
+                return f"{fmt}: {why}"
+        return None
+
+    return check
+
+
+def _same_path(a: Union[str, Path], b: Optional[str]) -> bool:
+    if not b or not os.path.isdir(b):
+        return False
+    return Path(a).resolve() == Path(b).resolve()
+
+
+def _looks_like_checkpoint(folder: Path) -> bool:
+    """An earlier export: a quantization_config.json beside config.json, and no sub-folders."""
+    return ((folder / "quantization_config.json").is_file() and (folder / "config.json").is_file()
+            and not any(p.is_dir() for p in folder.iterdir()))
+
+
+class AutoRound:
+    """Quantize a causal LM's decoder blocks with SignRound and export it.
+
+    Args:
+        model: a loaded ``PreTrainedModel``, a local folder, or a hub id.
+        tokenizer: the model's tokenizer (loaded from ``model`` when it is a name and this is None).
+        model_dtype: dtype to load a model given by name ("fp32", "bf16", "fp16", "auto").
+        trust_remote_code: allow modeling code shipped with a checkpoint (off by default).
+        **options: every field of :class:`auto_round.config.Settings` (bits, group_size, sym,
+            iters, lr, nsamples, seqlen, batch_size, dataset, layer_config, ...). A misspelt
+            keyword raises ``TypeError``.
+
+    After :meth:`quantize`, ``quantized_layers`` maps layer names to integer records,
+    ``block_results`` holds per-block losses and ``summary`` the run's figures.
+    """
+
+    def __init__(self, model: Union[str, Path, nn.Module], tokenizer: Any = None, *,
+                 model_dtype: Optional[str] = None, trust_remote_code: bool = False, **options: Any) -> None:
+        self.settings: Settings = build_settings(**options)
+        self.device = resolve_device(self.settings.device)
+        self.model, self.tokenizer, self.source = load_causal_lm(
+            model, tokenizer, model_dtype=model_dtype, trust_remote_code=trust_remote_code)
+        self.model.eval()
+        self.plan: Optional[QuantPlan] = None
+        self.quantized_layers: Dict[str, QuantizedWeight] = {}
+        self.block_results: List[BlockResult] = []
+        self.summary: Dict[str, Any] = {}
+        self.dataset_used: str = "none (round-to-nearest)"
+        self._packed = False
+
+    # ------------------------------------------------------------------ hooks for subclasses
+    def block_list_names(self) -> List[str]:
+        """Block lists to tune, in order."""
+        return resolve_block_names(self.model, self.settings.to_quant_block_names)
+
+    def forced_fp_layers(self) -> Dict[str, str]:
+        """Layers that must stay in full precision, with the reason (none for plain LLMs)."""
+        return {}
+
+    def calibration_batches(self) -> List[Dict[str, torch.Tensor]]:
+        """Model-input dicts for calibration (text windows for LLMs)."""
+        from auto_round.calib.text import get_text_calibration
+
+        if self.tokenizer is None:
+            raise ValueError("calibration needs a tokenizer: pass tokenizer=..., or use iters=0 for "
+                             "round-to-nearest without data")
+        s = self.settings
+        calib = get_text_calibration(self.tokenizer, s.dataset, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed)
+        self.dataset_used = calib.description
+        dev = next(self.model.parameters()).device
+        ids, mask = calib.input_ids, calib.attention_mask
+        return [{"input_ids": ids[i:i + s.batch_size].to(dev), "attention_mask": mask[i:i + s.batch_size].to(dev)}
+                for i in range(0, ids.shape[0], s.batch_size)]
+
+    # ------------------------------------------------------------------ lifecycle
+    def resolve_plan(self, formats: Sequence[str] = ()) -> QuantPlan:
+        """Phase 1: the plan, checked against ``formats`` when given."""
+        check = _capability_checker(formats) if formats else None
+        self.plan = resolve_plan(self.model, self.settings, self.block_list_names(), check,
+                                 self.forced_fp_layers())
+        for line in self.plan.summary_lines():
+            logger.info("plan: %s", line)
+        return self.plan
+
+    def quantize(self, format: Union[None, str, Sequence[str]] = None) -> "AutoRound":
+        """Run the whole tuning; ``format`` (optional) is checked against every layer first."""
+        if self.quantized_layers:
+            raise RuntimeError("this AutoRound has already quantized its model; create a new one to re-run")
+        t0 = time.perf_counter()
+        formats = parse_formats(format) if format else []
+        plan = self.resolve_plan(formats)
+        batches: Optional[List[Dict[str, torch.Tensor]]] = None
+
+        def factory() -> Iterable[Mapping[str, Any]]:
+            nonlocal batches
+            if batches is None:
+                batches = self.calibration_batches()
+            return batches
+
+        self.quantized_layers, self.block_results = quantize_model(
+            self.model, plan, self.settings, factory, self.device)
+        self.summary = self._summarize(time.perf_counter() - t0)
+        logger.info("quantized %d layers in %.1fs; peak RSS %.0f MiB", len(self.quantized_layers),
+                    self.summary["seconds"], self.summary["peak_rss_mb"])
+        return self
+
+    def _summarize(self, seconds: float) -> Dict[str, Any]:
+        assert self.plan is not None
+        return {
+            "seconds": round(seconds, 2),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+            "peak_gpu_mb": round(peak_gpu_mb(), 1),
+            "dataset": self.dataset_used,
+            "plan": self.plan.summary_lines(),
+            "quantized_layers": len(self.quantized_layers),
+            "kept_fp": {lp.name: lp.reason for lp in self.plan.kept_fp},
+            "blocks": [{"name": r.name, "first": r.first_loss, "last": r.last_loss, "best": r.best_loss,
+                        "best_iter": r.best_iter, "seconds": round(r.seconds, 3)} for r in self.block_results],
+        }
+
+    def quantization_config(self) -> Dict[str, Any]:
+        from auto_round.export.qconfig import build_quantization_config
+
+        if self.plan is None:
+            raise RuntimeError("call quantize() first")
+        return build_quantization_config(self.settings, self.plan, self.dataset_used)
+
+    # ------------------------------------------------------------------ export
+    def save_extra_files(self, folder: Path) -> None:
+        """Save the tokenizer beside the weights (subclasses add processors)."""
+        if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
+            self.tokenizer.save_pretrained(str(folder))
+
+    def save_quantized(self, output_dir: Union[str, Path] = "tmp_autoround", format: Union[str, Sequence[str]] = "auto_round",
+                       inplace: bool = True, overwrite: Optional[bool] = None) -> List[Path]:
+        """Export to ``output_dir`` (one sub-folder per format when several are given).
+
+        ``inplace=True`` packs the in-memory model (it then holds quantized modules and cannot be
+        exported again); with several formats only the last one packs in place. An existing
+        non-empty folder is replaced, only after the new checkpoint is complete, when it is an
+        earlier checkpoint (``overwrite=None``, the default) or when ``overwrite=True``; the source
+        model's own folder is never overwritten.
+        """
+        from auto_round.export import get_format
+
+        if not self.quantized_layers:
+            raise RuntimeError("nothing to save: call quantize() first")
+        if self._packed:
+            raise RuntimeError("the model was packed in place by an earlier save_quantized(inplace=True); "
+                               "pass inplace=False to every save but the last")
+        formats = parse_formats(format)
+        check = _capability_checker(formats)
+        bad = [f"{n}: {why}" for n, q in self.quantized_layers.items()
+               if (why := check(n, q.out_features, q.in_features, q))]
+        if bad:
+            raise ValueError("cannot export these layers:\n  " + "\n  ".join(bad[:10]))
+        root = Path(output_dir)
+        targets = [root] if len(formats) == 1 else [root / f.replace(":", "-") for f in formats]
+        qconfig = self.quantization_config()
+        written = []
+        for i, (fmt, target) in enumerate(zip(formats, targets)):
+            pack_inplace = inplace and i == len(formats) - 1
+            self._write_atomically(target, overwrite, lambda tmp: (
+                get_format(fmt).save(self.model, self.quantized_layers, tmp, dict(qconfig), pack_inplace),
+                self.save_extra_files(tmp)))
+            self._packed = self._packed or pack_inplace
+            logger.info("saved %s checkpoint to %s", fmt, target)
+            written.append(target)
+        return written
+
+    def _write_atomically(self, target: Path, overwrite: Optional[bool], write) -> None:
+        target = target.resolve()
+        if _same_path(target, self.source):
+            raise ValueError(f"output_dir {str(target)!r} is the source model's folder; choose another folder")
+        if target.exists() and not target.is_dir():
+            raise ValueError(f"output_dir {str(target)!r} exists and is a file; choose a folder path")
+        if target.is_dir() and any(target.iterdir()):
+            allowed = _looks_like_checkpoint(target) if overwrite is None else overwrite
+            if not allowed:
+                raise FileExistsError(f"output_dir {str(target)!r} is not empty and holds no earlier checkpoint; "
+                                      "pass overwrite=True (--overwrite) or choose another folder")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            write(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        if target.exists():
+            target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def quantize_and_save(self, output_dir: Union[str, Path] = "tmp_autoround",
+                          format: Union[str, Sequence[str]] = "auto_round", inplace: bool = True,
+                          overwrite: Optional[bool] = None) -> List[Path]:
+        """:meth:`quantize` (with the format checked before tuning) then :meth:`save_quantized`."""
+        self.quantize(format=format)
+        return self.save_quantized(output_dir, format=format, inplace=inplace, overwrite=overwrite)

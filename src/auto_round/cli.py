@@ -1,0 +1,129 @@
+"""Command line: a thin parser over the API. Options come from :data:`auto_round.config.Settings`.
+
+Entry points: ``auto-round`` (LLMs), ``auto-round-best``, ``auto-round-light`` (recipes) and
+``auto-round-mllm`` (vision-language models).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from auto_round.config import RECIPES, Settings
+
+# Boolean settings whose CLI flag turns them off (reference spelling).
+NEGATED_FLAGS = {"sym": "--asym", "enable_minmax_tuning": "--disable_minmax_tuning",
+                 "enable_quanted_input": "--disable_quanted_input", "amp": "--disable_amp"}
+LOADER_OPTIONS = ("model_dtype", "trust_remote_code")
+
+
+def _parse_layer_config(text: str) -> Dict[str, Any]:
+    src = Path(text).read_text() if os.path.isfile(text) else text
+    try:
+        value = json.loads(src)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"--layer_config must be JSON or a JSON file path ({e})") from e
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--layer_config must be a JSON object {name: {bits: ...}}")
+    return value
+
+
+def _add_setting(p: argparse.ArgumentParser, f, default: Any) -> None:
+    help_ = f.metadata.get("help", "")
+    if f.name in NEGATED_FLAGS:
+        p.add_argument(NEGATED_FLAGS[f.name], dest=f.name, action="store_false", default=default, help=help_)
+        return
+    flags = [f"--{f.name}", *f.metadata.get("cli", ())]
+    if isinstance(default, bool):
+        p.add_argument(*flags, dest=f.name, action="store_true", default=default, help=help_)
+    elif f.name == "layer_config":
+        p.add_argument(*flags, dest=f.name, type=_parse_layer_config, default=None, help=help_ + " (JSON or file)")
+    else:
+        kind = {"bits": int, "group_size": int, "iters": int, "nsamples": int, "seqlen": int, "batch_size": int,
+                "gradient_accumulate_steps": int, "nblocks": int, "seed": int, "lr": float,
+                "minmax_lr": float}.get(f.name, str)
+        p.add_argument(*flags, dest=f.name, type=kind, default=default, help=f"{help_} (default: {default})")
+
+
+def build_parser(prog: str, recipe: str = "default", extra_settings: Sequence[Any] = ()) -> argparse.ArgumentParser:
+    """The parser of one entry point; ``recipe`` changes the defaults it shows and uses."""
+    p = argparse.ArgumentParser(prog=prog, description="Quantize a model with AutoRound (SignRound).")
+    p.add_argument("--model", "--model_name", "--model_name_or_path", dest="model", required=True,
+                   help="local model folder or hub id")
+    p.add_argument("--format", default="auto_round", help="export format(s), comma separated (default: auto_round)")
+    p.add_argument("--output_dir", default="./tmp_autoround", help="parent folder of the exported model")
+    p.add_argument("--model_dtype", default=None, help="dtype to load the model in: fp32, bf16, fp16, auto")
+    p.add_argument("--trust_remote_code", action="store_true", help="allow modeling code shipped with the model")
+    p.add_argument("--disable_trust_remote_code", action="store_true",
+                   help="accepted for compatibility; remote code is already off unless --trust_remote_code")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    overrides = RECIPES[recipe]
+    for f in [*fields(Settings), *extra_settings]:
+        default = overrides.get(f.name, f.default if f.default is not MISSING else None)
+        _add_setting(p, f, default)
+    return p
+
+
+def output_folder(output_dir: str, model: str, bits: int, group_size: int) -> Path:
+    """``<output_dir>/<model basename>-w<bits>g<group_size>`` (reference naming)."""
+    base = Path(model.rstrip("/")).name or "model"
+    return Path(output_dir) / f"{base}-w{bits}g{group_size}"
+
+
+def _settings_kwargs(ns: argparse.Namespace, names: Sequence[str]) -> Dict[str, Any]:
+    return {n: getattr(ns, n) for n in names}
+
+
+def run(argv: Optional[List[str]], prog: str, recipe: str, mllm: bool) -> int:
+    """Parse ``argv``, quantize, export; returns the process exit code."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if mllm:
+        from auto_round.mllm.autoround_mllm import MLLM_SETTINGS, AutoRoundMLLM as cls
+        extra = MLLM_SETTINGS
+    else:
+        from auto_round.autoround import AutoRound as cls
+        extra = ()
+    parser = build_parser(prog, recipe, extra)
+    ns = parser.parse_args(argv)
+    names = [f.name for f in [*fields(Settings), *extra]]
+    try:
+        ar = cls(ns.model, model_dtype=ns.model_dtype, trust_remote_code=ns.trust_remote_code,
+                 **_settings_kwargs(ns, names))
+        folder = output_folder(ns.output_dir, ns.model, ns.bits, ns.group_size)
+        written = ar.quantize_and_save(folder, format=ns.format, overwrite=True if ns.overwrite else None)
+    except (ValueError, TypeError, OSError, RuntimeError) as e:
+        sys.stderr.write(f"{prog}: error: {e}\n")
+        return 2
+    for w in written:
+        sys.stdout.write(f"saved {w}\n")
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``auto-round``: quantize a text LLM."""
+    return run(argv, "auto-round", "default", mllm=False)
+
+
+def main_best(argv: Optional[List[str]] = None) -> int:
+    """``auto-round-best``: iters 1000, nsamples 512, low_gpu_mem_usage."""
+    return run(argv, "auto-round-best", "best", mllm=False)
+
+
+def main_light(argv: Optional[List[str]] = None) -> int:
+    """``auto-round-light``: iters 50, lr 5e-3."""
+    return run(argv, "auto-round-light", "light", mllm=False)
+
+
+def main_mllm(argv: Optional[List[str]] = None) -> int:
+    """``auto-round-mllm``: quantize a vision-language model."""
+    return run(argv, "auto-round-mllm", "default", mllm=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

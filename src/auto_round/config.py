@@ -1,0 +1,141 @@
+"""Every public knob of a quantization run, declared once as data.
+
+The API (:class:`auto_round.AutoRound`) and the CLI (:mod:`auto_round.cli`) both build their
+options from :data:`OPTIONS`, so their names and defaults cannot drift. :func:`build_settings`
+validates keywords once and returns a frozen :class:`Settings`; everything downstream receives
+that resolved object.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
+
+import torch
+
+from auto_round.quant.qdq import SUPPORTED_BITS
+
+SCALE_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+                "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+SYM_STYLES = ("full_range", "gptq")
+DEFAULT_DATASET = "NeelNanda/pile-10k"
+
+
+def _opt(default: Any, help: str, cli: Tuple[str, ...] = (), api: bool = True) -> Any:
+    return field(default=default, metadata={"help": help, "cli": cli, "api": api})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Resolved settings of one run. Defaults are the reference implementation's."""
+
+    bits: int = _opt(4, "weight bits (2-8)")
+    group_size: int = _opt(128, "group length along the input dimension; -1 = one group per row")
+    sym: bool = _opt(True, "symmetric quantization (CLI: --asym turns it off)")
+    sym_style: str = _opt("full_range", "sym grid: 'full_range' (all 2^b levels, reference default) or 'gptq'")
+    data_type: str = _opt("int", "weight data type; only 'int' is implemented")
+    scale_dtype: str = _opt("fp16", "dtype of the stored scales: fp16, bf16 or fp32")
+    iters: int = _opt(200, "tuning iterations per block; 0 = round-to-nearest without calibration", ("--iter",))
+    lr: Optional[float] = _opt(None, "learning rate of the rounding offsets (default 1/iters)")
+    minmax_lr: Optional[float] = _opt(None, "learning rate of the clip factors (default lr)")
+    nsamples: int = _opt(128, "number of calibration samples")
+    seqlen: int = _opt(2048, "tokens per calibration sample", ("--seq_len",))
+    batch_size: int = _opt(8, "calibration samples per tuning step", ("--train_bs", "--bs"))
+    gradient_accumulate_steps: int = _opt(1, "micro-batches accumulated per step (tokens weigh equally)")
+    enable_minmax_tuning: bool = _opt(True, "tune per-group clip factors (CLI: --disable_minmax_tuning)")
+    enable_quanted_input: bool = _opt(True, "feed each block the quantized blocks' output (CLI: --disable_quanted_input)")
+    nblocks: int = _opt(1, "consecutive blocks tuned together")
+    amp: bool = _opt(True, "autocast to the model's half dtype on CUDA (CLI: --disable_amp)")
+    low_gpu_mem_usage: bool = _opt(False, "keep cached block inputs on CPU")
+    not_use_best_mse: bool = _opt(False, "keep the last iteration's parameters instead of the best")
+    seed: int = _opt(42, "random seed: same seed, data and settings give identical output")
+    device: Optional[str] = _opt(None, "tuning device: cpu, cuda, cuda:N or N (default: cuda if present)", ("--devices",))
+    dataset: str = _opt(DEFAULT_DATASET, "calibration data: hub name, local file/dir, or comma list")
+    layer_config: Optional[Mapping[str, Mapping[str, Any]]] = _opt(
+        None, "per-layer overrides {name or regex: {bits, group_size, sym}}; bits >= 16 keeps FP", api=True)
+    fp_layers: str = _opt("", "comma list of layer-name fragments kept in full precision")
+    quant_lm_head: bool = _opt(False, "also quantize lm_head (refused with tied embeddings)")
+    to_quant_block_names: Optional[Union[str, Tuple[str, ...]]] = _opt(
+        None, "comma list of block-list paths to tune (default: found automatically)")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def resolved_lr(self) -> float:
+        if self.lr is not None:
+            return float(self.lr)
+        return 1.0 / self.iters if self.iters > 0 else 5e-3
+
+    @property
+    def resolved_minmax_lr(self) -> float:
+        return float(self.minmax_lr) if self.minmax_lr is not None else self.resolved_lr
+
+    @property
+    def torch_scale_dtype(self) -> torch.dtype:
+        return SCALE_DTYPES[self.scale_dtype]
+
+    @property
+    def scheme(self) -> str:
+        if not self.sym:
+            return "asym"
+        return "sym" if self.sym_style == "full_range" else "sym_gptq"
+
+
+OPTION_NAMES = tuple(f.name for f in fields(Settings))
+
+# Recipes (reference: auto-round-best / auto-round-light).
+RECIPES: Dict[str, Dict[str, Any]] = {
+    "default": {},
+    "best": {"iters": 1000, "nsamples": 512, "low_gpu_mem_usage": True},
+    "light": {"iters": 50, "lr": 5e-3},
+}
+
+
+def _check(cond: bool, name: str, value: Any, fix: str) -> None:
+    if not cond:
+        raise ValueError(f"{name}={value!r} is invalid: {fix}")
+
+
+def validate(s: Settings) -> Settings:
+    """Raise ``ValueError`` naming the field, its value and the valid options."""
+    _check(s.bits in SUPPORTED_BITS or s.bits >= 16, "bits", s.bits, f"use one of {SUPPORTED_BITS}")
+    _check(s.group_size == -1 or s.group_size > 0, "group_size", s.group_size, "use -1 or a positive integer")
+    _check(s.sym_style in SYM_STYLES, "sym_style", s.sym_style, f"use one of {SYM_STYLES}")
+    _check(s.data_type == "int", "data_type", s.data_type, "only 'int' is implemented")
+    _check(s.scale_dtype in SCALE_DTYPES, "scale_dtype", s.scale_dtype, f"use one of {sorted(SCALE_DTYPES)}")
+    _check(s.iters >= 0, "iters", s.iters, "use 0 (round-to-nearest) or a positive count")
+    for name in ("nsamples", "seqlen", "batch_size", "gradient_accumulate_steps", "nblocks"):
+        _check(getattr(s, name) >= 1, name, getattr(s, name), "must be at least 1")
+    for name in ("lr", "minmax_lr"):
+        v = getattr(s, name)
+        _check(v is None or v > 0, name, v, "must be positive (or None for 1/iters)")
+    if s.iters > 0:
+        _check(s.nsamples >= s.batch_size, "batch_size", s.batch_size,
+               f"must not exceed nsamples={s.nsamples}; lower batch_size or raise nsamples")
+    return s
+
+
+def build_settings(recipe: str = "default", **kwargs: Any) -> Settings:
+    """Validate public keywords into :class:`Settings`.
+
+    A misspelt keyword raises ``TypeError`` with the closest valid name.
+    """
+    unknown = [k for k in kwargs if k not in OPTION_NAMES]
+    if unknown:
+        hints = []
+        for k in unknown:
+            close = difflib.get_close_matches(k, OPTION_NAMES, n=1)
+            hints.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        raise TypeError(f"unknown keyword argument(s): {', '.join(hints)}; valid: {', '.join(OPTION_NAMES)}")
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe={recipe!r} is unknown; use one of {sorted(RECIPES)}")
+    merged = {**RECIPES[recipe], **kwargs}
+    if isinstance(merged.get("scale_dtype"), torch.dtype):
+        inv = {v: k for k, v in SCALE_DTYPES.items() if k in ("fp16", "bf16", "fp32")}
+        merged["scale_dtype"] = inv[merged["scale_dtype"]]
+    return validate(Settings(**merged))
+
+
+def with_updates(s: Settings, **kwargs: Any) -> Settings:
+    """A validated copy of ``s`` with some fields changed."""
+    return validate(replace(s, **kwargs))

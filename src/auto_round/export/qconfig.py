@@ -1,0 +1,52 @@
+"""The ``quantization_config`` dict saved with every checkpoint (REFERENCE.md section 4)."""
+
+from __future__ import annotations
+
+from typing import Any, Dict
+
+from auto_round.config import Settings
+from auto_round.tuning.plan import QuantPlan
+from auto_round.version import __version__
+
+
+def build_quantization_config(settings: Settings, plan: QuantPlan, dataset: str) -> Dict[str, Any]:
+    """Global scheme, the tuned block lists, per-layer exceptions and the tuning hyperparameters.
+
+    ``extra_config`` holds every layer that differs from the global scheme: layers inside the block
+    lists kept in full precision (``bits: 16``), and quantized layers with other bits/group/sym
+    (including ``lm_head`` or others outside the block lists).
+    """
+    gs = settings.group_size
+    extra: Dict[str, Dict[str, Any]] = {}
+    for lp in plan.layers:
+        if lp.params is None:
+            if lp.block is not None:
+                extra[lp.name] = {"bits": 16, "data_type": "float"}
+            continue
+        p_gs = -1 if (gs == -1 and lp.params.group_size == lp.in_features) else lp.params.group_size
+        same = (lp.params.bits, p_gs, lp.params.sym) == (settings.bits, gs, settings.sym)
+        if not same or lp.block is None:
+            extra[lp.name] = {"bits": lp.params.bits, "group_size": p_gs, "sym": lp.params.sym, "data_type": "int"}
+    return {
+        "quant_method": "auto-round",
+        "bits": settings.bits,
+        "group_size": gs,
+        "sym": settings.sym,
+        "data_type": settings.data_type,
+        "block_name_to_quantize": ",".join(p for p, _ in plan.block_lists),
+        "extra_config": extra,
+        "iters": settings.iters,
+        "lr": settings.resolved_lr,
+        "minmax_lr": settings.resolved_minmax_lr,
+        "nsamples": settings.nsamples,
+        "seqlen": settings.seqlen,
+        "batch_size": settings.batch_size,
+        "gradient_accumulate_steps": settings.gradient_accumulate_steps,
+        "enable_minmax_tuning": settings.enable_minmax_tuning,
+        "enable_quanted_input": settings.enable_quanted_input,
+        "scale_dtype": settings.scale_dtype,
+        "sym_style": settings.sym_style,
+        "seed": settings.seed,
+        "dataset": dataset,
+        "autoround_version": __version__,
+    }

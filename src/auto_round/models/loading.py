@@ -1,0 +1,69 @@
+"""Loading a model and its tokenizer from an object, a local folder or a hub id."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"auto": "auto", "fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
+          "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def resolve_dtype(model_dtype: Optional[str]) -> Any:
+    """``None`` -> float32 on CPU loads (exact tuning); otherwise the named dtype."""
+    if model_dtype is None:
+        return "auto"
+    if model_dtype not in DTYPES:
+        raise ValueError(f"model_dtype={model_dtype!r} is unknown; use one of {sorted(DTYPES)}")
+    return DTYPES[model_dtype]
+
+
+def _offline_error(name: str, err: Exception) -> OSError:
+    return OSError(
+        f"could not load {name!r}: it is not a local folder, and fetching it from the Hugging Face hub "
+        f"failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). "
+        "Pass a local model folder, or check the network / HF_ENDPOINT / HF_TOKEN."
+    )
+
+
+def load_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
+    """``loader.from_pretrained(name, ...)`` with a clear error when a hub id cannot be fetched."""
+    if os.path.isdir(name):
+        return loader.from_pretrained(name, **kwargs)
+    if os.path.exists(name):
+        raise ValueError(f"{name!r} is a file; pass the model's folder (the one holding config.json)")
+    try:
+        return loader.from_pretrained(name, **kwargs)
+    except (OSError, ValueError) as e:  # hub unreachable or id unknown
+        raise _offline_error(name, e) from e
+
+
+def load_causal_lm(
+    model: Union[str, Path, nn.Module],
+    tokenizer: Any = None,
+    *,
+    model_dtype: Optional[str] = None,
+    trust_remote_code: bool = False,
+) -> Tuple[nn.Module, Any, Optional[str]]:
+    """Return ``(model, tokenizer, source_dir)``; loads both when ``model`` is a name or path."""
+    if isinstance(model, nn.Module):
+        src = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+        return model, tokenizer, str(src) if src else None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    name = str(model)
+    m = load_pretrained(AutoModelForCausalLM, name, dtype=resolve_dtype(model_dtype),
+                        trust_remote_code=trust_remote_code)
+    m.eval()
+    if tokenizer is None:
+        tokenizer = load_pretrained(AutoTokenizer, name, trust_remote_code=trust_remote_code)
+    elif isinstance(tokenizer, (str, Path)):
+        tokenizer = load_pretrained(AutoTokenizer, str(tokenizer), trust_remote_code=trust_remote_code)
+    return m, tokenizer, name

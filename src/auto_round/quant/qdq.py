@@ -1,0 +1,194 @@
+"""Quantize-dequantize of weight groups with learnable rounding and clipping (SignRound).
+
+Groups run along the input dimension. A weight ``[out, in_]`` is zero-padded on the right to
+``[out, G * group_size]`` and viewed as ``[out, G, group_size]``; padding never changes a group's
+range because the range always includes 0 (``lo = min(0, min W)``, ``hi = max(0, max W)``).
+
+Three schemes (``QuantParams.scheme``):
+
+- ``"asym"``: ``s = (hi - lo) / (2^b - 1)``, ``z = round(-lo / s)``.
+- ``"sym"`` (full range, the default): ``M = max(A, B)`` with ``A = -lo``, ``B = hi``;
+  ``s = M / 2^(b-1)`` if ``A > B`` else ``-M / 2^(b-1)``, ``z = 2^(b-1)``; all ``2^b`` levels used.
+- ``"sym_gptq"``: ``s = 2 max(|lo|, hi) / (2^b - 1)``, ``z = 2^(b-1)``.
+
+Then ``q = clamp(round(W / s + V) + z, 0, 2^b - 1)`` and ``W' = s (q - z)``, with a straight-through
+gradient for every ``round``. ``lo``/``hi`` are multiplied by the learnable per-group clip factors
+``alpha``/``beta`` first.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+
+SCHEMES = ("sym", "asym", "sym_gptq")
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
+MIN_SCALE = 1e-5
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """How one layer's weight is quantized.
+
+    ``group_size`` is the resolved group length (never -1: use ``in_features`` for per-row).
+    """
+
+    bits: int = 4
+    group_size: int = 128
+    scheme: str = "sym"
+    scale_dtype: torch.dtype = torch.float16
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS}")
+        if self.group_size <= 0:
+            raise ValueError(f"group_size={self.group_size} must be a positive integer here")
+        if self.scheme not in SCHEMES:
+            raise ValueError(f"scheme={self.scheme!r} is not one of {SCHEMES}")
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    @property
+    def sym(self) -> bool:
+        return self.scheme != "asym"
+
+
+class _RoundSTE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return torch.round(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """``round(x)`` in the forward pass, identity gradient in the backward pass."""
+    return _RoundSTE.apply(x)
+
+
+def n_groups(in_features: int, group_size: int) -> int:
+    """Number of groups along the input dimension (the last one padded)."""
+    return math.ceil(in_features / group_size)
+
+
+def group_view(weight: torch.Tensor, group_size: int) -> torch.Tensor:
+    """``[out, in_]`` -> ``[out, G, group_size]``, zero-padding the last group.
+
+    >>> group_view(torch.ones(2, 5), 4).shape
+    torch.Size([2, 2, 4])
+    """
+    out, in_ = weight.shape
+    g = n_groups(in_, group_size)
+    pad = g * group_size - in_
+    if pad:
+        weight = torch.nn.functional.pad(weight, (0, pad))
+    return weight.reshape(out, g, group_size)
+
+
+def _signed_clamp_min(s: torch.Tensor, min_abs: float) -> torch.Tensor:
+    """Clamp ``|s|`` to at least ``min_abs`` keeping the sign (0 counts as positive)."""
+    sign = torch.where(s < 0, -torch.ones_like(s), torch.ones_like(s))
+    return sign * s.abs().clamp(min=min_abs)
+
+
+def scale_zero(
+    wg: torch.Tensor,
+    params: QuantParams,
+    alpha: Optional[torch.Tensor] = None,
+    beta: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per group, differentiable in ``alpha``/``beta``.
+
+    ``wg`` is ``[out, G, gs]``; ``alpha``/``beta`` are ``[out, G]`` or None (= 1).
+    Returns ``scale [out, G, 1]`` (already cast through ``scale_dtype``, as exported) and ``zero
+    [out, G, 1]`` (float holding integers).
+    """
+    lo = wg.amin(dim=-1).clamp(max=0)
+    hi = wg.amax(dim=-1).clamp(min=0)
+    if alpha is not None:
+        lo = lo * alpha
+    if beta is not None:
+        hi = hi * beta
+    half = 2 ** (params.bits - 1)
+    if params.scheme == "asym":
+        s = (hi - lo) / params.maxq
+    elif params.scheme == "sym":
+        a, b = -lo, hi
+        m = torch.maximum(a, b)
+        s = torch.where(a > b, m, -m) / half
+    else:  # sym_gptq
+        s = 2 * torch.maximum(-lo, hi) / params.maxq
+    s = _signed_clamp_min(s, MIN_SCALE)
+    s = s.to(params.scale_dtype).to(wg.dtype)
+    if params.scheme == "asym":
+        z = round_ste(-lo / s).clamp(0, params.maxq)
+    else:
+        z = torch.full_like(s, float(half))
+    return s.unsqueeze(-1), z.unsqueeze(-1)
+
+
+def qdq_weight(
+    weight: torch.Tensor,
+    params: QuantParams,
+    v: Optional[torch.Tensor] = None,
+    alpha: Optional[torch.Tensor] = None,
+    beta: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Quantize-dequantize ``weight [out, in_]``; differentiable in ``v``, ``alpha``, ``beta``.
+
+    ``v`` has the padded shape ``[out, G * group_size]`` (or is None = 0).
+    """
+    out, in_ = weight.shape
+    wg = group_view(weight, params.group_size)
+    s, z = scale_zero(wg, params, alpha, beta)
+    x = wg / s
+    if v is not None:
+        x = x + v.reshape(wg.shape)
+    q = (round_ste(x) + z).clamp(0, params.maxq)
+    return (s * (q - z)).reshape(out, -1)[:, :in_]
+
+
+@torch.no_grad()
+def quantize_weight(
+    weight: torch.Tensor,
+    params: QuantParams,
+    v: Optional[torch.Tensor] = None,
+    alpha: Optional[torch.Tensor] = None,
+    beta: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Integer codes of ``weight`` with the same arithmetic as :func:`qdq_weight`.
+
+    Returns ``codes`` uint8 ``[out, in_]``, ``scale [out, G]`` in ``params.scale_dtype`` and
+    ``zero`` int32 ``[out, G]``, such that ``dequantize(codes, scale, zero)`` equals
+    ``qdq_weight(...)`` up to float rounding.
+    """
+    out, in_ = weight.shape
+    wg = group_view(weight.float(), params.group_size)
+    s, z = scale_zero(wg, params, alpha, beta)
+    x = wg / s
+    if v is not None:
+        x = x + v.reshape(wg.shape).float()
+    q = (torch.round(x) + z).clamp(0, params.maxq)
+    codes = q.reshape(out, -1)[:, :in_].to(torch.uint8)
+    return codes, s.squeeze(-1).to(params.scale_dtype), z.squeeze(-1).to(torch.int32)
+
+
+def dequantize(
+    codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int
+) -> torch.Tensor:
+    """``scale[o, g] * (codes[o, i] - zero[o, g])`` with ``g = i // group_size``, as float32.
+
+    ``codes [out, in_]``, ``scale``/``zero`` ``[out, G]``.
+    """
+    in_ = codes.shape[1]
+    idx = torch.arange(in_, device=codes.device) // group_size
+    s = scale.float()[:, idx]
+    z = zero.float()[:, idx]
+    return s * (codes.float() - z)

@@ -1,0 +1,156 @@
+"""Tuning one unit (``nblocks`` consecutive blocks) with signed gradient descent.
+
+Objective: mean squared error between the unit's output with qdq weights (fed the quantized
+chain's input) and its full-precision output (fed the FP chain's input), over the tokens of the
+loss mask. Update: ``theta -= lr_t * sign(grad)`` with ``lr_t`` decaying linearly from ``lr`` to 0.
+``V`` is kept in [-0.5, 0.5] (one rounding level either way, as in the SignRound paper) and the
+clip factors in [0, 1]. The parameters of the iteration with the lowest loss are restored.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from auto_round.calib.cache import to_device
+from auto_round.config import Settings
+from auto_round.quant.types import QuantizedWeight
+from auto_round.tuning.plan import LayerPlan
+from auto_round.tuning.wrapper import TunableLinear, set_module
+
+LOSS_SCALE = 1000.0  # guards small losses against underflow in half precision
+
+
+@dataclass
+class UnitInputs:
+    """What a unit needs per calibration batch: extra args/kwargs per block, and the loss mask."""
+
+    args: List[Tuple[Any, ...]]
+    kwargs: List[Dict[str, Any]]
+    mask: Optional[torch.Tensor]
+
+
+@dataclass
+class BlockResult:
+    """Losses of one tuned unit: at the first (= round-to-nearest), last and best iteration."""
+
+    name: str
+    first_loss: float
+    last_loss: float
+    best_loss: float
+    best_iter: int
+    seconds: float
+    layers: Dict[str, QuantizedWeight] = field(default_factory=dict, repr=False)
+
+
+def run_unit(blocks: Sequence[nn.Module], hidden: torch.Tensor, extra: UnitInputs) -> torch.Tensor:
+    """Feed ``hidden`` through ``blocks`` with each block's captured arguments."""
+    h = hidden
+    for block, args, kwargs in zip(blocks, extra.args, extra.kwargs):
+        out = block(h, *args, **kwargs)
+        h = out[0] if isinstance(out, (tuple, list)) else out
+    return h
+
+
+def _autocast(device: torch.device, settings: Settings, dtype: torch.dtype):
+    if settings.amp and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _sq_error(out: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, int]:
+    err = (out.float() - target.float()).pow(2)
+    if mask is None:
+        return err.sum(), err.numel()
+    m = mask.to(err.device, err.dtype).reshape(*mask.shape, *([1] * (err.dim() - mask.dim())))
+    return (err * m).sum(), int(mask.sum().item()) * int(err[0, 0].numel())
+
+
+class _BatchOrder:
+    """Seeded cycling over shuffled batch indices (each epoch sees every batch once)."""
+
+    def __init__(self, n: int, generator: torch.Generator) -> None:
+        self.n, self.g, self.queue = n, generator, []
+
+    def take(self, k: int) -> List[int]:
+        out = []
+        while len(out) < k:
+            if not self.queue:
+                self.queue = torch.randperm(self.n, generator=self.g).tolist()
+            out.append(self.queue.pop())
+        return out
+
+
+@torch.no_grad()
+def _sign_step(wrappers: Sequence[TunableLinear], lr: float, minmax_lr: float) -> None:
+    for w in wrappers:
+        if w.v.grad is not None:
+            w.v.add_(w.v.grad.sign(), alpha=-lr).clamp_(-0.5, 0.5)
+            w.v.grad = None
+        for p in (w.alpha, w.beta):
+            if p is not None and p.grad is not None:
+                p.add_(p.grad.sign(), alpha=-minmax_lr).clamp_(0.0, 1.0)
+                p.grad = None
+
+
+def tune_unit(
+    root: nn.Module,
+    name: str,
+    blocks: Sequence[nn.Module],
+    layers: Sequence[LayerPlan],
+    inputs: Sequence[torch.Tensor],
+    targets: Sequence[torch.Tensor],
+    extras: Sequence[UnitInputs],
+    settings: Settings,
+    device: torch.device,
+    generator: torch.Generator,
+    compute_dtype: torch.dtype,
+) -> BlockResult:
+    """Tune every planned layer of ``blocks`` (already on ``device``); leaves qdq weights in place."""
+    t0 = time.perf_counter()
+    wrappers: Dict[str, TunableLinear] = {}
+    for lp in layers:
+        lin = root.get_submodule(lp.name)
+        wrappers[lp.name] = TunableLinear(lin, lp.params, settings.enable_minmax_tuning, torch.float32)
+        set_module(root, lp.name, wrappers[lp.name])
+    order = _BatchOrder(len(inputs), generator)
+    iters, lr0, mlr0 = settings.iters, settings.resolved_lr, settings.resolved_minmax_lr
+    best, best_iter, first, last = float("inf"), 0, float("nan"), float("nan")
+    snap = None
+    try:
+        for it in range(iters):
+            chosen = order.take(settings.gradient_accumulate_steps)
+            parts = []
+            for i in chosen:
+                ex = extras[i]
+                x = inputs[i].to(device, compute_dtype)
+                with _autocast(device, settings, compute_dtype):
+                    out = run_unit(blocks, x, ex)
+                sq, n = _sq_error(out, targets[i].to(device), None if ex.mask is None else ex.mask.to(device))
+                # One backward per micro-batch keeps a single graph alive. Summed squared errors make
+                # every token weigh equally; dividing by the token count would not change any sign.
+                sq.mul(LOSS_SCALE).backward()
+                parts.append((sq.item(), n))
+            loss = sum(s for s, _ in parts) / max(sum(n for _, n in parts), 1)
+            if it == 0:
+                first = loss
+            last = loss
+            if loss < best:
+                best, best_iter = loss, it
+                if not settings.not_use_best_mse:
+                    snap = {k: w.snapshot() for k, w in wrappers.items()}
+            decay = 1.0 - it / iters
+            _sign_step(list(wrappers.values()), lr0 * decay, mlr0 * decay)
+        if snap is not None:
+            for k, w in wrappers.items():
+                w.restore(snap[k])
+        qlayers = {k: w.finalize() for k, w in wrappers.items()}
+    finally:
+        for k, w in wrappers.items():
+            set_module(root, k, w.linear)
+    return BlockResult(name, first, last, best, best_iter, time.perf_counter() - t0, qlayers)

@@ -1,0 +1,179 @@
+"""The quantization plan: which linear layers get which scheme, and which stay FP and why.
+
+Resolved once, before any tuning, from the settings and the model's module tree; an override that
+matches nothing, a refused ``quant_lm_head`` or a shape the export format cannot store fails here.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch.nn as nn
+
+from auto_round.config import Settings
+from auto_round.quant.qdq import QuantParams
+
+logger = logging.getLogger(__name__)
+
+LAYER_CONFIG_KEYS = ("bits", "group_size", "sym", "data_type")
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """One linear layer: ``params`` None means kept in full precision, with ``reason``."""
+
+    name: str
+    out_features: int
+    in_features: int
+    params: Optional[QuantParams]
+    reason: str
+    block: Optional[str]  # name of the tuned block holding it; None = round-to-nearest alone
+
+
+@dataclass(frozen=True)
+class QuantPlan:
+    """Block lists to tune (path, block names) and every linear layer's fate."""
+
+    block_lists: Tuple[Tuple[str, Tuple[str, ...]], ...]
+    layers: Tuple[LayerPlan, ...]
+
+    @property
+    def quantized(self) -> List[LayerPlan]:
+        return [lp for lp in self.layers if lp.params is not None]
+
+    @property
+    def kept_fp(self) -> List[LayerPlan]:
+        return [lp for lp in self.layers if lp.params is None]
+
+    def in_block(self, block: str) -> List[LayerPlan]:
+        return [lp for lp in self.quantized if lp.block == block]
+
+    def summary_lines(self) -> List[str]:
+        """Human-readable plan: block lists, counts, and what stays FP and why."""
+        lines = [f"block list {p}: {len(b)} blocks" for p, b in self.block_lists]
+        lines.append(f"{len(self.quantized)} linear layers quantized, {len(self.kept_fp)} kept in full precision")
+        reasons: Dict[str, List[str]] = {}
+        for lp in self.kept_fp:
+            reasons.setdefault(lp.reason, []).append(lp.name)
+        for reason, names in reasons.items():
+            shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+            lines.append(f"  FP ({reason}): {shown}")
+        return lines
+
+
+def _params(bits: int, group_size: int, in_features: int, sym: bool, s: Settings) -> QuantParams:
+    gs = in_features if group_size == -1 else group_size
+    scheme = "asym" if not sym else ("sym" if s.sym_style == "full_range" else "sym_gptq")
+    return QuantParams(bits=bits, group_size=gs, scheme=scheme, scale_dtype=s.torch_scale_dtype)
+
+
+def _tied_lm_head(model: nn.Module) -> bool:
+    cfg = getattr(model, "config", None)
+    tied = bool(getattr(cfg, "tie_word_embeddings", False))
+    text_cfg = getattr(cfg, "get_text_config", lambda: None)()
+    if text_cfg is not None:
+        tied = tied or bool(getattr(text_cfg, "tie_word_embeddings", False))
+    head = getattr(model, "lm_head", None)
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if head is not None and emb is not None and getattr(head, "weight", None) is getattr(emb, "weight", None):
+        return True
+    return tied
+
+
+def _match(key: str, names: Sequence[str]) -> List[str]:
+    if key in names:
+        return [key]
+    try:
+        rx = re.compile(key)
+    except re.error as e:
+        raise ValueError(f"layer_config key {key!r} is neither a layer name nor a valid regex ({e})") from e
+    return [n for n in names if rx.search(n)]
+
+
+def resolve_plan(
+    model: nn.Module,
+    settings: Settings,
+    block_lists: Sequence[str],
+    check_layer: Optional[Callable[[str, int, int, QuantParams], Optional[str]]] = None,
+    extra_fp: Mapping[str, str] = {},
+) -> QuantPlan:
+    """Build the plan. ``check_layer(name, out, in, params)`` returns why a format cannot store a
+    layer (collected and raised together); ``extra_fp`` maps layer names to forced-FP reasons."""
+    lists = []
+    block_of: Dict[str, str] = {}
+    for path in block_lists:
+        ml = model.get_submodule(path)
+        names = tuple(f"{path}.{i}" for i in range(len(ml)))
+        lists.append((path, names))
+        for bname in names:
+            for sub, m in model.get_submodule(bname).named_modules():
+                if isinstance(m, nn.Linear):
+                    block_of[f"{bname}.{sub}"] = bname
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names = list(linears)
+    cfg: Dict[str, Dict[str, Any]] = {}
+    reason: Dict[str, str] = {}
+    for n in names:
+        if n in block_of:
+            cfg[n] = {"bits": settings.bits, "group_size": settings.group_size, "sym": settings.sym}
+        else:
+            reason[n] = "outside the tuned blocks"
+    if settings.quant_lm_head:
+        if "lm_head" not in linears:
+            raise ValueError("quant_lm_head=True but the model has no 'lm_head' Linear")
+        if _tied_lm_head(model):
+            raise ValueError("quant_lm_head=True is refused: lm_head shares its weight with the input "
+                             "embeddings (tie_word_embeddings); quantizing it would change the embeddings too")
+        cfg["lm_head"] = {"bits": settings.bits, "group_size": settings.group_size, "sym": settings.sym}
+    for frag in [f.strip() for f in settings.fp_layers.split(",") if f.strip()]:
+        hits = [n for n in names if frag in n]
+        if not hits:
+            raise ValueError(f"fp_layers entry {frag!r} matches no linear layer; e.g. {names[:3]}")
+        for n in hits:
+            cfg.pop(n, None)
+            reason[n] = "fp_layers"
+    for key, override in (settings.layer_config or {}).items():
+        bad = [k for k in override if k not in LAYER_CONFIG_KEYS]
+        if bad:
+            raise ValueError(f"layer_config[{key!r}] has unknown field(s) {bad}; valid: {LAYER_CONFIG_KEYS}")
+        hits = _match(key, names)
+        if not hits:
+            raise ValueError(f"layer_config key {key!r} matches no linear layer (exact name or regex); "
+                             f"names look like {names[:3]}")
+        for n in hits:
+            base = cfg.get(n, {"bits": settings.bits, "group_size": settings.group_size, "sym": settings.sym})
+            merged = {**base, **override}
+            if merged["bits"] >= 16:
+                cfg.pop(n, None)
+                reason[n] = "layer_config bits >= 16"
+            else:
+                cfg[n] = merged
+                reason.pop(n, None)
+    for n, why in extra_fp.items():
+        if n in cfg:
+            cfg.pop(n)
+            reason[n] = why
+    layers, problems = [], []
+    for n in names:
+        lin = linears[n]
+        params = None
+        if n in cfg:
+            c = cfg[n]
+            params = _params(int(c["bits"]), int(c["group_size"]), lin.in_features, bool(c["sym"]), settings)
+            if check_layer is not None:
+                why = check_layer(n, lin.out_features, lin.in_features, params)
+                if why:
+                    problems.append(f"{n} [{lin.out_features}x{lin.in_features}]: {why}")
+        layers.append(LayerPlan(n, lin.out_features, lin.in_features, params, reason.get(n, "quantized"),
+                                block_of.get(n)))
+    if problems:
+        raise ValueError("the export format cannot store these layers:\n  " + "\n  ".join(problems) +
+                         "\nkeep them in full precision with fp_layers='<name>' or "
+                         "layer_config={'<name>': {'bits': 16}}, or choose another group_size/format")
+    plan = QuantPlan(tuple(lists), tuple(layers))
+    if not plan.quantized:
+        raise ValueError("the plan quantizes no layer; check to_quant_block_names, fp_layers and layer_config")
+    return plan

@@ -1,0 +1,74 @@
+"""A linear layer with learnable rounding offsets and clip factors, used while tuning a block."""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from auto_round.quant.qdq import QuantParams, n_groups, qdq_weight, quantize_weight
+from auto_round.quant.types import QuantizedWeight
+
+
+class TunableLinear(nn.Module):
+    """Wraps an ``nn.Linear``; its forward uses ``qdq(W; V, alpha, beta)``.
+
+    Learnable: ``v`` ``[out, G * group_size]`` (starts at 0) and, with min-max tuning, ``alpha`` /
+    ``beta`` ``[out, G]`` (start at 1, clamped to [0, 1] after each step).
+    """
+
+    def __init__(self, linear: nn.Linear, params: QuantParams, minmax: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.linear = linear
+        self.params = params
+        out, in_ = linear.weight.shape
+        g = n_groups(in_, params.group_size)
+        dev = linear.weight.device
+        self.weight = linear.weight.detach().to(dtype)
+        self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        self.v = nn.Parameter(torch.zeros(out, g * params.group_size, device=dev, dtype=dtype))
+        self.alpha = nn.Parameter(torch.ones(out, g, device=dev, dtype=dtype)) if minmax else None
+        self.beta = nn.Parameter(torch.ones(out, g, device=dev, dtype=dtype)) if minmax else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = qdq_weight(self.weight, self.params, self.v, self.alpha, self.beta)
+        return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def snapshot(self) -> Dict[str, torch.Tensor]:
+        return {k: p.detach().clone() for k, p in self.named_parameters(recurse=False)}
+
+    @torch.no_grad()
+    def restore(self, snap: Dict[str, torch.Tensor]) -> None:
+        for k, p in self.named_parameters(recurse=False):
+            p.copy_(snap[k])
+
+    @torch.no_grad()
+    def finalize(self) -> QuantizedWeight:
+        """Integer codes with the current parameters; writes the qdq weight into the Linear."""
+        codes, scale, zero = quantize_weight(self.weight, self.params, self.v, self.alpha, self.beta)
+        qw = QuantizedWeight(codes=codes.cpu(), scale=scale.cpu(), zero=zero.cpu(), bits=self.params.bits,
+                             group_size=self.params.group_size, sym=self.params.sym,
+                             bias=None if self.linear.bias is None else self.linear.bias.detach().cpu())
+        w = self.linear.weight
+        w.copy_(qw.dequantize(w.dtype).to(w.device))
+        return qw
+
+
+def rtn_quantize(linear: nn.Linear, params: QuantParams) -> QuantizedWeight:
+    """Round-to-nearest: quantize ``linear`` in place (qdq weight) and return its integer record."""
+    with torch.no_grad():
+        codes, scale, zero = quantize_weight(linear.weight.float(), params)
+        qw = QuantizedWeight(codes=codes.cpu(), scale=scale.cpu(), zero=zero.cpu(), bits=params.bits,
+                             group_size=params.group_size, sym=params.sym,
+                             bias=None if linear.bias is None else linear.bias.detach().cpu())
+        linear.weight.copy_(qw.dequantize(linear.weight.dtype).to(linear.weight.device))
+    return qw
+
+
+def set_module(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
