@@ -1,0 +1,110 @@
+"""End to end through the public API and CLI: tune, export auto_round, reload, generate."""
+
+import json
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from auto_round import AutoRound
+from auto_round.cli import main
+from tiny_models import tiny_llama
+from tokenizer_fixture import make_tokenizer
+
+FAST = dict(bits=4, group_size=32, iters=4, nsamples=4, seqlen=32, batch_size=2, dataset="auto_round:offline_corpus")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny_llama")
+    tiny_llama().save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_quantize_save_reload_generate(tmp_path):
+    model, tok = tiny_llama(), make_tokenizer()
+    ar = AutoRound(model, tok, **FAST)
+    out = tmp_path / "q"
+    ar.quantize_and_save(out, format="auto_round", inplace=False)
+    ids = tok("the quick brown fox", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref = ar.model(ids).logits
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "auto-round" and cfg["block_name_to_quantize"] == "model.layers"
+    assert cfg["dataset"] == "auto_round:offline_corpus" and cfg["packing_format"] == "auto_round:auto_gptq"
+    assert (out / "quantization_config.json").is_file() and (out / "tokenizer.json").is_file()
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.self_attn.q_proj.qweight" in keys and "model.layers.0.self_attn.q_proj.weight" not in keys
+
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        got = reloaded(ids).logits
+    assert torch.allclose(got, ref, atol=1e-3, rtol=1e-3)
+    gen = reloaded.generate(ids, max_new_tokens=5, do_sample=False)
+    assert gen.shape[1] == ids.shape[1] + 5
+    assert ar.summary["quantized_layers"] == 14 and len(ar.summary["blocks"]) == 2
+
+
+def test_save_refuses_unrelated_nonempty_folder_and_keeps_it(tmp_path):
+    ar = AutoRound(tiny_llama(), make_tokenizer(), **{**FAST, "iters": 0})
+    ar.quantize()
+    keep = tmp_path / "mine"
+    keep.mkdir()
+    (keep / "notes.txt").write_text("precious")
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        ar.save_quantized(keep, inplace=False)
+    assert (keep / "notes.txt").read_text() == "precious"
+    ar.save_quantized(tmp_path / "ckpt", inplace=False)
+    ar.save_quantized(tmp_path / "ckpt", inplace=False)  # an earlier checkpoint is replaced
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_failed_save_leaves_existing_checkpoint(tmp_path, monkeypatch):
+    ar = AutoRound(tiny_llama(), make_tokenizer(), **{**FAST, "iters": 0})
+    ar.quantize()
+    out = tmp_path / "ckpt"
+    ar.save_quantized(out, inplace=False)
+    before = sorted(p.name for p in out.iterdir())
+    monkeypatch.setattr(ar, "save_extra_files", lambda folder: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        ar.save_quantized(out, inplace=False)
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_refuses_to_overwrite_source_model(model_dir):
+    ar = AutoRound(str(model_dir), **{**FAST, "iters": 0})
+    ar.quantize()
+    with pytest.raises(ValueError, match="source model's folder"):
+        ar.save_quantized(model_dir, overwrite=True)
+
+
+def test_api_errors():
+    with pytest.raises(TypeError, match="did you mean 'nsamples'"):
+        AutoRound(tiny_llama(), make_tokenizer(), n_samples=4)
+    ar = AutoRound(tiny_llama(), make_tokenizer(), **FAST)
+    with pytest.raises(RuntimeError, match="quantize"):
+        ar.save_quantized("x")
+    with pytest.raises(ValueError, match="format"):
+        AutoRound(tiny_llama(), make_tokenizer(), **FAST).quantize(format="no_such_format")
+    with pytest.raises(OSError, match="local model folder"):
+        AutoRound("no-such-org/no-such-model-xyz", iters=0)
+
+
+def test_cli_quantizes_local_folder(model_dir, tmp_path, capsys):
+    argv = ["--model", str(model_dir), "--bits", "4", "--group_size", "32", "--iters", "2", "--nsamples", "2",
+            "--seqlen", "32", "--batch_size", "2", "--dataset", "auto_round:offline_corpus",
+            "--output_dir", str(tmp_path), "--device", "cpu"]
+    assert main(argv) == 0
+    out = tmp_path / f"{model_dir.name}-w4g32"
+    assert (out / "config.json").is_file()
+    assert "saved" in capsys.readouterr().out
+
+
+def test_cli_reports_bad_value(model_dir, tmp_path, capsys):
+    assert main(["--model", str(model_dir), "--bits", "9", "--output_dir", str(tmp_path)]) == 2
+    assert "bits=9" in capsys.readouterr().err
