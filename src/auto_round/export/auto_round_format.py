@@ -1,0 +1,167 @@
+"""The ``auto_round`` export format (REFERENCE.md section 4), loadable by transformers natively.
+
+Per quantized Linear (``G = ceil(in / group_size)``, ``p = 32 / bits``):
+
+- ``qweight`` int32 ``[in * bits / 32, out]``: codes packed along the input dimension
+  (little-endian bitstream, see :mod:`auto_round.quant.pack`).
+- ``qzeros`` int32 ``[G, out * bits / 32]``: zero points packed along the output dimension,
+  stored as ``z - 1`` (``packing_format "auto_round:auto_gptq"``, used when every layer is sym: a
+  sym 4-bit word is ``0x77777777``) or raw ``z`` (``"auto_round"``, used as soon as one layer is
+  asym).
+- ``scales`` fp16 ``[G, out]`` (negative values allowed), ``bias`` fp16 ``[out]`` if present.
+
+``config.json`` gains ``quantization_config`` (the caller's dict plus ``packing_format``), which
+is also written to ``quantization_config.json``.
+
+Registered names: ``"auto_round"`` (packing chosen from sym/asym as above) and the aliases
+``"auto_round:auto_gptq"`` / ``"auto_round:gptq"`` (always ``z - 1``; asym layers are refused,
+because GPTQ-style readers add 1 to the stored zero without wrapping).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch.nn as nn
+
+from auto_round.export.registry import Exporter, register_format
+from auto_round.inference.qlinear import QuantLinear
+from auto_round.quant.pack import PACK_BITS
+from auto_round.quant.types import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+GPTQ_STYLE = "auto_round:auto_gptq"  # zeros stored as z - 1
+RAW_STYLE = "auto_round"  # zeros stored as z
+CONFIG_FILE = "quantization_config.json"
+
+
+def _keep_fp_hint(name: str) -> str:
+    return (
+        f"keep it in full precision with fp_layers='{name}' or "
+        f"layer_config={{'{name}': {{'bits': 16}}}}"
+    )
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _quant_linear_for(model: nn.Module, name: str, qw: QuantizedWeight, style: str) -> QuantLinear:
+    """The packed replacement of ``model``'s Linear ``name``, after checking that they match."""
+    try:
+        module = model.get_submodule(name)
+    except AttributeError as err:
+        raise ValueError(f"quantized layer {name!r} is not a module of the model") from err
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"layer {name!r} is a {type(module).__name__}; only nn.Linear is packed")
+    if (module.out_features, module.in_features) != (qw.out_features, qw.in_features):
+        raise ValueError(
+            f"layer {name!r} is [{module.out_features}, {module.in_features}] but its "
+            f"QuantizedWeight codes are [{qw.out_features}, {qw.in_features}]"
+        )
+    return QuantLinear.from_quantized(qw, packing_format=style)
+
+
+class AutoRoundExporter(Exporter):
+    """Writes the ``auto_round`` format. ``force_gptq_zeros``: always store ``z - 1``."""
+
+    def __init__(self, name: str, force_gptq_zeros: bool = False) -> None:
+        self.name = name
+        self.force_gptq_zeros = force_gptq_zeros
+
+    def check_layer(
+        self,
+        name: str,
+        out_features: int,
+        in_features: int,
+        bits: int,
+        group_size: int,
+        sym: bool,
+    ) -> Optional[str]:
+        """None if the layer can be stored, else why not and how to keep it in FP instead."""
+        if bits not in PACK_BITS:
+            return f"{self.name!r} stores bits {PACK_BITS}, not bits={bits}; " + _keep_fp_hint(name)
+        for what, n, packed_along in (
+            ("in_features", in_features, "qweight packs along the input dimension"),
+            ("out_features", out_features, "qzeros packs along the output dimension"),
+        ):
+            if n * bits % 32:
+                return (
+                    f"{what}={n} times bits={bits} is not a multiple of 32 ({packed_along}); "
+                    + _keep_fp_hint(name)
+                )
+        if self.force_gptq_zeros and not sym:
+            return (
+                f"format {self.name!r} stores zero points as z - 1, which GPTQ-style readers "
+                "misread for asym layers; use format 'auto_round' or sym=True"
+            )
+        return None
+
+    def packing_style(self, layers: Dict[str, QuantizedWeight]) -> str:
+        """``"auto_round:auto_gptq"`` (z - 1) when forced or every layer is sym, else raw."""
+        if self.force_gptq_zeros or all(qw.sym for qw in layers.values()):
+            return GPTQ_STYLE
+        return RAW_STYLE
+
+    def _check_all(self, layers: Dict[str, QuantizedWeight]) -> None:
+        problems = []
+        for name, qw in layers.items():
+            reason = self.check_layer(
+                name, qw.out_features, qw.in_features, qw.bits, qw.group_size, qw.sym
+            )
+            if reason:
+                problems.append(f"{name}: {reason}")
+        if problems:
+            listing = "\n".join(problems)
+            raise ValueError(f"format {self.name!r} cannot store these layers:\n{listing}")
+
+    def save(
+        self,
+        model: nn.Module,
+        layers: Dict[str, QuantizedWeight],
+        output_dir: Path,
+        quantization_config: dict,
+        inplace: bool,
+    ) -> None:
+        """Pack ``layers`` into :class:`QuantLinear` modules and ``save_pretrained`` the model."""
+        self._check_all(layers)
+        style = self.packing_style(layers)
+        replacements = {
+            name: _quant_linear_for(model, name, qw, style) for name, qw in layers.items()
+        }
+        if inplace:
+            target = model
+            for name, new in replacements.items():
+                _replace_module(target, name, new)
+        else:
+            # Seeding deepcopy's memo with the replacements copies everything except the FP
+            # Linear layers being replaced (no second copy of their weights is made).
+            memo = {id(model.get_submodule(n)): new for n, new in replacements.items()}
+            target = copy.deepcopy(model, memo)
+        config = dict(quantization_config)
+        config["packing_format"] = style
+        target.config.quantization_config = config
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        target.save_pretrained(output_dir, safe_serialization=True)
+        with open(output_dir / CONFIG_FILE, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        logger.info(
+            "saved %d quantized layers in format %r (packing_format %r) to %s",
+            len(layers),
+            self.name,
+            style,
+            output_dir,
+        )
+
+
+register_format("auto_round", AutoRoundExporter("auto_round"))
+register_format("auto_round:auto_gptq", AutoRoundExporter("auto_round:auto_gptq", True))
+register_format("auto_round:gptq", AutoRoundExporter("auto_round:gptq", True))

@@ -1,0 +1,96 @@
+"""Registry of export formats.
+
+An export format is an :class:`Exporter`: it declares which layers it can store
+(:meth:`Exporter.check_layer`, asked before tuning starts so nobody learns after an hour of tuning
+that the format cannot store a layer) and writes a quantized model to disk (:meth:`Exporter.save`).
+
+Formats register themselves under one or more names with :func:`register_format`; the built-in
+format modules listed in ``_BUILTIN_MODULES`` are imported on the first lookup.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch.nn as nn
+
+from auto_round.quant.types import QuantizedWeight
+
+# Modules whose import registers built-in formats (each calls register_format at import time).
+_BUILTIN_MODULES = ("auto_round.export.auto_round_format",)
+
+_FORMATS: Dict[str, "Exporter"] = {}
+_builtins_loaded = False
+
+
+class Exporter(ABC):
+    """One on-disk format for a quantized model."""
+
+    name: str = ""
+
+    @abstractmethod
+    def check_layer(
+        self,
+        name: str,
+        out_features: int,
+        in_features: int,
+        bits: int,
+        group_size: int,
+        sym: bool,
+    ) -> Optional[str]:
+        """None if this format can store the layer, else a human-readable reason (with the fix).
+
+        ``group_size`` is resolved (never -1).
+        """
+
+    @abstractmethod
+    def save(
+        self,
+        model: nn.Module,
+        layers: Dict[str, QuantizedWeight],
+        output_dir: Path,
+        quantization_config: dict,
+        inplace: bool,
+    ) -> None:
+        """Write ``model`` with the quantized ``layers`` (keys: module names) to ``output_dir``.
+
+        ``quantization_config`` is built by the caller; the format adds its own keys. With
+        ``inplace=False`` the caller's model is left untouched.
+        """
+
+
+def register_format(name: str, exporter: Exporter) -> None:
+    """Register ``exporter`` under ``name``; a name can be registered only once."""
+    if not name:
+        raise ValueError("an export format needs a non-empty name")
+    if name in _FORMATS:
+        raise ValueError(
+            f"export format {name!r} is already registered "
+            f"(by {type(_FORMATS[name]).__name__}); choose another name"
+        )
+    _FORMATS[name] = exporter
+
+
+def _load_builtins() -> None:
+    global _builtins_loaded
+    if not _builtins_loaded:
+        _builtins_loaded = True
+        for module in _BUILTIN_MODULES:
+            importlib.import_module(module)
+
+
+def available_formats() -> List[str]:
+    """Every registered format name, sorted."""
+    _load_builtins()
+    return sorted(_FORMATS)
+
+
+def get_format(name: str) -> Exporter:
+    """The exporter registered as ``name``; ValueError listing the valid names otherwise."""
+    _load_builtins()
+    if name not in _FORMATS:
+        raise ValueError(f"unknown export format {name!r}; valid formats: {available_formats()}")
+    return _FORMATS[name]

@@ -1,0 +1,271 @@
+"""Turn a freshly built (usually meta-device) transformers model into its quantized skeleton.
+
+transformers' built-in ``auto-round`` quantizer calls, in this order:
+
+1. :func:`infer_target_device` with the ``device_map`` given to ``from_pretrained``;
+2. :func:`convert_hf_model` before the weights are loaded: every quantized ``nn.Linear`` is
+   replaced by an empty :class:`~auto_round.inference.qlinear.QuantLinear` whose buffers have the
+   checkpoint's shapes, so the weights load straight into them;
+3. :func:`post_init` after loading: each layer picks its backend and repacks once.
+
+Which layers are quantized is read from ``model.config.quantization_config`` (a dict or
+transformers' ``AutoRoundConfig``): every ``nn.Linear`` inside the block lists named by
+``block_name_to_quantize``, minus those whose ``extra_config`` entry has ``bits >= 16``; layers
+outside the blocks (``lm_head``) only when ``extra_config`` names them exactly with ``bits < 16``.
+``extra_config`` entries (exact names, else regexes matched with ``re.search``) override
+``bits``/``group_size``/``sym`` per layer.
+
+GPTQ checkpoints (``quant_method "gptq"``, loaded through ``AutoRoundConfig``, which renames them
+``packing_format "auto_round:gptq"``; recognised by their ``desc_act`` key) carry ``g_idx``; only
+``desc_act=False`` checkpoints with ``g_idx[i] == i // group_size`` are accepted. Their
+``lm_head: true`` quantizes ``lm_head`` with the global scheme; without
+``block_name_to_quantize`` the outermost ``nn.ModuleList``s holding Linear layers are assumed
+(announced with a warning).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from auto_round.inference.backends import get_backend, select_backend
+from auto_round.inference.qlinear import ZERO_OFFSETS, QuantLinear
+
+logger = logging.getLogger(__name__)
+
+GPTQ_PACKING = "auto_round:gptq"
+_FP_BITS = 16
+
+
+@dataclass(frozen=True)
+class LayerScheme:
+    """How one layer of a checkpoint is quantized (``group_size`` resolved, never -1)."""
+
+    bits: int
+    group_size: int
+    sym: bool
+
+
+def _get(config: Any, key: str, default: Any = None) -> Any:
+    """``config[key]`` for dicts, ``config.key`` for config objects."""
+    if isinstance(config, Mapping):
+        return config.get(key, default)
+    return getattr(config, key, default)
+
+
+def infer_target_device(device_map: Union[None, str, int, torch.device, Mapping] = None) -> str:
+    """The device type the quantized layers will run on: ``"cpu"``, ``"cuda"``, ``"xpu"``, ...
+
+    ``device_map`` as given to ``from_pretrained``: None (CPU), a device, ``"auto"`` (the
+    accelerator if there is one), or a ``{module: device}`` dict (the first accelerator named,
+    else CPU; ``"disk"``/``"meta"`` entries count as CPU).
+    """
+    if device_map is None:
+        return "cpu"
+    if isinstance(device_map, Mapping):
+        types = [infer_target_device(d) for d in device_map.values()]
+        accelerators = [t for t in types if t != "cpu"]
+        return accelerators[0] if accelerators else "cpu"
+    if isinstance(device_map, int):
+        return _accelerator_type() or "cuda"
+    if isinstance(device_map, str) and device_map in (
+        "auto",
+        "balanced",
+        "balanced_low_0",
+        "sequential",
+    ):
+        return _accelerator_type() or "cpu"
+    if isinstance(device_map, str) and device_map in ("disk", "meta"):
+        return "cpu"
+    return torch.device(device_map).type
+
+
+def _accelerator_type() -> Optional[str]:
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and accelerator.is_available():
+        return accelerator.current_accelerator().type
+    return None
+
+
+def _block_prefixes(qconfig: Any) -> List[str]:
+    names = _get(qconfig, "block_name_to_quantize") or _get(qconfig, "to_quant_block_names")
+    if names is None:
+        return []
+    if isinstance(names, str):
+        names = names.split(",")
+    flat: List[str] = []
+    for item in names:  # the reference sometimes writes a list of lists
+        flat.extend(item if isinstance(item, (list, tuple)) else [item])
+    return [n.strip() for n in flat if n and n.strip()]
+
+
+def _extra_entry(extra: Mapping[str, Any], name: str, exact_only: bool) -> Optional[Mapping]:
+    if name in extra:
+        return extra[name]
+    if exact_only:
+        return None
+    for key, entry in extra.items():
+        try:
+            if re.search(key, name):
+                return entry
+        except re.error:
+            continue  # a plain layer name that is not a valid regex can only match exactly
+    return None
+
+
+def _in_blocks(name: str, prefixes: Iterable[str]) -> bool:
+    return any(name.startswith(p + ".") for p in prefixes)
+
+
+def _default_blocks(model: nn.Module) -> List[str]:
+    """Outermost ``nn.ModuleList``s that contain Linear layers (for configs without block names)."""
+    found: List[str] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and not _in_blocks(name, found):
+            if any(isinstance(m, nn.Linear) for m in module.modules()):
+                found.append(name)
+    return found
+
+
+def quantized_layer_schemes(model: nn.Module, qconfig: Any) -> Dict[str, LayerScheme]:
+    """``{module name: LayerScheme}`` for every ``nn.Linear`` the checkpoint stores quantized."""
+    bits = int(_get(qconfig, "bits", 4))
+    group_size = int(_get(qconfig, "group_size", 128))
+    sym = bool(_get(qconfig, "sym", True))
+    global_type = _get(qconfig, "data_type", "int") or "int"
+    extra = _get(qconfig, "extra_config") or {}
+    gptq_lm_head = bool(_get(qconfig, "lm_head", False))  # GPTQ configs' own lm_head flag
+    prefixes = _block_prefixes(qconfig)
+    if not prefixes:
+        prefixes = _default_blocks(model)
+        logger.warning(
+            "quantization_config has no block_name_to_quantize; assuming the Linear layers in %s "
+            "are quantized",
+            prefixes,
+        )
+    schemes: Dict[str, LayerScheme] = {}
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        inside = _in_blocks(name, prefixes) or (name == "lm_head" and gptq_lm_head)
+        entry = _extra_entry(extra, name, exact_only=not inside)
+        if not inside and entry is None:
+            continue
+        layer_bits = int(_get(entry or {}, "bits", bits) or bits)
+        if layer_bits >= _FP_BITS:
+            continue
+        data_type = _get(entry or {}, "data_type", global_type) or global_type
+        if not str(data_type).startswith("int"):
+            raise ValueError(
+                f"layer {name!r} has data_type={data_type!r}; this loader supports integer "
+                "weight-only checkpoints (data_type 'int') only"
+            )
+        gs = int(_get(entry or {}, "group_size", group_size))
+        schemes[name] = LayerScheme(
+            bits=layer_bits,
+            group_size=module.in_features if gs == -1 else gs,
+            sym=bool(_get(entry or {}, "sym", sym)),
+        )
+    return schemes
+
+
+def _packing_format(qconfig: Any) -> str:
+    quant_method = str(_get(qconfig, "quant_method", "auto-round"))
+    fmt = _get(qconfig, "packing_format")
+    if fmt is None:
+        fmt = GPTQ_PACKING if "gptq" in quant_method else "auto_round:auto_gptq"
+    if fmt not in ZERO_OFFSETS:
+        raise ValueError(
+            f"checkpoint packing_format {fmt!r} is not supported by this auto_round; "
+            f"supported: {sorted(ZERO_OFFSETS)}"
+        )
+    return fmt
+
+
+def _check_gptq(qconfig: Any, packing_format: str) -> None:
+    if packing_format == GPTQ_PACKING and _get(qconfig, "desc_act", False):
+        raise ValueError(
+            "GPTQ checkpoints with desc_act=True (act-order) are not supported; use a checkpoint "
+            "quantized with desc_act=False"
+        )
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def convert_hf_model(model: nn.Module, target_device: str = "cpu") -> Tuple[nn.Module, List[str]]:
+    """Replace the quantized ``nn.Linear`` layers of ``model`` by empty ``QuantLinear`` modules.
+
+    Returns ``(model, used_backends)``: the same model, modified in place, and the names of the
+    backends chosen for ``target_device`` (a requested ``backend`` from the config that cannot
+    run some layer raises here, before any weight is loaded).
+    """
+    qconfig = getattr(model.config, "quantization_config", None)
+    if qconfig is None:
+        raise ValueError("model.config has no quantization_config; is this a quantized checkpoint?")
+    packing_format = _packing_format(qconfig)
+    _check_gptq(qconfig, packing_format)
+    requested = str(_get(qconfig, "backend", "auto") or "auto")
+    if requested != "auto":
+        get_backend(requested)  # unknown names fail here, listing the valid ones
+    schemes = quantized_layer_schemes(model, qconfig)
+    if not schemes:
+        raise ValueError(
+            "no Linear layer matched the quantization_config (block_name_to_quantize="
+            f"{_block_prefixes(qconfig)}); check the block names against the model's modules"
+        )
+    # GPTQ checkpoints carry g_idx; their configs (unlike auto-round ones) always have desc_act.
+    with_g_idx = packing_format == GPTQ_PACKING and _get(qconfig, "desc_act") is not None
+    used: Counter = Counter()
+    for name, scheme in schemes.items():
+        linear = model.get_submodule(name)
+        backend = select_backend(
+            target_device,
+            scheme.bits,
+            scheme.group_size,
+            linear.in_features,
+            linear.out_features,
+            requested=requested,
+        )
+        used[backend.name] += 1
+        layer = QuantLinear(
+            linear.in_features,
+            linear.out_features,
+            scheme.bits,
+            scheme.group_size,
+            sym=scheme.sym,
+            bias=linear.bias is not None,
+            packing_format=packing_format,
+            backend=requested,
+            with_g_idx=with_g_idx,
+            device=linear.weight.device,
+        )
+        _replace(model, name, layer)
+    logger.info(
+        "quantized layers: %d; backends for %s: %s", len(schemes), target_device, dict(used)
+    )
+    return model, sorted(used)
+
+
+def post_init(model: nn.Module, used_backends: Optional[List[str]] = None) -> None:
+    """After the weights are loaded: each ``QuantLinear`` selects its backend and repacks."""
+    chosen: Counter = Counter()
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            module.post_init()
+            chosen[module.backend_name] += 1
+    if used_backends is not None and set(chosen) - set(used_backends):
+        logger.info(
+            "backends after loading differ from the plan %s: %s (layers moved device)",
+            used_backends,
+            dict(chosen),
+        )

@@ -1,0 +1,220 @@
+"""``QuantLinear``: the inference module of a packed weight-only quantized linear layer.
+
+It holds the checkpoint tensors of the ``auto_round`` format as buffers (so that
+``from_pretrained`` loads straight into them and ``save_pretrained`` writes them back) and runs
+through one backend of :mod:`auto_round.inference.backends`, chosen and prepared in
+:meth:`QuantLinear.post_init`.
+
+Buffers (``G = ceil(in_features / group_size)``):
+
+- ``qweight`` int32 ``[ceil(in_features*bits/32), out_features]``
+- ``qzeros`` int32 ``[G, ceil(out_features*bits/32)]``, stored zero points (see
+  ``packing_format``)
+- ``scales`` fp16 ``[G, out_features]`` (may be negative)
+- ``bias`` fp16 ``[out_features]`` (only when the layer has a bias)
+- ``g_idx`` int32 ``[in_features]`` (only for GPTQ checkpoints; must equal ``i // group_size``)
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional
+
+import torch
+import torch.nn as nn
+
+from auto_round.inference.backends import Backend, PackedTensors, select_backend
+from auto_round.quant.pack import pack_bits, packed_length
+from auto_round.quant.qdq import n_groups
+from auto_round.quant.types import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+# packing_format -> value subtracted from the zero point before it is stored.
+ZERO_OFFSETS: Dict[str, int] = {
+    "auto_round": 0,  # raw z
+    "auto_round:auto_gptq": 1,  # GPTQ v1 convention: z - 1
+    "auto_round:gptq": 1,  # what transformers names GPTQ checkpoints loaded as auto-round
+}
+
+
+def zero_offset(packing_format: str) -> int:
+    """The zero-point offset of ``packing_format``; ValueError listing the valid formats."""
+    if packing_format not in ZERO_OFFSETS:
+        raise ValueError(
+            f"unknown packing_format {packing_format!r}; valid: {sorted(ZERO_OFFSETS)}"
+        )
+    return ZERO_OFFSETS[packing_format]
+
+
+def store_zeros(zero: torch.Tensor, bits: int, packing_format: str) -> torch.Tensor:
+    """Raw zero points ``[out, G]`` -> the values written to ``qzeros`` (before packing).
+
+    With the ``z - 1`` convention a zero point of 0 would wrap to ``2**bits - 1``; it is stored
+    that way (readers add 1 modulo ``2**bits``), matching what GPTQ v1 writers do.
+    """
+    return (zero.to(torch.int64) - zero_offset(packing_format)) & ((1 << bits) - 1)
+
+
+def _reset_after_load(module: "QuantLinear", incompatible_keys: Any) -> None:
+    """load_state_dict hook: new buffer values make the prepared backend state stale."""
+    module._reset_state()
+
+
+class QuantLinear(nn.Module):
+    """Weight-only quantized ``nn.Linear`` replacement: ``y = x @ W^T + b``.
+
+    ``W[o, i] = scales[g, o] * (code[i, o] - z[g, o])`` with ``g = i // group_size``, ``code``
+    unpacked from ``qweight`` and ``z`` from ``qzeros`` (plus the format's zero offset).
+
+    ``backend``: ``"auto"`` or a backend name; resolved against the buffers' device in
+    :meth:`post_init` (called by the loaders, or lazily by the first ``forward``).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        sym: bool = True,
+        bias: bool = False,
+        packing_format: str = "auto_round",
+        backend: str = "auto",
+        with_g_idx: bool = False,
+        device: Optional[torch.device] = None,
+    ) -> None:
+        super().__init__()
+        if group_size <= 0:
+            raise ValueError(f"group_size={group_size} must be resolved to a positive value")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.group_size = group_size
+        self.sym = sym
+        self.packing_format = packing_format
+        self.zero_offset = zero_offset(packing_format)
+        self.backend = backend
+        self.backend_name: Optional[str] = None
+        self._state: Optional[Dict[str, Any]] = None
+        groups = n_groups(in_features, group_size)
+        kw = {"device": device}
+        self.register_buffer(
+            "qweight",
+            torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32, **kw),
+        )
+        self.register_buffer(
+            "qzeros",
+            torch.zeros(groups, packed_length(out_features, bits), dtype=torch.int32, **kw),
+        )
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, **kw))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, **kw))
+        else:
+            self.bias = None
+        if with_g_idx:
+            self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32, **kw))
+        else:
+            self.g_idx = None
+        self.register_load_state_dict_post_hook(_reset_after_load)
+
+    @classmethod
+    def from_quantized(
+        cls, qw: QuantizedWeight, packing_format: str = "auto_round", backend: str = "auto"
+    ) -> "QuantLinear":
+        """Pack a :class:`QuantizedWeight` (codes ``[out, in]``, scale/zero ``[out, G]``)."""
+        layer = cls(
+            qw.in_features,
+            qw.out_features,
+            qw.bits,
+            qw.group_size,
+            sym=qw.sym,
+            bias=qw.bias is not None,
+            packing_format=packing_format,
+            backend=backend,
+            device=qw.codes.device,
+        )
+        layer.qweight.copy_(pack_bits(qw.codes.t(), qw.bits, dim=0))
+        stored = store_zeros(qw.zero, qw.bits, packing_format)
+        layer.qzeros.copy_(pack_bits(stored.t(), qw.bits, dim=1))
+        layer.scales.copy_(qw.scale.t().to(torch.float16))
+        if qw.bias is not None:
+            layer.bias.copy_(qw.bias.detach().to(torch.float16))
+        return layer
+
+    def packed(self) -> PackedTensors:
+        """The checkpoint tensors as a :class:`PackedTensors` record."""
+        return PackedTensors(
+            self.qweight,
+            self.qzeros,
+            self.scales,
+            self.bits,
+            self.group_size,
+            self.in_features,
+            self.out_features,
+            self.zero_offset,
+        )
+
+    def _reset_state(self) -> None:
+        self._state = None
+        self.backend_name = None
+
+    def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
+        # .to() / .half() / .cuda() replace the buffers: the prepared state is stale after it.
+        self._reset_state()
+        return super()._apply(fn, recurse)
+
+    def _check_g_idx(self) -> None:
+        if self.g_idx is None:
+            return
+        expected = torch.arange(self.in_features, device=self.g_idx.device) // self.group_size
+        if not torch.equal(self.g_idx.to(torch.int64), expected):
+            raise ValueError(
+                f"g_idx of a [{self.out_features}, {self.in_features}] layer is not "
+                f"i // group_size (group_size={self.group_size}): either the checkpoint has no "
+                "g_idx for it or it is an act-order (desc_act=True) checkpoint, which is not "
+                "supported; re-quantize with desc_act=False"
+            )
+
+    def select(self) -> Backend:
+        """The backend that would run this layer on its buffers' current device."""
+        return select_backend(
+            self.qweight.device,
+            self.bits,
+            self.group_size,
+            self.in_features,
+            self.out_features,
+            requested=self.backend,
+        )
+
+    def post_init(self) -> None:
+        """Choose the backend for the buffers' device and prepare its packed weight once."""
+        if self.qweight.is_meta or self.scales.is_meta:
+            raise RuntimeError(
+                "QuantLinear buffers are still on the meta device: the checkpoint did not "
+                "provide qweight/qzeros/scales for this layer"
+            )
+        self._check_g_idx()
+        backend = self.select()
+        with torch.no_grad():
+            self._state = backend.prepare(self.packed())
+        self._matmul = backend.matmul
+        self._state_device = self.qweight.device
+        self.backend_name = backend.name
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x [..., in_features]`` -> ``[..., out_features]`` in ``x.dtype``."""
+        if self._state is None or self._state_device != self.qweight.device:
+            self.post_init()
+        y = self._matmul(self._state, x)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}, sym={self.sym}, "
+            f"bias={self.bias is not None}, packing_format={self.packing_format!r}, "
+            f"backend={self.backend_name or self.backend!r}"
+        )
