@@ -114,6 +114,10 @@ class AutoRound:
         """Layers that must stay in full precision, with the reason (none for plain LLMs)."""
         return {}
 
+    def outside_reasons(self) -> Dict[str, str]:
+        """Module prefixes -> why their layers stay FP (shown in the plan; none for plain LLMs)."""
+        return {}
+
     def calibration_batches(self) -> List[Dict[str, torch.Tensor]]:
         """Model-input dicts for calibration (text windows for LLMs)."""
         from auto_round.calib.text import get_text_calibration
@@ -134,7 +138,7 @@ class AutoRound:
         """Phase 1: the plan, checked against ``formats`` when given."""
         check = _capability_checker(formats) if formats else None
         self.plan = resolve_plan(self.model, self.settings, self.block_list_names(), check,
-                                 self.forced_fp_layers())
+                                 self.forced_fp_layers(), self.outside_reasons())
         for line in self.plan.summary_lines():
             logger.info("plan: %s", line)
         return self.plan

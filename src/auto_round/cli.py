@@ -63,7 +63,9 @@ def build_parser(prog: str, recipe: str = "default", extra_settings: Sequence[An
     p.add_argument("--disable_trust_remote_code", action="store_true",
                    help="accepted for compatibility; remote code is already off unless --trust_remote_code")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
-    overrides = RECIPES[recipe]
+    overrides = dict(RECIPES[recipe])
+    if extra_settings:  # the MLLM entry point picks dataset and seqlen from the model's template
+        overrides.update(dataset=None, seqlen=None)
     for f in [*fields(Settings), *extra_settings]:
         default = overrides.get(f.name, f.default if f.default is not MISSING else None)
         _add_setting(p, f, default)

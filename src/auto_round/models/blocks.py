@@ -42,12 +42,17 @@ def _has_linear(m: nn.Module) -> bool:
     return any(isinstance(x, nn.Linear) for x in m.modules())
 
 
-def is_block_list(m: Optional[nn.Module]) -> bool:
-    """A ModuleList of at least one child, all of one class, containing linear layers."""
+def is_block_list(m: Optional[nn.Module], same_class: bool = False) -> bool:
+    """A non-empty ModuleList whose children contain linear layers.
+
+    Known paths accept mixed layer classes (Llama-3.2-Vision interleaves cross-attention layers);
+    the structural search asks for one class (``same_class``) to avoid false matches.
+    """
     if not isinstance(m, nn.ModuleList) or len(m) == 0:
         return False
-    cls = type(m[0])
-    return all(type(c) is cls for c in m) and _has_linear(m[0])
+    if same_class and any(type(c) is not type(m[0]) for c in m):
+        return False
+    return all(_has_linear(c) for c in m)
 
 
 def structural_block_lists(model: nn.Module, exclude: Iterable[str] = ()) -> List[str]:
@@ -55,7 +60,7 @@ def structural_block_lists(model: nn.Module, exclude: Iterable[str] = ()) -> Lis
     excl = tuple(exclude)
     found: List[Tuple[int, str]] = []
     for name, m in model.named_modules():
-        if not is_block_list(m) or any(name == e or name.startswith(e + ".") for e in excl):
+        if not is_block_list(m, same_class=True) or any(name == e or name.startswith(e + ".") for e in excl):
             continue
         if any(name.startswith(other + ".") for _, other in found):
             continue

@@ -99,6 +99,7 @@ def resolve_plan(
     block_lists: Sequence[str],
     check_layer: Optional[Callable[[str, int, int, QuantParams], Optional[str]]] = None,
     extra_fp: Mapping[str, str] = {},
+    outside_reasons: Mapping[str, str] = {},
 ) -> QuantPlan:
     """Build the plan. ``check_layer(name, out, in, params)`` returns why a format cannot store a
     layer (collected and raised together); ``extra_fp`` maps layer names to forced-FP reasons."""
@@ -106,7 +107,8 @@ def resolve_plan(
     block_of: Dict[str, str] = {}
     for path in block_lists:
         ml = model.get_submodule(path)
-        names = tuple(f"{path}.{i}" for i in range(len(ml)))
+        # A ModuleList is tuned block by block; any other module (a projector) is one unit.
+        names = tuple(f"{path}.{i}" for i in range(len(ml))) if isinstance(ml, nn.ModuleList) else (path,)
         lists.append((path, names))
         for bname in names:
             for sub, m in model.get_submodule(bname).named_modules():
@@ -120,7 +122,8 @@ def resolve_plan(
         if n in block_of:
             cfg[n] = {"bits": settings.bits, "group_size": settings.group_size, "sym": settings.sym}
         else:
-            reason[n] = "outside the tuned blocks"
+            reason[n] = next((r for pre, r in outside_reasons.items() if n == pre or n.startswith(pre + ".")),
+                             "outside the tuned blocks")
     if settings.quant_lm_head:
         if "lm_head" not in linears:
             raise ValueError("quant_lm_head=True but the model has no 'lm_head' Linear")
