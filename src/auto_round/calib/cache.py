@@ -8,6 +8,7 @@ block's hook stops the forward so nothing after the list is computed.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -66,6 +67,12 @@ def _loss_mask(batch: Mapping[str, Any], hidden: torch.Tensor) -> Optional[torch
     return mask.bool()
 
 
+def _first_parameter(block: nn.Module) -> str:
+    """Name of the first argument of ``block.forward`` (``hidden_states``, Llama-4's ``hidden_state``...)."""
+    params = list(inspect.signature(block.forward).parameters)
+    return params[0] if params else "hidden_states"
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
@@ -83,11 +90,16 @@ def capture_block_inputs(
 
     def make_hook(k: int):
         def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
+            first = first_param[k]
             if k == 0:
-                hidden = args[0] if args else kwargs["hidden_states"]
+                if not args and first not in kwargs:
+                    raise RuntimeError(f"block {type(module).__name__} was called without its first argument "
+                                       f"{first!r}; cannot capture its input")
+                hidden = args[0] if args else kwargs[first]
                 state["cap"] = CapturedBatch(hidden=to_device(hidden, cache_device))
             cap: CapturedBatch = state["cap"]
-            kw = {key: v for key, v in kwargs.items() if key != "hidden_states"}
+            # the hidden state is passed positionally when replayed, whatever its keyword name
+            kw = {key: v for key, v in kwargs.items() if args or key != first}
             kw.update({key: v for key, v in _DROP.items() if key in kw})
             cap.block_args.append(_move(tuple(args[1:]), cache_device, state["memo"]))
             cap.block_kwargs.append(_move(kw, cache_device, state["memo"]))
@@ -95,6 +107,7 @@ def capture_block_inputs(
                 raise _StopForward
         return hook
 
+    first_param = [_first_parameter(b) for b in blocks]
     handles = [b.register_forward_pre_hook(make_hook(k), with_kwargs=True) for k, b in enumerate(blocks)]
     try:
         for batch in batches:

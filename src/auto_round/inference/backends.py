@@ -203,7 +203,20 @@ def _cpu_int4_prepare(p: PackedTensors) -> State:
         "packed": packed,
         "group_size": p.group_size,
         "sz_float32": scales_and_zeros,
+        "dequant": _torch_prepare(p),  # references the checkpoint buffers: no copy of the weight
     }
+
+
+# Largest token count per call that the int4 kernel serves; above it, dequantize + F.linear wins.
+# Measured on 2 CPU cores (bench/bench_qlinear.py): with bf16/fp16 inputs the kernel beats a bf16
+# matmul up to ~32 tokens and dequantize+matmul up to ~256; with fp32 inputs it runs a slow path
+# (~70x slower than dequantize+matmul at 512 tokens), so it is used only for 1-2 tokens.
+CPU_INT4_MAX_TOKENS = {torch.bfloat16: 256, torch.float16: 256, torch.float32: 2}
+
+
+def _cpu_int4_uses_kernel(x: torch.Tensor) -> bool:
+    tokens = x.numel() // max(1, x.shape[-1])
+    return tokens <= CPU_INT4_MAX_TOKENS.get(x.dtype, 0)
 
 
 def _cpu_int4_matmul(state: State, x: torch.Tensor) -> torch.Tensor:
@@ -212,6 +225,8 @@ def _cpu_int4_matmul(state: State, x: torch.Tensor) -> torch.Tensor:
             f"backend 'cpu_int4' takes inputs of dtype {_CPU_INT4_DTYPES}, got {x.dtype}; "
             "cast the model (e.g. torch_dtype=torch.bfloat16) or use backend='torch'"
         )
+    if not _cpu_int4_uses_kernel(x):
+        return _torch_matmul(state["dequant"], x)
     key = f"sz_{str(x.dtype).split('.')[-1]}"
     if key not in state:  # the kernel wants scales/zeros in the input's dtype; cast once
         state[key] = state["sz_float32"].to(x.dtype)

@@ -120,7 +120,8 @@ def _extra_entry(extra: Mapping[str, Any], name: str, exact_only: bool) -> Optio
 
 
 def _in_blocks(name: str, prefixes: Iterable[str]) -> bool:
-    return any(name.startswith(p + ".") for p in prefixes)
+    # A prefix may name a Linear itself (Llama-3.2-Vision's projector is one nn.Linear).
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
 def _default_blocks(model: nn.Module) -> List[str]:

@@ -155,6 +155,18 @@ class QuantLinear(nn.Module):
             self.zero_offset,
         )
 
+    @property
+    def weight(self) -> torch.Tensor:
+        """Shape/dtype stand-in ``[out, in]`` on the meta device (the real weight is ``qweight``).
+
+        transformers re-runs weight init on modules when any checkpoint key is missing (a tied
+        lm_head, say), and some ``_init_weights`` read ``module.q_proj.weight``; the flag makes its
+        guarded init functions skip this tensor, while any real computation on it fails loudly.
+        """
+        w = torch.empty(self.out_features, self.in_features, device="meta", dtype=self.scales.dtype)
+        w._is_hf_initialized = True
+        return w
+
     def _reset_state(self) -> None:
         self._state = None
         self.backend_name = None

@@ -19,7 +19,7 @@ from auto_round.models.blocks import TEXT_BLOCK_PATHS, get_module, is_block_list
 
 logger = logging.getLogger(__name__)
 
-CLIP_LIKE = ("model.vision_tower.vision_model.encoder.layers", "vision_tower.vision_model.encoder.layers")
+CLIP_LIKE = ("model.vision_tower.encoder.layers", "model.vision_tower.vision_model.encoder.layers")
 
 
 @dataclass(frozen=True)
@@ -48,8 +48,7 @@ FAMILIES: Tuple[Family, ...] = (
            ("model.visual.merger",), why="Qwen2-VL-like vision tower"),
     Family("llava", ("llava", "llava_next", "llava_onevision", "mistral3", "gemma3", "internvl", "aria"),
            ("model.language_model.layers",),
-           (*CLIP_LIKE, "model.vision_tower.transformer.layers", "model.vision_tower.encoder.layers",
-            "model.vision_tower.encoder.layer"),
+           (*CLIP_LIKE, "model.vision_tower.transformer.layers", "model.vision_tower.encoder.layer"),
            ("model.multi_modal_projector",),
            why="common HF layout: vision_tower + multi_modal_projector + language_model"),
     Family("idefics3", ("idefics3", "smolvlm"), ("model.text_model.layers",),
@@ -59,9 +58,10 @@ FAMILIES: Tuple[Family, ...] = (
            ("model.vision_model.transformer.layers", "model.vision_model.global_transformer.layers"),
            ("model.multi_modal_projector",), text_only=False,
            why="cross-attention text layers need image states: no text-only calibration; two vision encoders"),
-    Family("llama4", ("llama4",), ("model.language_model.layers", "language_model.model.layers"),
-           ("model.vision_model.model.layers",), ("model.multi_modal_projector",),
-           why="vision_model.model.layers; MoE experts are not nn.Linear"),
+    Family("llama4", ("llama4",), ("language_model.model.layers", "model.language_model.layers"),
+           ("vision_model.model.layers", "model.vision_model.model.layers"),
+           ("multi_modal_projector", "model.multi_modal_projector"),
+           why="no inner .model: language_model / vision_model at the top; MoE experts are not nn.Linear"),
     # Families that ship modeling code with their checkpoints (trust_remote_code).
     Family("phi3_v", ("phi3_v",), ("model.layers",),
            ("model.vision_embed_tokens.img_processor.vision_model.encoder.layers",),

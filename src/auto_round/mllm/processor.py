@@ -88,9 +88,13 @@ class HFProcessor:
             out.append({"role": role, "content": content})
         return out
 
-    def render(self, sample: ImageTextSample) -> str:
+    def uses_chat_template(self) -> bool:
         chat = getattr(self.processor, "chat_template", None) or getattr(self.tok, "chat_template", None)
-        if chat and self.processor is not None and hasattr(self.processor, "apply_chat_template"):
+        return bool(chat) and self.processor is not None and hasattr(self.processor, "apply_chat_template")
+
+    def render(self, sample: ImageTextSample) -> str:
+        """Conversation text: the model's chat template when it has one, else the family template."""
+        if self.uses_chat_template():
             return self.processor.apply_chat_template(self.messages(sample), tokenize=False)
         return self.template.render(sample.turns, has_image=sample.image is not None)
 
@@ -103,8 +107,10 @@ class HFProcessor:
         if self.processor is None:
             if image is not None:
                 raise ValueError("an image sample needs the model's processor: pass processor=AutoProcessor...")
-            return dict(self.tok(text, return_tensors="pt", add_special_tokens=False))
-        kwargs: Dict[str, Any] = {"text": [text], "return_tensors": "pt"}
+            return dict(self.tok(text, return_tensors="pt", add_special_tokens=not self.uses_chat_template()))
+        # A chat template already writes BOS and the other special tokens.
+        kwargs: Dict[str, Any] = {"text": [text], "return_tensors": "pt",
+                                  "add_special_tokens": not self.uses_chat_template()}
         if image is not None:
             kwargs["images"] = [image]
         return dict(self.processor(**kwargs))
@@ -113,6 +119,9 @@ class HFProcessor:
         """Model inputs of one sample (batch dimension 1), truncated to ``seqlen`` when allowed."""
         image = self.prepare_image(sample.load_image()) if sample.image is not None else None
         enc = {k: v for k, v in self.call_processor(self.render(sample), image).items() if isinstance(v, torch.Tensor)}
+        dtype = getattr(self.model, "dtype", None)
+        if isinstance(dtype, torch.dtype):  # some image processors return bf16 pixels (Llama-4)
+            enc = {k: v.to(dtype) if v.is_floating_point() else v for k, v in enc.items()}
         return self.truncate(enc)
 
     def truncate(self, enc: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

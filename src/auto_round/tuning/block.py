@@ -118,6 +118,8 @@ def tune_unit(
         lin = root.get_submodule(lp.name)
         wrappers[lp.name] = TunableLinear(lin, lp.params, settings.enable_minmax_tuning, torch.float32)
         set_module(root, lp.name, wrappers[lp.name])
+    # A unit that is itself a Linear (Llama-3.2-Vision's projector) must run through its wrapper.
+    blocks = [wrappers.get(n, b) for n, b in zip(name.split(","), blocks)]
     order = _BatchOrder(len(inputs), generator)
     iters, lr0, mlr0 = settings.iters, settings.resolved_lr, settings.resolved_minmax_lr
     best, best_iter, first, last = float("inf"), 0, float("nan"), float("nan")

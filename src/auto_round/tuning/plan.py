@@ -112,14 +112,23 @@ def resolve_plan(
         lists.append((path, names))
         for bname in names:
             for sub, m in model.get_submodule(bname).named_modules():
-                if isinstance(m, nn.Linear):
-                    block_of[f"{bname}.{sub}"] = bname
+                if isinstance(m, nn.Linear):  # sub == "" when the unit is itself a Linear
+                    block_of[f"{bname}.{sub}" if sub else bname] = bname
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
     names = list(linears)
+    # nn.MultiheadAttention reads out_proj.weight directly instead of calling its forward.
+    unswappable = {f"{n}.{c}" if n else c: f"weight read directly by {type(m).__name__}"
+                   for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+                   for c, _ in m.named_children()}
     cfg: Dict[str, Dict[str, Any]] = {}
     reason: Dict[str, str] = {}
     for n in names:
-        if n in block_of:
+        if n in unswappable:
+            reason[n] = unswappable[n]
+        elif type(linears[n]).forward is not nn.Linear.forward:
+            # e.g. Llama-4's router: an nn.Linear subclass returning a tuple; a wrapper would break it
+            reason[n] = f"{type(linears[n]).__name__} overrides Linear.forward"
+        elif n in block_of:
             cfg[n] = {"bits": settings.bits, "group_size": settings.group_size, "sym": settings.sym}
         else:
             reason[n] = next((r for pre, r in outside_reasons.items() if n == pre or n.startswith(pre + ".")),
@@ -147,6 +156,8 @@ def resolve_plan(
             raise ValueError(f"layer_config key {key!r} matches no linear layer (exact name or regex); "
                              f"names look like {names[:3]}")
         for n in hits:
+            if n in unswappable or type(linears[n]).forward is not nn.Linear.forward:
+                continue
             base = cfg.get(n, {"bits": settings.bits, "group_size": settings.group_size, "sym": settings.sym})
             merged = {**base, **override}
             if merged["bits"] >= 16:
