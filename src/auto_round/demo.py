@@ -92,6 +92,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     text_answer = _answer(reloaded, proc, tok, "What is the capital of France?")
     image_answer = _answer(reloaded, proc, tok, "Describe this image.", image)
 
+    layers = ar.quantized_layers
+    bf16_mb = sum(q.out_features * q.in_features * 2 for q in layers.values()) / 2**20
+    # packed codes + fp16 scales + packed zeros, as stored by the auto_round format
+    packed_mb = sum(q.out_features * q.in_features * q.bits / 8 + q.scale.numel() * 2 + q.zero.numel() * q.bits / 8
+                    for q in layers.values()) / 2**20
     summary = {
         "model": "LLaVA(SmolLM2-135M-Instruct language model, random 2-layer CLIP vision tower)",
         "scheme": f"W{args.bits}G{args.group_size} sym, iters {args.iters}, nsamples {args.nsamples}, "
@@ -102,7 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         "peak_rss_mb": ar.summary["peak_rss_mb"],
         "perplexity_fp32": round(ppl_fp, 3),
         "perplexity_quantized": round(ppl_q, 3),
-        "fp_language_model_bf16_mb": round(_folder_mb(Path(lm_dir)), 1),
+        "linear_weights_bf16_mb": round(bf16_mb, 1),
+        "linear_weights_packed_mb": round(packed_mb, 1),
         "quantized_checkpoint_mb": round(_folder_mb(out), 1),
         "text_answer": text_answer,
         "image_answer": image_answer,
@@ -115,8 +121,8 @@ def main(argv: Optional[List[str]] = None) -> int:
          f"in {summary['quantize_seconds']} s (peak RSS {summary['peak_rss_mb']:.0f} MiB)")
     _say(f"kept FP    {', '.join(summary['kept_fp'])}")
     _say(f"perplexity held-out BBC, {args.ppl_windows}x512 tokens: fp32 {ppl_fp:.2f} -> quantized {ppl_q:.2f}")
-    _say(f"size       SmolLM2 bf16 weights {summary['fp_language_model_bf16_mb']} MiB; quantized checkpoint "
-         f"(incl. FP embeddings, vision tower) {summary['quantized_checkpoint_mb']} MiB")
+    _say(f"size       quantized linear weights: {bf16_mb:.1f} MiB in bf16 -> {packed_mb:.1f} MiB packed; whole "
+         f"checkpoint {summary['quantized_checkpoint_mb']} MiB (embeddings and vision tower kept in fp32)")
     _say(f"text  Q: What is the capital of France?  A: {text_answer}")
     _say(f"image Q: Describe this image.  A: {image_answer}  (vision tower is random: this shows the path runs)")
     _say(f"saved      {out}  (summary in {out / 'demo_summary.json'})")
