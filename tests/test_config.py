@@ -19,7 +19,6 @@ def test_misspelt_keyword_is_type_error_with_suggestion():
 
 @pytest.mark.parametrize("kw,match", [({"bits": 9}, "bits=9"), ({"group_size": 0}, "group_size=0"),
                                       ({"iters": -1}, "iters=-1"), ({"scale_dtype": "fp8"}, "scale_dtype"),
-                                      ({"nsamples": 4, "batch_size": 8}, "batch_size=8"),
                                       ({"lr": -1.0}, "lr=-1.0")])
 def test_bad_values_name_field_and_value(kw, match):
     with pytest.raises(ValueError, match=match):
@@ -32,3 +31,9 @@ def test_recipes():
     assert (best.iters, best.nsamples, best.low_gpu_mem_usage) == (1000, 512, True)
     with pytest.raises(ValueError, match="recipe"):
         build_settings("fastest")
+
+
+def test_batch_size_above_nsamples_is_clamped_with_a_warning(caplog):
+    with caplog.at_level("WARNING"):
+        s = build_settings(nsamples=4, batch_size=8)
+    assert s.batch_size == 4 and "batch_size=8 exceeds nsamples=4" in caplog.text

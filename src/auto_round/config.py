@@ -9,6 +9,7 @@ that resolved object.
 from __future__ import annotations
 
 import difflib
+import logging
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
@@ -20,6 +21,8 @@ SCALE_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.b
                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 SYM_STYLES = ("full_range", "gptq")
 DEFAULT_DATASET = "NeelNanda/pile-10k"
+
+logger = logging.getLogger(__name__)
 
 
 def _opt(default: Any, help: str, cli: Tuple[str, ...] = (), api: bool = True) -> Any:
@@ -109,9 +112,6 @@ def validate(s: Settings) -> Settings:
     for name in ("lr", "minmax_lr"):
         v = getattr(s, name)
         _check(v is None or v > 0, name, v, "must be positive (or None for 1/iters)")
-    if s.iters > 0:
-        _check(s.nsamples >= s.batch_size, "batch_size", s.batch_size,
-               f"must not exceed nsamples={s.nsamples}; lower batch_size or raise nsamples")
     return s
 
 
@@ -130,6 +130,10 @@ def build_settings(recipe: str = "default", **kwargs: Any) -> Settings:
     if recipe not in RECIPES:
         raise ValueError(f"recipe={recipe!r} is unknown; use one of {sorted(RECIPES)}")
     merged = {**RECIPES[recipe], **kwargs}
+    bs, ns = merged.get("batch_size", 8), merged.get("nsamples", 128)
+    if isinstance(bs, int) and isinstance(ns, int) and 0 < ns < bs:
+        logger.warning("batch_size=%d exceeds nsamples=%d: using batch_size=%d", bs, ns, ns)
+        merged["batch_size"] = ns
     if isinstance(merged.get("scale_dtype"), torch.dtype):
         inv = {v: k for k, v in SCALE_DTYPES.items() if k in ("fp16", "bf16", "fp32")}
         merged["scale_dtype"] = inv[merged["scale_dtype"]]
