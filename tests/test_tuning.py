@@ -70,8 +70,10 @@ def test_same_seed_same_output_different_seed_differs():
 @pytest.mark.parametrize("kw", [{"nblocks": 2}, {"gradient_accumulate_steps": 2, "batch_size": 4},
                                 {"enable_minmax_tuning": False}, {"enable_quanted_input": False},
                                 {"not_use_best_mse": True}, {"low_gpu_mem_usage": True}, {"sym": False},
-                                {"sym_style": "gptq"}])
-def test_knobs_run_and_reduce_loss(kw):
+                                {"sym_style": "gptq"}, {"offload_dir": "OFFLOAD"}])
+def test_knobs_run_and_reduce_loss(kw, tmp_path):
+    if kw.get("offload_dir"):
+        kw = {"offload_dir": str(tmp_path / "cache")}
     _, results = _run(tiny_llama(), **{"bits": 2, "iters": 10, **kw})
     assert results and all(r.best_loss <= r.first_loss for r in results)
     if kw.get("nblocks") == 2:
@@ -88,3 +90,11 @@ def test_rtn_needs_no_data():
 
     layers, results = quantize_model(model, plan, s, no_data, CPU, progress=False)
     assert len(layers) == 14 and results == []
+
+
+def test_disk_offload_gives_the_same_result_and_cleans_up(tmp_path):
+    a, b = tiny_llama(), tiny_llama()
+    la, _ = _run(a, bits=2, iters=5)
+    lb, _ = _run(b, bits=2, iters=5, offload_dir=str(tmp_path / "cache"))
+    assert all(torch.equal(la[k].codes, lb[k].codes) for k in la)
+    assert list((tmp_path / "cache").iterdir()) == []

@@ -51,6 +51,7 @@ class Settings:
     nblocks: int = _opt(1, "consecutive blocks tuned together")
     amp: bool = _opt(True, "autocast to the model's half dtype on CUDA (CLI: --disable_amp)")
     low_gpu_mem_usage: bool = _opt(False, "keep cached block inputs on CPU")
+    offload_dir: Optional[str] = _opt(None, "keep cached block inputs/outputs in files under this folder")
     not_use_best_mse: bool = _opt(False, "keep the last iteration's parameters instead of the best")
     seed: int = _opt(42, "random seed: same seed, data and settings give identical output")
     device: Optional[str] = _opt(None, "tuning device: cpu, cuda, cuda:N or N (default: cuda if present)", ("--devices",))

@@ -3,18 +3,21 @@
 For each block list in the plan (in order, so a vision tower tuned first feeds its quantized
 output into the language model's capture): capture inputs with one forward per calibration
 batch, then for each unit of ``nblocks`` blocks compute FP targets, tune, and feed the quantized
-output forward. Layers planned outside any block are quantized round-to-nearest.
+output forward. Layers planned outside any block are quantized round-to-nearest. Cached
+activations live on the device, on CPU (``low_gpu_mem_usage``) or in files (``offload_dir``).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from auto_round.calib.cache import CapturedBatch, capture_block_inputs, to_device
+from auto_round.calib.store import TensorStore
 from auto_round.config import Settings
 from auto_round.quant.types import QuantizedWeight
 from auto_round.tuning.block import BlockResult, UnitInputs, run_unit, tune_unit
@@ -26,6 +29,21 @@ logger = logging.getLogger(__name__)
 BatchFactory = Callable[[], Iterable[Mapping[str, Any]]]
 
 
+@dataclass
+class _Run:
+    """Everything one quantization run shares across block lists."""
+
+    model: nn.Module
+    plan: QuantPlan
+    settings: Settings
+    batches: BatchFactory
+    device: torch.device
+    progress: bool
+    gen: torch.Generator
+    layers: Dict[str, QuantizedWeight] = field(default_factory=dict)
+    results: List[BlockResult] = field(default_factory=list)
+
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm.auto import tqdm
 
@@ -33,9 +51,8 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 @torch.no_grad()
-def _forward_all(blocks, inputs: List[torch.Tensor], extras: List[UnitInputs], device, dtype, cache_device):
-    return [run_unit(blocks, x.to(device, dtype), ex).to(cache_device)
-            for x, ex in zip(inputs, extras)]
+def _forward_all(blocks, inputs: Sequence[Any], extras: Sequence[UnitInputs], device, store: TensorStore) -> List[Any]:
+    return [store.put(run_unit(blocks, x.to(device, torch.float32), ex)) for x, ex in zip(inputs, extras)]
 
 
 def _unit_extras(captured: List[CapturedBatch], start: int, end: int, device) -> List[UnitInputs]:
@@ -43,39 +60,48 @@ def _unit_extras(captured: List[CapturedBatch], start: int, end: int, device) ->
                        c.loss_mask) for c in captured]
 
 
-def _tune_list(model: nn.Module, plan: QuantPlan, path: str, block_names, settings: Settings,
-               batches: BatchFactory, device: torch.device, gen: torch.Generator, progress: bool,
-               layers_out: Dict[str, QuantizedWeight], results: List[BlockResult]) -> None:
-    cache_device = torch.device("cpu") if settings.low_gpu_mem_usage else device
-    blocks = [model.get_submodule(b) for b in block_names]
-    captured = capture_block_inputs(model, blocks, batches(), cache_device)
-    q_in = [c.hidden for c in captured]
-    fp_in = q_in
-    bar = _progress(len(blocks), f"tuning {path}", progress)
-    for start in range(0, len(blocks), settings.nblocks):
-        end = min(start + settings.nblocks, len(blocks))
-        unit, names = blocks[start:end], block_names[start:end]
-        home = next(unit[0].parameters()).device
-        orig_dtype = next(unit[0].parameters()).dtype
-        for b in unit:
-            b.to(device=device, dtype=torch.float32)
-        extras = _unit_extras(captured, start, end, device)
-        targets = _forward_all(unit, fp_in, extras, device, torch.float32, cache_device)
-        layers = [lp for n in names for lp in plan.in_block(n)]
-        if layers:
-            res = tune_unit(model, ",".join(names), unit, layers, q_in, targets, extras, settings, device, gen,
-                            torch.float32)
-            layers_out.update(res.layers)
-            results.append(res)
-            logger.info("%s: loss first %.6g  last %.6g  best %.6g @%d  (%.1fs)", res.name, res.first_loss,
-                        res.last_loss, res.best_loss, res.best_iter, res.seconds)
-        q_out = _forward_all(unit, q_in, extras, device, torch.float32, cache_device) \
-            if settings.enable_quanted_input else targets
-        for b in unit:
-            b.to(device=home, dtype=orig_dtype)
-        fp_in, q_in = targets, q_out
-        bar.update(end - start)
-    bar.close()
+def _tune_list(run: _Run, path: str, block_names: Sequence[str]) -> None:
+    s = run.settings
+    cache_device = torch.device("cpu") if s.low_gpu_mem_usage or s.offload_dir else run.device
+    store = TensorStore(cache_device, s.offload_dir)
+    try:
+        blocks = [run.model.get_submodule(b) for b in block_names]
+        captured = capture_block_inputs(run.model, blocks, run.batches(), cache_device)
+        q_in = [store.put(c.hidden) for c in captured]
+        for c in captured:
+            c.hidden = None  # held by the store from here on
+        fp_in = q_in
+        bar = _progress(len(blocks), f"tuning {path}", run.progress)
+        for start in range(0, len(blocks), s.nblocks):
+            end = min(start + s.nblocks, len(blocks))
+            fp_in, q_in = _tune_unit(run, blocks[start:end], block_names[start:end],
+                                     _unit_extras(captured, start, end, run.device), fp_in, q_in, store)
+            bar.update(end - start)
+        bar.close()
+    finally:
+        store.close()
+
+
+def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extras: List[UnitInputs],
+               fp_in: List[Any], q_in: List[Any], store: TensorStore) -> Tuple[List[Any], List[Any]]:
+    """Tune one unit in float32 on the run's device; returns the next unit's (FP, quantized) inputs."""
+    first = next(unit[0].parameters())
+    home, orig_dtype = first.device, first.dtype
+    for b in unit:
+        b.to(device=run.device, dtype=torch.float32)
+    targets = _forward_all(unit, fp_in, extras, run.device, store)
+    layers = [lp for n in names for lp in run.plan.in_block(n)]
+    if layers:
+        res = tune_unit(run.model, ",".join(names), unit, layers, q_in, targets, extras, run.settings, run.device,
+                        run.gen, torch.float32)
+        run.layers.update(res.layers)
+        run.results.append(res)
+        logger.info("%s: loss first %.6g  last %.6g  best %.6g @%d  (%.1fs)", res.name, res.first_loss,
+                    res.last_loss, res.best_loss, res.best_iter, res.seconds)
+    q_out = _forward_all(unit, q_in, extras, run.device, store) if run.settings.enable_quanted_input else targets
+    for b in unit:
+        b.to(device=home, dtype=orig_dtype)
+    return targets, q_out
 
 
 def quantize_model(
@@ -92,16 +118,14 @@ def quantize_model(
     With ``settings.iters == 0`` no data is used: every planned layer is rounded to nearest.
     """
     torch.manual_seed(settings.seed)
-    gen = torch.Generator().manual_seed(settings.seed)
-    layers: Dict[str, QuantizedWeight] = {}
-    results: List[BlockResult] = []
+    run = _Run(model, plan, settings, batches, device, progress, torch.Generator().manual_seed(settings.seed))
     if settings.iters > 0:
         for path, names in plan.block_lists:
-            _tune_list(model, plan, path, names, settings, batches, device, gen, progress, layers, results)
+            _tune_list(run, path, names)
     for lp in plan.quantized:
-        if lp.name not in layers:  # iters == 0, or a layer outside every tuned block
-            layers[lp.name] = rtn_quantize(model.get_submodule(lp.name), lp.params)
-    missing = [lp.name for lp in plan.quantized if lp.name not in layers]
+        if lp.name not in run.layers:  # iters == 0, or a layer outside every tuned block
+            run.layers[lp.name] = rtn_quantize(model.get_submodule(lp.name), lp.params)
+    missing = [lp.name for lp in plan.quantized if lp.name not in run.layers]
     if missing:
         raise RuntimeError(f"quantization silently skipped layers: {missing[:5]}")
-    return layers, results
+    return run.layers, run.results

@@ -1,0 +1,51 @@
+"""Where cached block inputs and outputs live: on a device, or in files when memory is short.
+
+Image-text calibration produces long sequences, and the block loop keeps two copies of every
+block's activations (the FP chain and the quantized chain). :class:`TensorStore` puts them on a
+device (the default) or, with a folder, in one file each; either way the loop reads them back with
+``.to(device, dtype)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+
+class DiskTensor:
+    """A tensor saved to a file; ``.to(...)`` loads it (the only access the tuning loop needs)."""
+
+    def __init__(self, tensor: torch.Tensor, path: Path) -> None:
+        torch.save(tensor.detach().cpu(), path)
+        self.path, self.shape, self.dtype = path, tuple(tensor.shape), tensor.dtype
+
+    def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.load(self.path, weights_only=True).to(*args, **kwargs)
+
+
+class TensorStore:
+    """Keeps tensors on ``device``, or in files under ``folder`` (a private sub-folder, removed by
+    :meth:`close`)."""
+
+    def __init__(self, device: torch.device, folder: Optional[Union[str, Path]] = None) -> None:
+        self.device = device
+        self.dir: Optional[Path] = None
+        if folder is not None:
+            Path(folder).mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix="auto_round_cache_", dir=str(folder)))
+        self._ids = itertools.count()
+
+    def put(self, tensor: torch.Tensor) -> Union[torch.Tensor, DiskTensor]:
+        if self.dir is None:
+            return tensor.detach().to(self.device)
+        return DiskTensor(tensor, self.dir / f"{next(self._ids)}.pt")
+
+    def close(self) -> None:
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
