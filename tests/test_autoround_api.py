@@ -108,3 +108,9 @@ def test_cli_quantizes_local_folder(model_dir, tmp_path, capsys):
 def test_cli_reports_bad_value(model_dir, tmp_path, capsys):
     assert main(["--model", str(model_dir), "--bits", "9", "--output_dir", str(tmp_path)]) == 2
     assert "bits=9" in capsys.readouterr().err
+
+
+def test_cli_refuses_unsupported_reference_options(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(model_dir), "--adam", "--output_dir", str(tmp_path)])
+    assert e.value.code == 2 and "--adam is not supported" in capsys.readouterr().err

@@ -21,6 +21,15 @@ from auto_round.config import RECIPES, Settings
 NEGATED_FLAGS = {"sym": "--asym", "enable_minmax_tuning": "--disable_minmax_tuning",
                  "enable_quanted_input": "--disable_quanted_input", "amp": "--disable_amp"}
 LOADER_OPTIONS = ("model_dtype", "trust_remote_code")
+# Reference options this implementation does not offer: refused with the reason, never ignored.
+UNSUPPORTED = {
+    "--adam": "only signed gradient descent (SignRound) is implemented",
+    "--enable_norm_bias_tuning": "norm/bias tuning is not implemented",
+    "--enable_torch_compile": "torch.compile of the tuning step is not implemented",
+    "--eval": "evaluation is not built in; evaluate the saved folder with lm-eval / lmms-eval",
+    "--eval_bs": "evaluation is not built in",
+    "--device_map": "multi-device tuning is not implemented; use --device",
+}
 
 
 def _parse_layer_config(text: str) -> Dict[str, Any]:
@@ -40,8 +49,8 @@ def _add_setting(p: argparse.ArgumentParser, f, default: Any) -> None:
         p.add_argument(NEGATED_FLAGS[f.name], dest=f.name, action="store_false", default=default, help=help_)
         return
     flags = [f"--{f.name}", *f.metadata.get("cli", ())]
-    if isinstance(default, bool):
-        p.add_argument(*flags, dest=f.name, action="store_true", default=default, help=help_)
+    if isinstance(default, bool) or str(f.type) == "Optional[bool]":
+        p.add_argument(*flags, dest=f.name, action="store_const", const=True, default=default, help=help_)
     elif f.name == "layer_config":
         p.add_argument(*flags, dest=f.name, type=_parse_layer_config, default=None, help=help_ + " (JSON or file)")
     else:
@@ -63,6 +72,10 @@ def build_parser(prog: str, recipe: str = "default", extra_settings: Sequence[An
     p.add_argument("--disable_trust_remote_code", action="store_true",
                    help="accepted for compatibility; remote code is already off unless --trust_remote_code")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    for flag, why in UNSUPPORTED.items():
+        takes_value = flag in ("--eval_bs", "--device_map")
+        p.add_argument(flag, dest=f"unsupported_{flag[2:]}", default=None, help=argparse.SUPPRESS,
+                       **({"nargs": "?", "const": True} if takes_value else {"action": "store_const", "const": True}))
     overrides = dict(RECIPES[recipe])
     if extra_settings:  # the MLLM entry point picks dataset and seqlen from the model's template
         overrides.update(dataset=None, seqlen=None)
@@ -93,6 +106,9 @@ def run(argv: Optional[List[str]], prog: str, recipe: str, mllm: bool) -> int:
         extra = ()
     parser = build_parser(prog, recipe, extra)
     ns = parser.parse_args(argv)
+    for flag, why in UNSUPPORTED.items():
+        if getattr(ns, f"unsupported_{flag[2:]}") is not None:
+            parser.error(f"{flag} is not supported: {why}")
     names = [f.name for f in [*fields(Settings), *extra]]
     try:
         ar = cls(ns.model, model_dtype=ns.model_dtype, trust_remote_code=ns.trust_remote_code,
