@@ -114,3 +114,29 @@ def test_cli_refuses_unsupported_reference_options(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--model", str(model_dir), "--adam", "--output_dir", str(tmp_path)])
     assert e.value.code == 2 and "--adam is not supported" in capsys.readouterr().err
+
+
+def test_auto_gptq_export_loads_and_matches(tmp_path):
+    from safetensors.torch import load_file
+
+    from auto_round.inference import load_quantized
+
+    ar = AutoRound(tiny_llama(), make_tokenizer(), **FAST)
+    out = ar.quantize_and_save(tmp_path / "q", format="auto_gptq", inplace=False)[0]
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert cfg["quant_method"] == "gptq" and cfg["desc_act"] is False and cfg["bits"] == 4
+    state = load_file(str(out / "model.safetensors"))
+    gidx = state["model.layers.0.mlp.down_proj.g_idx"]
+    assert torch.equal(gidx, torch.arange(128, dtype=torch.int32) // 32)
+    assert int(state["model.layers.0.mlp.down_proj.qzeros"][0, 0]) == 0x77777777
+    ids = make_tokenizer()("hello world", return_tensors="pt").input_ids
+    with torch.no_grad():
+        ref, got = ar.model(ids).logits, load_quantized(out)(ids).logits
+    assert torch.allclose(got, ref, atol=1e-3, rtol=1e-3)
+
+
+def test_auto_gptq_refuses_mixed_schemes_before_tuning():
+    ar = AutoRound(tiny_llama(), make_tokenizer(), **{**FAST, "layer_config": {"q_proj": {"bits": 8}}})
+    with pytest.raises(ValueError, match="one \\(bits, group_size\\)"):
+        ar.quantize(format="auto_gptq")
+    assert not ar.quantized_layers  # refused before any tuning

@@ -63,6 +63,16 @@ def _capability_checker(formats: Sequence[str]):
     return check
 
 
+def _check_whole_plan(plan: QuantPlan, formats: Sequence[str]) -> None:
+    from auto_round.export import get_format
+
+    schemes = {lp.name: (lp.params.bits, lp.params.group_size, lp.params.sym) for lp in plan.quantized}
+    for fmt in formats:
+        why = get_format(fmt).check_plan(schemes)
+        if why:
+            raise ValueError(f"cannot export this plan as {fmt!r}: {why}")
+
+
 def _same_path(a: Union[str, Path], b: Optional[str]) -> bool:
     if not b or not os.path.isdir(b):
         return False
@@ -139,6 +149,7 @@ class AutoRound:
         check = _capability_checker(formats) if formats else None
         self.plan = resolve_plan(self.model, self.settings, self.block_list_names(), check,
                                  self.forced_fp_layers(), self.outside_reasons())
+        _check_whole_plan(self.plan, formats)
         for line in self.plan.summary_lines():
             logger.info("plan: %s", line)
         return self.plan

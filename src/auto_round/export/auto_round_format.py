@@ -122,6 +122,14 @@ class AutoRoundExporter(Exporter):
             listing = "\n".join(problems)
             raise ValueError(f"format {self.name!r} cannot store these layers:\n{listing}")
 
+    def final_config(self, quantization_config: dict, style: str) -> dict:
+        """The ``quantization_config`` written to disk (hook for formats that describe themselves
+        differently)."""
+        return {**quantization_config, "packing_format": style}
+
+    def prepare_module(self, layer: QuantLinear) -> None:
+        """Hook for tensors a format adds to each packed layer (none here)."""
+
     def save(
         self,
         model: nn.Module,
@@ -136,6 +144,8 @@ class AutoRoundExporter(Exporter):
         replacements = {
             name: _quant_linear_for(model, name, qw, style) for name, qw in layers.items()
         }
+        for layer in replacements.values():
+            self.prepare_module(layer)
         if inplace:
             target = model
             for name, new in replacements.items():
@@ -145,8 +155,7 @@ class AutoRoundExporter(Exporter):
             # Linear layers being replaced (no second copy of their weights is made).
             memo = {id(model.get_submodule(n)): new for n, new in replacements.items()}
             target = copy.deepcopy(model, memo)
-        config = dict(quantization_config)
-        config["packing_format"] = style
+        config = self.final_config(dict(quantization_config), style)
         target.config.quantization_config = config
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -13,14 +13,14 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
 from auto_round.quant.types import QuantizedWeight
 
 # Modules whose import registers built-in formats (each calls register_format at import time).
-_BUILTIN_MODULES = ("auto_round.export.auto_round_format",)
+_BUILTIN_MODULES = ("auto_round.export.auto_round_format", "auto_round.export.auto_gptq_format")
 
 _FORMATS: Dict[str, "Exporter"] = {}
 _builtins_loaded = False
@@ -47,6 +47,11 @@ class Exporter(ABC):
         """
 
     @abstractmethod
+    def check_plan(self, schemes: Dict[str, Tuple[int, int, bool]]) -> Optional[str]:
+        """Why this format cannot store the whole plan ``{layer: (bits, group_size, sym)}``, or
+        None. Called before tuning, after every layer passed :meth:`check_layer`."""
+        return None
+
     def save(
         self,
         model: nn.Module,

@@ -1,0 +1,65 @@
+"""The ``auto_gptq`` export format (REFERENCE.md section 4).
+
+The same packed tensors as ``auto_round:auto_gptq`` (zeros stored as ``z - 1``) plus ``g_idx``
+int32 ``[in]`` = ``i // group_size`` per layer, and a GPTQ ``quantization_config``
+(``quant_method "gptq"``, ``desc_act false``). GPTQ checkpoints carry one scheme for every layer,
+so mixed bits/group sizes are refused (use ``auto_round``, which records per-layer exceptions), and
+so are asym layers (GPTQ v1 readers add 1 to the stored zero without wrapping).
+
+GPTQ loaders (GPTQModel, vLLM, transformers with optimum) read it; offline here it loads through
+``auto_round.inference.load_quantized``.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+
+from auto_round.export.auto_round_format import AutoRoundExporter
+from auto_round.export.registry import register_format
+from auto_round.inference.qlinear import QuantLinear
+from auto_round.quant.types import QuantizedWeight
+
+# Tuning facts kept beside the GPTQ keys (transformers refuses a GPTQ config with a "meta" key).
+_KEPT = ("block_name_to_quantize", "iters", "nsamples", "seqlen", "dataset", "autoround_version", "data_type")
+
+
+class AutoGPTQExporter(AutoRoundExporter):
+    """Writes GPTQ v1 checkpoints from SignRound's integer weights."""
+
+    def __init__(self) -> None:
+        super().__init__("auto_gptq", force_gptq_zeros=True)
+
+    def check_plan(self, schemes: Dict[str, Tuple[int, int, bool]]) -> Optional[str]:
+        kinds = sorted({(bits, gs) for bits, gs, _ in schemes.values()})
+        if len(kinds) > 1:
+            return (f"format 'auto_gptq' stores one (bits, group_size) for every layer, found {kinds}; "
+                    "export with format='auto_round' to keep per-layer settings")
+        return None
+
+    def _check_all(self, layers: Dict[str, QuantizedWeight]) -> None:
+        super()._check_all(layers)
+        why = self.check_plan({n: (q.bits, q.group_size, q.sym) for n, q in layers.items()})
+        if why:
+            raise ValueError(why)
+        self._scheme = next(iter(layers.values()))
+
+    def prepare_module(self, layer: QuantLinear) -> None:
+        del layer.g_idx  # plain None attribute -> buffer saved with the weights
+        layer.register_buffer("g_idx", torch.arange(layer.in_features, dtype=torch.int32,
+                                                    device=layer.qweight.device) // layer.group_size)
+
+    def final_config(self, quantization_config: dict, style: str) -> dict:
+        q = self._scheme
+        in_blocks = quantization_config.get("block_name_to_quantize", "")
+        config = {"quant_method": "gptq", "bits": q.bits, "group_size": q.group_size, "sym": True, "desc_act": False,
+                  "true_sequential": True, "damp_percent": 0.01, "static_groups": False, "checkpoint_format": "gptq",
+                  "lm_head": "lm_head" in quantization_config.get("extra_config", {}),
+                  "quantizer": f"auto_round:{quantization_config.get('autoround_version', '')}"}
+        config.update({k: quantization_config[k] for k in _KEPT if k in quantization_config})
+        config["block_name_to_quantize"] = in_blocks
+        return config
+
+
+register_format("auto_gptq", AutoGPTQExporter())
