@@ -46,12 +46,12 @@ class Exporter(ABC):
         ``group_size`` is resolved (never -1).
         """
 
-    @abstractmethod
     def check_plan(self, schemes: Dict[str, Tuple[int, int, bool]]) -> Optional[str]:
         """Why this format cannot store the whole plan ``{layer: (bits, group_size, sym)}``, or
         None. Called before tuning, after every layer passed :meth:`check_layer`."""
         return None
 
+    @abstractmethod
     def save(
         self,
         model: nn.Module,
