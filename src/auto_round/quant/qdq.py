@@ -134,6 +134,16 @@ def scale_zero(
     return s.unsqueeze(-1), z.unsqueeze(-1)
 
 
+def _scaled_groups(weight, params, v, alpha, beta) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(W / s + V, s, z)`` per group: the common first half of qdq and of code extraction."""
+    wg = group_view(weight, params.group_size)
+    s, z = scale_zero(wg, params, alpha, beta)
+    x = wg / s
+    if v is not None:
+        x = x + v.reshape(wg.shape).to(x.dtype)
+    return x, s, z
+
+
 def qdq_weight(
     weight: torch.Tensor,
     params: QuantParams,
@@ -146,11 +156,7 @@ def qdq_weight(
     ``v`` has the padded shape ``[out, G * group_size]`` (or is None = 0).
     """
     out, in_ = weight.shape
-    wg = group_view(weight, params.group_size)
-    s, z = scale_zero(wg, params, alpha, beta)
-    x = wg / s
-    if v is not None:
-        x = x + v.reshape(wg.shape)
+    x, s, z = _scaled_groups(weight, params, v, alpha, beta)
     q = (round_ste(x) + z).clamp(0, params.maxq)
     return (s * (q - z)).reshape(out, -1)[:, :in_]
 
@@ -170,11 +176,7 @@ def quantize_weight(
     ``qdq_weight(...)`` up to float rounding.
     """
     out, in_ = weight.shape
-    wg = group_view(weight.float(), params.group_size)
-    s, z = scale_zero(wg, params, alpha, beta)
-    x = wg / s
-    if v is not None:
-        x = x + v.reshape(wg.shape).float()
+    x, s, z = _scaled_groups(weight.float(), params, v, alpha, beta)
     q = (torch.round(x) + z).clamp(0, params.maxq)
     codes = q.reshape(out, -1)[:, :in_].to(torch.uint8)
     return codes, s.squeeze(-1).to(params.scale_dtype), z.squeeze(-1).to(torch.int32)
