@@ -60,6 +60,8 @@ def to_device(obj: Any, device: torch.device) -> Any:
 
 def _loss_mask(batch: Mapping[str, Any], hidden: torch.Tensor) -> Optional[torch.Tensor]:
     mask = batch.get("attention_mask")
+    if not isinstance(hidden, torch.Tensor):
+        return None
     if not isinstance(mask, torch.Tensor) or mask.dim() != 2 or tuple(mask.shape) != tuple(hidden.shape[:2]):
         return None
     if bool(mask.all()):

@@ -41,6 +41,8 @@ class TensorStore:
         self._ids = itertools.count()
 
     def put(self, tensor: torch.Tensor) -> Union[torch.Tensor, DiskTensor]:
+        if isinstance(tensor, (list, tuple)):  # a unit whose input is one tensor per image (Kimi-VL projector)
+            return type(tensor)(self.put(t) for t in tensor)
         if self.dir is None:
             return tensor.detach().to(self.device)
         return DiskTensor(tensor, self.dir / f"{next(self._ids)}.pt")

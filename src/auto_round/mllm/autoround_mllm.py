@@ -107,7 +107,7 @@ class AutoRoundMLLM(AutoRound):
         self.processor, self.image_processor = processor, image_processor
         self.quant_nontext_module, self.extra_data_dir, self.truncation = quant_nontext_module, extra_data_dir, truncation
         model_type = getattr(model.config, "model_type", None)
-        self.family: Optional[Family] = family_for(model_type)
+        self.family: Optional[Family] = family_for(model_type, getattr(model.config, "architectures", None) or ())
         self.template = get_template(model_type or "", template)
         dataset = self._choose_dataset(dataset)
         self.data_kind = "image" if is_image_text_dataset(dataset) else "text"
@@ -175,6 +175,8 @@ class AutoRoundMLLM(AutoRound):
         s = self.settings
         samples, self.dataset_used = load_image_text_samples(s.dataset, self.extra_data_dir, s.nsamples, s.seed)
         name = self.template.processor
+        if name == "hf" and self.family is not None and self.family.processor != "hf":
+            name = self.family.processor  # no template names a processor: the family's own
         if name not in PROCESSORS:
             raise ValueError(f"template {self.template.model_type!r} names processor {name!r}, which is not "
                              f"registered; valid: {sorted(PROCESSORS)}")

@@ -36,6 +36,7 @@ class Family:
     processor: str = "hf"
     remote_code: bool = False
     why: str = ""  # how this family differs from the common layout
+    architectures: Tuple[str, ...] = ()  # matched when config.model_type is missing or unknown
 
 
 FAMILIES: Tuple[Family, ...] = (
@@ -64,30 +65,36 @@ FAMILIES: Tuple[Family, ...] = (
            why="no inner .model: language_model / vision_model at the top; MoE experts are not nn.Linear"),
     # Families that ship modeling code with their checkpoints (trust_remote_code).
     Family("phi3_v", ("phi3_v",), ("model.layers",),
-           ("model.vision_embed_tokens.img_processor.vision_model.encoder.layers",),
-           ("model.vision_embed_tokens.img_projection",), remote_code=True,
+           ("model.vision_embed_tokens.img_processor.vision_model.encoder.layers",
+            "model.vision_embed_tokens.img_processor.encoder.layers"),
+           ("model.vision_embed_tokens.img_projection",), processor="phi3_v", remote_code=True,
            why="vision tower and projector live inside the embedding module"),
     Family("cogvlm2", ("cogvlm2",), ("model.layers",), ("model.vision.transformer.layers",),
            ("model.vision.linear_proj",), processor="cogvlm2", remote_code=True,
+           architectures=("CogVLMForCausalLM",),
            why="inputs built by the model's own build_conversation_input_ids"),
     Family("deepseek_vl_v2", ("deepseek_vl_v2",), ("language.model.layers",), ("vision.blocks",), ("projector",),
            processor="deepseek_vl_v2", remote_code=True, why="language / vision / projector at the top level"),
     Family("molmo", ("molmo",), ("model.transformer.blocks",),
-           ("model.vision_backbone.image_vit.transformer.resblocks",), quant_nontext=False, remote_code=True,
+           ("model.vision_backbone.image_vit.transformer.resblocks",), ("model.vision_backbone.image_projector",),
+           quant_nontext=False, processor="molmo", remote_code=True,
            why="OLMo-style transformer.blocks; vision quantization not supported (seed)"),
     Family("kimi_vl", ("kimi_vl",), ("language_model.model.layers",), ("vision_tower.encoder.blocks",),
            ("multi_modal_projector",), remote_code=True, why="language_model.model.layers at the top level"),
     Family("chatglm", ("chatglm",), ("transformer.encoder.layers",), ("transformer.vision.transformer.layers",),
-           ("transformer.vision.linear_proj",), quant_nontext=False, remote_code=True,
+           ("transformer.vision.linear_proj",), quant_nontext=False, processor="chatglm", remote_code=True,
            why="GLM-4V-9B: ChatGLM layout; vision quantization not supported (seed)"),
 )
 
 _BY_TYPE: Dict[str, Family] = {t: f for f in FAMILIES for t in f.model_types}
+_BY_ARCH: Dict[str, Family] = {a: f for f in FAMILIES for a in f.architectures}
 
 
-def family_for(model_type: Optional[str]) -> Optional[Family]:
-    """The family record of a ``model_type``, or None when unknown."""
-    return _BY_TYPE.get(model_type or "")
+def family_for(model_type: Optional[str], architectures: Sequence[str] = ()) -> Optional[Family]:
+    """The family record of a ``model_type`` (else of one of ``config.architectures``), or None."""
+    if model_type in _BY_TYPE:
+        return _BY_TYPE[model_type]
+    return next((_BY_ARCH[a] for a in architectures or () if a in _BY_ARCH), None)
 
 
 def _first_block_list(model: nn.Module, candidates: Sequence[str]) -> Optional[str]:

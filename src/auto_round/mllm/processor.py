@@ -182,3 +182,6 @@ class Qwen2VLProcessor(HFProcessor):
         f = math.sqrt(max_tokens / tokens)
         size = (max(unit, int(w * f) // unit * unit), max(unit, int(h * f) // unit * unit))
         return image.resize(size)
+
+
+from auto_round.mllm import remote_processors  # noqa: E402,F401  (registers phi3_v, cogvlm2, deepseek_vl_v2, molmo, chatglm)

@@ -48,8 +48,10 @@ def is_block_list(m: Optional[nn.Module], same_class: bool = False) -> bool:
     Known paths accept mixed layer classes (Llama-3.2-Vision interleaves cross-attention layers);
     the structural search asks for one class (``same_class``) to avoid false matches.
     """
-    if not isinstance(m, nn.ModuleList) or len(m) == 0:
+    if not isinstance(m, (nn.ModuleList, nn.Sequential)) or len(m) == 0:
         return False
+    if isinstance(m, nn.Sequential) and any(isinstance(c, nn.Linear) for c in m):
+        return False  # an MLP (Linear, act, Linear), not a stack of blocks
     if same_class and any(type(c) is not type(m[0]) for c in m):
         return False
     return all(_has_linear(c) for c in m)
@@ -95,7 +97,7 @@ def resolve_block_names(model: nn.Module, names: Union[None, str, Sequence[str]]
         raise ValueError(f"to_quant_block_names={names!r} names no block list")
     for n in items:
         m = get_module(model, n)
-        if not isinstance(m, nn.ModuleList):
+        if not isinstance(m, (nn.ModuleList, nn.Sequential)):
             hint = ", ".join(structural_block_lists(model)[:4]) or "none found"
             raise ValueError(f"to_quant_block_names entry {n!r} is not a ModuleList in the model; "
                              f"block lists present: {hint}")

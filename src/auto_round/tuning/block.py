@@ -48,6 +48,14 @@ class BlockResult:
     layers: Dict[str, QuantizedWeight] = field(default_factory=dict, repr=False)
 
 
+def cast_input(x, device, dtype):
+    """Move a unit input to ``device``/``dtype``; lists/tuples of tensors (a projector taking one tensor
+    per image) are mapped element-wise."""
+    if isinstance(x, (list, tuple)):
+        return type(x)(cast_input(v, device, dtype) for v in x)
+    return x.to(device, dtype)
+
+
 def run_unit(blocks: Sequence[nn.Module], hidden: torch.Tensor, extra: UnitInputs) -> torch.Tensor:
     """Feed ``hidden`` through ``blocks`` with each block's captured arguments."""
     h = hidden
@@ -130,7 +138,7 @@ def tune_unit(
             parts = []
             for i in chosen:
                 ex = extras[i]
-                x = inputs[i].to(device, compute_dtype)
+                x = cast_input(inputs[i], device, compute_dtype)
                 with _autocast(device, settings, compute_dtype):
                     out = run_unit(blocks, x, ex)
                 sq, n = _sq_error(out, targets[i].to(device), None if ex.mask is None else ex.mask.to(device))

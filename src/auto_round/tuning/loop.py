@@ -20,7 +20,7 @@ from auto_round.calib.cache import CapturedBatch, capture_block_inputs, to_devic
 from auto_round.calib.store import TensorStore
 from auto_round.config import Settings
 from auto_round.quant.types import QuantizedWeight
-from auto_round.tuning.block import BlockResult, UnitInputs, run_unit, tune_unit
+from auto_round.tuning.block import BlockResult, UnitInputs, cast_input, run_unit, tune_unit
 from auto_round.tuning.plan import QuantPlan
 from auto_round.tuning.wrapper import rtn_quantize
 
@@ -52,7 +52,7 @@ def _progress(total: int, desc: str, enabled: bool):
 
 @torch.no_grad()
 def _forward_all(blocks, inputs: Sequence[Any], extras: Sequence[UnitInputs], device, store: TensorStore) -> List[Any]:
-    return [store.put(run_unit(blocks, x.to(device, torch.float32), ex)) for x, ex in zip(inputs, extras)]
+    return [store.put(run_unit(blocks, cast_input(x, device, torch.float32), ex)) for x, ex in zip(inputs, extras)]
 
 
 def _unit_extras(captured: List[CapturedBatch], start: int, end: int, device) -> List[UnitInputs]:

@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch.nn as nn
 
 from auto_round.config import Settings
+from auto_round.models.blocks import is_block_list
 from auto_round.quant.qdq import QuantParams
 
 logger = logging.getLogger(__name__)
@@ -107,8 +108,10 @@ def resolve_plan(
     block_of: Dict[str, str] = {}
     for path in block_lists:
         ml = model.get_submodule(path)
-        # A ModuleList is tuned block by block; any other module (a projector) is one unit.
-        names = tuple(f"{path}.{i}" for i in range(len(ml))) if isinstance(ml, nn.ModuleList) else (path,)
+        # A block list (ModuleList, or a Sequential of blocks as in timm ViTs) is tuned block by block;
+        # any other module (a projector) is one unit.
+        per_block = isinstance(ml, nn.ModuleList) or (isinstance(ml, nn.Sequential) and is_block_list(ml))
+        names = tuple(f"{path}.{i}" for i in range(len(ml))) if per_block else (path,)
         lists.append((path, names))
         for bname in names:
             for sub, m in model.get_submodule(bname).named_modules():
