@@ -49,7 +49,8 @@ class Settings:
     enable_minmax_tuning: bool = _opt(True, "tune per-group clip factors (CLI: --disable_minmax_tuning)")
     enable_quanted_input: bool = _opt(True, "feed each block the quantized blocks' output (CLI: --disable_quanted_input)")
     nblocks: int = _opt(1, "consecutive blocks tuned together")
-    amp: bool = _opt(True, "autocast to the model's half dtype on CUDA (CLI: --disable_amp)")
+    amp: bool = _opt(True, "autocast the tuning forward to bf16 (CPUs with native bf16; CUDA: the model's half "
+                           "dtype); FP targets stay float32 (CLI: --disable_amp)")
     low_gpu_mem_usage: bool = _opt(False, "keep cached block inputs on CPU")
     offload_dir: Optional[str] = _opt(None, "keep cached block inputs/outputs in files under this folder")
     not_use_best_mse: bool = _opt(False, "keep the last iteration's parameters instead of the best")

@@ -65,10 +65,33 @@ def run_unit(blocks: Sequence[nn.Module], hidden: torch.Tensor, extra: UnitInput
     return h
 
 
-def _autocast(device: torch.device, settings: Settings, dtype: torch.dtype):
-    if settings.amp and device.type == "cuda" and dtype in (torch.float16, torch.bfloat16):
-        return torch.autocast("cuda", dtype=dtype)
-    return contextlib.nullcontext()
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU computes bf16 matmuls natively (AVX512-BF16 / AMX), via oneDNN."""
+    probe = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except RuntimeError:
+        return False
+
+
+def amp_dtype(device: torch.device, settings: Settings, model_dtype: torch.dtype) -> Optional[torch.dtype]:
+    """Autocast dtype of the tuning forward, or None for plain float32.
+
+    With ``amp``: on CUDA the model's half dtype (bf16 for fp32 models); on CPU bf16 where the CPU
+    has native bf16 (measured 1.6x faster per step on a SmolLM2 block here), else none. The FP
+    targets are always computed in float32.
+    """
+    if not settings.amp:
+        return None
+    if device.type == "cuda":
+        return model_dtype if model_dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    if device.type == "cpu" and cpu_has_fast_bf16():
+        return torch.bfloat16
+    return None
+
+
+def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def _sq_error(out: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, int]:
@@ -118,6 +141,7 @@ def tune_unit(
     device: torch.device,
     generator: torch.Generator,
     compute_dtype: torch.dtype,
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> BlockResult:
     """Tune every planned layer of ``blocks`` (already on ``device``); leaves qdq weights in place."""
     t0 = time.perf_counter()
@@ -139,7 +163,7 @@ def tune_unit(
             for i in chosen:
                 ex = extras[i]
                 x = cast_input(inputs[i], device, compute_dtype)
-                with _autocast(device, settings, compute_dtype):
+                with _autocast(device, autocast_dtype):
                     out = run_unit(blocks, x, ex)
                 sq, n = _sq_error(out, targets[i].to(device), None if ex.mask is None else ex.mask.to(device))
                 # One backward per micro-batch keeps a single graph alive. Summed squared errors make

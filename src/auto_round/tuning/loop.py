@@ -20,7 +20,7 @@ from auto_round.calib.cache import CapturedBatch, capture_block_inputs, to_devic
 from auto_round.calib.store import TensorStore
 from auto_round.config import Settings
 from auto_round.quant.types import QuantizedWeight
-from auto_round.tuning.block import BlockResult, UnitInputs, cast_input, run_unit, tune_unit
+from auto_round.tuning.block import BlockResult, UnitInputs, amp_dtype, cast_input, run_unit, tune_unit
 from auto_round.tuning.plan import QuantPlan
 from auto_round.tuning.wrapper import rtn_quantize
 
@@ -93,7 +93,7 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
     layers = [lp for n in names for lp in run.plan.in_block(n)]
     if layers:
         res = tune_unit(run.model, ",".join(names), unit, layers, q_in, targets, extras, run.settings, run.device,
-                        run.gen, torch.float32)
+                        run.gen, torch.float32, amp_dtype(run.device, run.settings, orig_dtype))
         run.layers.update(res.layers)
         run.results.append(res)
         logger.info("%s: loss first %.6g  last %.6g  best %.6g @%d  (%.1fs)", res.name, res.first_loss,
