@@ -10,6 +10,7 @@ clip factors in [0, 1]. The parameters of the iteration with the lowest loss are
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -22,6 +23,8 @@ from auto_round.config import Settings
 from auto_round.quant.types import QuantizedWeight
 from auto_round.tuning.plan import LayerPlan
 from auto_round.tuning.wrapper import TunableLinear, set_module
+
+logger = logging.getLogger(__name__)
 
 LOSS_SCALE = 1000.0  # guards small losses against underflow in half precision
 
@@ -163,7 +166,18 @@ def tune_unit(
             for i in chosen:
                 ex = extras[i]
                 x = cast_input(inputs[i], device, compute_dtype)
-                with _autocast(device, autocast_dtype):
+                try:
+                    with _autocast(device, autocast_dtype):
+                        out = run_unit(blocks, x, ex)
+                except RuntimeError as e:
+                    # Some modeling code writes into preallocated float32 tensors (CogVLM2's experts),
+                    # which autocast's bf16 outputs cannot fill: tune this unit in float32, announced.
+                    if autocast_dtype is None or it > 0 or "dtype" not in str(e):
+                        raise
+                    logger.warning("%s: %s autocast failed (%s); tuning this block in float32 "
+                                   "(pass amp=False to skip the attempt)", name, autocast_dtype,
+                                   str(e).splitlines()[0])
+                    autocast_dtype = None
                     out = run_unit(blocks, x, ex)
                 sq, n = _sq_error(out, targets[i].to(device), None if ex.mask is None else ex.mask.to(device))
                 # One backward per micro-batch keeps a single graph alive. Summed squared errors make
