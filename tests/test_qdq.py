@@ -102,3 +102,44 @@ def test_bad_params_are_rejected():
         QuantParams(9, 32)
     with pytest.raises(ValueError, match="group_size=0"):
         QuantParams(4, 0)
+
+
+def _qdq_autograd(w, p, v, a, b):
+    """The op-by-op expression the fused qdq must equal (values and straight-through gradients)."""
+    from auto_round.quant.qdq import round_ste, scale_zero
+
+    out, in_ = w.shape
+    wg = group_view(w, p.group_size)
+    s, z = scale_zero(wg, p, a, b)
+    x = wg / s + v.reshape(wg.shape)
+    q = (round_ste(x) + z).clamp(0, p.maxq)
+    return (s * (q - z)).reshape(out, -1)[:, :in_]
+
+
+@pytest.mark.parametrize("scheme", ["sym", "asym", "sym_gptq"])
+@pytest.mark.parametrize("bits,gs,in_", [(4, 8, 24), (2, 8, 20), (3, 16, 16), (8, 4, 10)])
+def test_fused_qdq_matches_op_by_op_autograd(scheme, bits, gs, in_):
+    torch.manual_seed(bits * 100 + gs + in_)
+    p = QuantParams(bits, gs, scheme)
+    w = torch.randn(6, in_, requires_grad=True)
+    g = -(-in_ // gs)
+    # Clip factors below 1 push some codes past the clamp, so both branches of the mask are hit.
+    v0 = (torch.rand(6, g * gs) - 0.5)
+    a0, b0 = torch.rand(6, g) * 0.5 + 0.5, torch.rand(6, g) * 0.5 + 0.5
+    upstream = torch.randn(6, in_)
+    grads = []
+    for fn in (qdq_weight, _qdq_autograd):
+        w.grad = None
+        v, a, b = (t.clone().requires_grad_(True) for t in (v0, a0, b0))
+        y = fn(w, p, v, a, b)
+        (y * upstream).sum().backward()
+        grads.append((y.detach(), w.grad.clone(), v.grad, a.grad, b.grad))
+    for got, want in zip(*grads):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6), (got - want).abs().max()
+    # The clamp really was active somewhere, and not everywhere.
+    wg = group_view(w.detach(), gs)
+    from auto_round.quant.qdq import scale_zero
+    s, z = scale_zero(wg, p, a0, b0)
+    r = torch.round(wg / s + v0.reshape(wg.shape)) + z
+    clamped = (r < 0) | (r > p.maxq)
+    assert clamped.any() and not clamped.all()

@@ -98,3 +98,80 @@ def test_disk_offload_gives_the_same_result_and_cleans_up(tmp_path):
     lb, _ = _run(b, bits=2, iters=5, offload_dir=str(tmp_path / "cache"))
     assert all(torch.equal(la[k].codes, lb[k].codes) for k in la)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_amp_dtype_choice(monkeypatch):
+    from auto_round.tuning import block
+
+    s_on, s_off = build_settings(amp=True), build_settings(amp=False)
+    monkeypatch.setattr(block, "cpu_has_fast_bf16", lambda: True)
+    assert block.amp_dtype(CPU, s_on, torch.float32) is torch.bfloat16
+    assert block.amp_dtype(CPU, s_off, torch.float32) is None
+    monkeypatch.setattr(block, "cpu_has_fast_bf16", lambda: False)
+    assert block.amp_dtype(CPU, s_on, torch.float32) is None
+    cuda = torch.device("cuda")
+    assert block.amp_dtype(cuda, s_on, torch.float16) is torch.float16
+    assert block.amp_dtype(cuda, s_on, torch.float32) is torch.bfloat16
+
+
+@pytest.mark.parametrize("amp", [True, False])
+def test_tuning_under_autocast_and_without_both_beat_rtn(amp, monkeypatch):
+    from auto_round.tuning import block
+
+    monkeypatch.setattr(block, "cpu_has_fast_bf16", lambda: True)  # autocast on any CPU
+    seen = []
+    real = block.run_unit
+
+    def spy(blocks, hidden, extra):
+        seen.append(torch.is_autocast_enabled("cpu"))
+        return real(blocks, hidden, extra)
+
+    monkeypatch.setattr(block, "run_unit", spy)
+    _, results = _run(tiny_llama(), bits=2, iters=10, amp=amp)
+    # Targets, tuned steps and the next block's inputs all run the same way.
+    assert seen and set(seen) == {amp}
+    assert all(r.best_loss < r.first_loss for r in results)
+
+
+class _WritesIntoFloat32(torch.nn.Module):
+    """A block that fills a preallocated float32 buffer with a Linear's output (as CogVLM2's experts
+    do): under bf16 autocast that raises a dtype error."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(32, 32)
+
+    def forward(self, x):
+        out = torch.empty(x.shape, dtype=torch.float32)
+        out[...] = 0
+        out.index_put_((torch.arange(x.shape[0]),), self.proj(x))
+        return x + out
+
+
+class _Stack(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = torch.nn.ModuleList([_WritesIntoFloat32(), _WritesIntoFloat32()])
+
+    def forward(self, x, **_):  # the capture passes use_cache=False
+        for b in self.layers:
+            x = b(x)
+        return x
+
+
+def test_block_that_cannot_run_under_autocast_falls_back_to_float32(monkeypatch, caplog):
+    from auto_round.tuning import block
+
+    monkeypatch.setattr(block, "cpu_has_fast_bf16", lambda: True)
+    torch.manual_seed(0)
+    model = _Stack()
+    with pytest.raises(RuntimeError, match="dtype"):  # the premise: this block fails under autocast
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model.layers[0](torch.randn(4, 32))
+    s = build_settings(group_size=32, nsamples=8, seqlen=4, batch_size=4, bits=2, iters=5)
+    plan = resolve_plan(model, s, ["layers"])
+    data = [{"x": torch.randn(4, 4, 32)} for _ in range(2)]
+    with caplog.at_level("WARNING"):
+        layers, results = quantize_model(model, plan, s, lambda: data, CPU, progress=False)
+    assert set(layers) == {"layers.0.proj", "layers.1.proj"} and len(results) == 2
+    assert "autocast failed" in caplog.text and "float32" in caplog.text

@@ -50,7 +50,8 @@ class Settings:
     enable_quanted_input: bool = _opt(True, "feed each block the quantized blocks' output (CLI: --disable_quanted_input)")
     nblocks: int = _opt(1, "consecutive blocks tuned together")
     amp: bool = _opt(True, "autocast the tuning forward to bf16 (CPUs with native bf16; CUDA: the model's half "
-                           "dtype); FP targets stay float32 (CLI: --disable_amp)")
+                           "dtype), for the tuned forward and the FP targets alike; weights and their qdq stay float32 "
+                           "(CLI: --disable_amp)")
     low_gpu_mem_usage: bool = _opt(False, "keep cached block inputs on CPU")
     offload_dir: Optional[str] = _opt(None, "keep cached block inputs/outputs in files under this folder")
     not_use_best_mse: bool = _opt(False, "keep the last iteration's parameters instead of the best")

@@ -98,20 +98,24 @@ def _signed_clamp_min(s: torch.Tensor, min_abs: float) -> torch.Tensor:
     return sign * s.abs().clamp(min=min_abs)
 
 
-def scale_zero(
-    wg: torch.Tensor,
+def group_range(wg: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(lo, hi)`` per group of ``wg [out, G, gs]``: ``lo = min(0, min W)``, ``hi = max(0, max W)``."""
+    return wg.amin(dim=-1).clamp(max=0), wg.amax(dim=-1).clamp(min=0)
+
+
+def scale_zero_from_range(
+    lo: torch.Tensor,
+    hi: torch.Tensor,
     params: QuantParams,
     alpha: Optional[torch.Tensor] = None,
     beta: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Scale and zero point per group, differentiable in ``alpha``/``beta``.
+    """Scale and zero point per group from the group range ``lo``/``hi`` ``[out, G]``.
 
-    ``wg`` is ``[out, G, gs]``; ``alpha``/``beta`` are ``[out, G]`` or None (= 1).
-    Returns ``scale [out, G, 1]`` (already cast through ``scale_dtype``, as exported) and ``zero
-    [out, G, 1]`` (float holding integers).
+    Differentiable in ``alpha``/``beta`` (``[out, G]`` or None = 1). Returns ``scale [out, G, 1]``
+    (already cast through ``scale_dtype``, as exported) and ``zero [out, G, 1]`` (float holding
+    integers).
     """
-    lo = wg.amin(dim=-1).clamp(max=0)
-    hi = wg.amax(dim=-1).clamp(min=0)
     if alpha is not None:
         lo = lo * alpha
     if beta is not None:
@@ -126,12 +130,76 @@ def scale_zero(
     else:  # sym_gptq
         s = 2 * torch.maximum(-lo, hi) / params.maxq
     s = _signed_clamp_min(s, MIN_SCALE)
-    s = s.to(params.scale_dtype).to(wg.dtype)
+    s = s.to(params.scale_dtype).to(lo.dtype)
     if params.scheme == "asym":
         z = round_ste(-lo / s).clamp(0, params.maxq)
     else:
         z = torch.full_like(s, float(half))
     return s.unsqueeze(-1), z.unsqueeze(-1)
+
+
+def scale_zero(
+    wg: torch.Tensor,
+    params: QuantParams,
+    alpha: Optional[torch.Tensor] = None,
+    beta: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point per group of ``wg [out, G, gs]``; see :func:`scale_zero_from_range`."""
+    return scale_zero_from_range(*group_range(wg), params, alpha, beta)
+
+
+class _QDQGroups(torch.autograd.Function):
+    """``s * (clamp(round(wg / s + v) + z, 0, maxq) - z)`` with straight-through rounding.
+
+    The same value as the op-by-op autograd expression, with its gradients written out so a tuning
+    step makes about a third of the full-size passes over the weight (the qdq dominated CPU steps):
+
+    - ``d/dv = s * m`` and ``d/dwg = m``, with ``m = [0 < round(x) + z < maxq]`` (``torch.clamp``
+      passes no gradient on its bounds either, so codes at 0 or ``maxq`` get none, as op by op);
+    - ``d/ds = sum_group (q - z) - m * wg / s`` (``q`` the clamped code);
+    - ``d/dz = sum_group s * (m - 1)``.
+    """
+
+    @staticmethod
+    def forward(ctx, wg, v, s, z, maxq):  # type: ignore[override]
+        ws = wg / s
+        r = torch.round(ws + v if v is not None else ws).add_(z)
+        # Strictly inside the code range: torch.clamp's backward gives 0 on its bounds too.
+        outside = r.le(0).logical_or_(r.ge(maxq))
+        q = r.clamp_(0, maxq)
+        q.sub_(z)
+        out = q * s
+        need_s = ctx.needs_input_grad[2]
+        # d/ds per element: (q - z) where clamped, (q - z) - wg / s where not.
+        t = torch.sub(q, ws.masked_fill_(outside, 0.0)) if need_s else None
+        ctx.save_for_backward(outside, s, t)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        outside, s, t = ctx.saved_tensors
+        need_wg, need_v, need_s, need_z = ctx.needs_input_grad[:4]
+        g_wg = g_v = g_s = g_z = None
+        if need_wg:
+            g_wg = grad.masked_fill(outside, 0.0)
+        if need_v or need_z:
+            gs = grad * s
+            total = gs.sum(-1, keepdim=True) if need_z else None
+            g_v = gs.masked_fill_(outside, 0.0)  # in place: gs is ours
+            if need_z:
+                g_z = g_v.sum(-1, keepdim=True) - total
+            if not need_v:
+                g_v = None
+        if need_s:
+            g_s = (grad * t).sum(-1, keepdim=True)
+        return g_wg, g_v, g_s, g_z, None
+
+
+def qdq_groups(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, v: Optional[torch.Tensor],
+               maxq: int) -> torch.Tensor:
+    """Quantize-dequantize grouped weights ``wg [out, G, gs]`` with scale/zero ``[out, G, 1]`` and
+    rounding offsets ``v`` (same shape as ``wg``, or None = 0); straight-through gradients."""
+    return _QDQGroups.apply(wg, v, s, z, maxq)
 
 
 def _scaled_groups(weight, params, v, alpha, beta) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,9 +224,10 @@ def qdq_weight(
     ``v`` has the padded shape ``[out, G * group_size]`` (or is None = 0).
     """
     out, in_ = weight.shape
-    x, s, z = _scaled_groups(weight, params, v, alpha, beta)
-    q = (round_ste(x) + z).clamp(0, params.maxq)
-    return (s * (q - z)).reshape(out, -1)[:, :in_]
+    wg = group_view(weight, params.group_size)
+    s, z = scale_zero(wg, params, alpha, beta)
+    vg = None if v is None else v.reshape(wg.shape).to(wg.dtype)
+    return qdq_groups(wg, s, z, vg, params.maxq).reshape(out, -1)[:, :in_]
 
 
 @torch.no_grad()

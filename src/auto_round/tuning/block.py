@@ -82,7 +82,8 @@ def amp_dtype(device: torch.device, settings: Settings, model_dtype: torch.dtype
 
     With ``amp``: on CUDA the model's half dtype (bf16 for fp32 models); on CPU bf16 where the CPU
     has native bf16 (measured 1.6x faster per step on a SmolLM2 block here), else none. The FP
-    targets are always computed in float32.
+    targets and the next unit's inputs are computed under the same autocast; the weights, their
+    qdq and the loss stay float32.
     """
     if not settings.amp:
         return None
@@ -95,6 +96,25 @@ def amp_dtype(device: torch.device, settings: Settings, model_dtype: torch.dtype
 
 def _autocast(device: torch.device, dtype: Optional[torch.dtype]):
     return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def run_unit_amp(blocks: Sequence[nn.Module], hidden: Any, extra: UnitInputs, device: torch.device,
+                 autocast_dtype: Optional[torch.dtype], name: str) -> Tuple[torch.Tensor, Optional[torch.dtype]]:
+    """:func:`run_unit` under autocast; returns the output and the autocast dtype to keep using.
+
+    Some modeling code writes into preallocated float32 tensors (CogVLM2's experts), which
+    autocast's bf16 outputs cannot fill: such a unit runs in float32 from then on, announced, and
+    the returned dtype is None.
+    """
+    try:
+        with _autocast(device, autocast_dtype):
+            return run_unit(blocks, hidden, extra), autocast_dtype
+    except RuntimeError as e:
+        if autocast_dtype is None or "dtype" not in str(e):
+            raise
+        logger.warning("%s: %s autocast failed (%s); running this block in float32 "
+                       "(pass amp=False to skip the attempt)", name, autocast_dtype, str(e).splitlines()[0])
+        return run_unit(blocks, hidden, extra), None
 
 
 def _sq_error(out: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, int]:
@@ -166,19 +186,7 @@ def tune_unit(
             for i in chosen:
                 ex = extras[i]
                 x = cast_input(inputs[i], device, compute_dtype)
-                try:
-                    with _autocast(device, autocast_dtype):
-                        out = run_unit(blocks, x, ex)
-                except RuntimeError as e:
-                    # Some modeling code writes into preallocated float32 tensors (CogVLM2's experts),
-                    # which autocast's bf16 outputs cannot fill: tune this unit in float32, announced.
-                    if autocast_dtype is None or it > 0 or "dtype" not in str(e):
-                        raise
-                    logger.warning("%s: %s autocast failed (%s); tuning this block in float32 "
-                                   "(pass amp=False to skip the attempt)", name, autocast_dtype,
-                                   str(e).splitlines()[0])
-                    autocast_dtype = None
-                    out = run_unit(blocks, x, ex)
+                out, autocast_dtype = run_unit_amp(blocks, x, ex, device, autocast_dtype, name)
                 sq, n = _sq_error(out, targets[i].to(device), None if ex.mask is None else ex.mask.to(device))
                 # One backward per micro-batch keeps a single graph alive. Summed squared errors make
                 # every token weigh equally; dividing by the token count would not change any sign.

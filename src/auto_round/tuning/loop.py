@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -20,7 +20,7 @@ from auto_round.calib.cache import CapturedBatch, capture_block_inputs, to_devic
 from auto_round.calib.store import TensorStore
 from auto_round.config import Settings
 from auto_round.quant.types import QuantizedWeight
-from auto_round.tuning.block import BlockResult, UnitInputs, amp_dtype, cast_input, run_unit, tune_unit
+from auto_round.tuning.block import BlockResult, UnitInputs, amp_dtype, cast_input, run_unit_amp, tune_unit
 from auto_round.tuning.plan import QuantPlan
 from auto_round.tuning.wrapper import rtn_quantize
 
@@ -51,8 +51,14 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 @torch.no_grad()
-def _forward_all(blocks, inputs: Sequence[Any], extras: Sequence[UnitInputs], device, store: TensorStore) -> List[Any]:
-    return [store.put(run_unit(blocks, cast_input(x, device, torch.float32), ex)) for x, ex in zip(inputs, extras)]
+def _forward_all(blocks, inputs: Sequence[Any], extras: Sequence[UnitInputs], device, store: TensorStore,
+                 autocast: Optional[torch.dtype], name: str) -> Tuple[List[Any], Optional[torch.dtype]]:
+    """Outputs of ``blocks`` for every batch (stored), under ``autocast`` like the tuning forward."""
+    outs = []
+    for x, ex in zip(inputs, extras):
+        out, autocast = run_unit_amp(blocks, cast_input(x, device, torch.float32), ex, device, autocast, name)
+        outs.append(store.put(out.float()))
+    return outs, autocast
 
 
 def _unit_extras(captured: List[CapturedBatch], start: int, end: int, device) -> List[UnitInputs]:
@@ -89,16 +95,22 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
     home, orig_dtype = first.device, first.dtype
     for b in unit:
         b.to(device=run.device, dtype=torch.float32)
-    targets = _forward_all(unit, fp_in, extras, run.device, store)
+    name = ",".join(names)
+    # With amp, the FP targets and the next unit's inputs come from the same autocast forward as the
+    # tuned one (as the reference's bf16 model does): bf16 rounding of the matmul inputs then hits
+    # both sides of the loss alike, and these forwards cost half as much on bf16 hardware.
+    ac = amp_dtype(run.device, run.settings, orig_dtype)
+    targets, ac = _forward_all(unit, fp_in, extras, run.device, store, ac, name)
     layers = [lp for n in names for lp in run.plan.in_block(n)]
     if layers:
-        res = tune_unit(run.model, ",".join(names), unit, layers, q_in, targets, extras, run.settings, run.device,
-                        run.gen, torch.float32, amp_dtype(run.device, run.settings, orig_dtype))
+        res = tune_unit(run.model, name, unit, layers, q_in, targets, extras, run.settings, run.device,
+                        run.gen, torch.float32, ac)
         run.layers.update(res.layers)
         run.results.append(res)
         logger.info("%s: loss first %.6g  last %.6g  best %.6g @%d  (%.1fs)", res.name, res.first_loss,
                     res.last_loss, res.best_loss, res.best_iter, res.seconds)
-    q_out = _forward_all(unit, q_in, extras, run.device, store) if run.settings.enable_quanted_input else targets
+    q_out = _forward_all(unit, q_in, extras, run.device, store, ac, name)[0] if run.settings.enable_quanted_input \
+        else targets
     for b in unit:
         b.to(device=home, dtype=orig_dtype)
     return targets, q_out

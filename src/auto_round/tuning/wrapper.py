@@ -8,7 +8,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from auto_round.quant.qdq import QuantParams, n_groups, qdq_weight, quantize_weight
+from auto_round.quant.qdq import (QuantParams, group_range, group_view, n_groups, qdq_groups, quantize_weight,
+                                  scale_zero_from_range)
 from auto_round.quant.types import QuantizedWeight
 
 
@@ -28,12 +29,17 @@ class TunableLinear(nn.Module):
         dev = linear.weight.device
         self.weight = linear.weight.detach().to(dtype)
         self.bias = None if linear.bias is None else linear.bias.detach().to(dtype)
+        # The weight is fixed while tuning: its padded group view and group ranges are computed once.
+        self.wg = group_view(self.weight, params.group_size)
+        self.lo, self.hi = group_range(self.wg)
         self.v = nn.Parameter(torch.zeros(out, g * params.group_size, device=dev, dtype=dtype))
         self.alpha = nn.Parameter(torch.ones(out, g, device=dev, dtype=dtype)) if minmax else None
         self.beta = nn.Parameter(torch.ones(out, g, device=dev, dtype=dtype)) if minmax else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = qdq_weight(self.weight, self.params, self.v, self.alpha, self.beta)
+        s, z = scale_zero_from_range(self.lo, self.hi, self.params, self.alpha, self.beta)
+        out, in_ = self.weight.shape
+        w = qdq_groups(self.wg, s, z, self.v.view(self.wg.shape), self.params.maxq).reshape(out, -1)[:, :in_]
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def snapshot(self) -> Dict[str, torch.Tensor]:
