@@ -4,16 +4,27 @@ One forward per calibration batch runs with pre-hooks on every block of the list
 hook records the hidden states, every block's hook records its keyword arguments (attention masks
 and position embeddings can differ per layer, e.g. Gemma-3's sliding-window layers), and the last
 block's hook stops the forward so nothing after the list is computed.
+
+Only the first batch runs the blocks for real. It shows what each block returns; a block whose
+output is its hidden state's shape, alone or followed by ``None`` s only, is then replaced for the
+other batches by a pass-through that returns its input in that structure. The model still builds
+every block's arguments (they come from the token positions and masks, not from the hidden
+states), so the capture costs the embedding and those arguments instead of a forward through the
+whole list. Should a forward fail with pass-throughs, that batch is re-run for real, with a log
+line, and so are the remaining batches.
 """
 
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
+
+logger = logging.getLogger(__name__)
 
 # Keyword arguments a block must not receive during tuning (no KV cache is built).
 _DROP = {"past_key_value": None, "past_key_values": None, "use_cache": False}
@@ -75,30 +86,54 @@ def _first_parameter(block: nn.Module) -> str:
     return params[0] if params else "hidden_states"
 
 
+def _passthrough_template(hidden: Any, out: Any) -> Optional[int]:
+    """How to stand in for a block that got ``hidden`` and returned ``out``: 0 = return the hidden
+    state, n > 0 = a tuple of it and n - 1 ``None`` s; None = it cannot be stood in for."""
+    if not isinstance(hidden, torch.Tensor):
+        return None
+    if isinstance(out, torch.Tensor):
+        return 0 if out.shape == hidden.shape and out.dtype == hidden.dtype else None
+    if isinstance(out, tuple) and out and isinstance(out[0], torch.Tensor) and out[0].shape == hidden.shape \
+            and out[0].dtype == hidden.dtype and all(o is None for o in out[1:]):
+        return len(out)
+    return None
+
+
+def _make_passthrough(first: str, template: int):
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs[first]
+        return hidden if template == 0 else (hidden,) + (None,) * (template - 1)
+    return forward
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
     blocks: Sequence[nn.Module],
     batches: Iterable[Mapping[str, Any]],
     cache_device: torch.device,
+    pass_through: bool = True,
 ) -> List[CapturedBatch]:
     """Run ``model(**batch)`` for every batch and return what each block of ``blocks`` received.
 
     ``batches`` are model input dicts already on the model's device. Raises if the forward never
-    reaches the blocks (the data does not exercise this block list).
+    reaches the blocks (the data does not exercise this block list). With ``pass_through``, blocks
+    after the first batch are stood in for where their output allows (see the module docstring).
     """
     out: List[CapturedBatch] = []
     state: Dict[str, Any] = {}
+    templates: Dict[int, Optional[int]] = {}
 
     def make_hook(k: int):
         def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
             first = first_param[k]
+            if not args and first not in kwargs:
+                raise RuntimeError(f"block {type(module).__name__} was called without its first argument "
+                                   f"{first!r}; cannot capture its input")
+            hidden = args[0] if args else kwargs[first]
             if k == 0:
-                if not args and first not in kwargs:
-                    raise RuntimeError(f"block {type(module).__name__} was called without its first argument "
-                                       f"{first!r}; cannot capture its input")
-                hidden = args[0] if args else kwargs[first]
                 state["cap"] = CapturedBatch(hidden=to_device(hidden, cache_device))
+            state["in"] = hidden
             cap: CapturedBatch = state["cap"]
             # the hidden state is passed positionally when replayed, whatever its keyword name
             kw = {key: v for key, v in kwargs.items() if args or key != first}
@@ -109,16 +144,50 @@ def capture_block_inputs(
                 raise _StopForward
         return hook
 
+    def make_out_hook(k: int):
+        def hook(module: nn.Module, args: Tuple[Any, ...], output: Any):
+            if k not in templates:
+                templates[k] = _passthrough_template(state.get("in"), output)
+        return hook
+
+    def one_forward(batch: Mapping[str, Any]) -> None:
+        state.clear()
+        state["memo"] = {}
+        try:
+            model(**batch, use_cache=False)
+        except _StopForward:
+            pass
+
     first_param = [_first_parameter(b) for b in blocks]
     handles = [b.register_forward_pre_hook(make_hook(k), with_kwargs=True) for k, b in enumerate(blocks)]
+    if pass_through:
+        handles += [b.register_forward_hook(make_out_hook(k)) for k, b in enumerate(blocks[:-1])]
+    stood_in: Dict[nn.Module, Any] = {}  # block -> its own instance-level forward (accelerate's hook), if any
+
+    def restore() -> None:
+        for b, own in stood_in.items():
+            if own is None:
+                del b.forward
+            else:
+                b.forward = own
+        stood_in.clear()
+
     try:
-        for batch in batches:
-            state.clear()
-            state["memo"] = {}
+        for i, batch in enumerate(batches):
+            if pass_through and i == 1:
+                for k, b in enumerate(blocks[:-1]):
+                    if templates.get(k) is not None:
+                        stood_in[b] = b.__dict__.get("forward")
+                        b.forward = _make_passthrough(first_param[k], templates[k])
             try:
-                model(**batch, use_cache=False)
-            except _StopForward:
-                pass
+                one_forward(batch)
+            except Exception as exc:  # noqa: BLE001 - re-run for real, then let real errors surface
+                if not stood_in:
+                    raise
+                logger.info("capture: the forward failed with blocks passed through (%s: %s); "
+                            "running the blocks for real", type(exc).__name__, str(exc).splitlines()[0][:200])
+                restore()
+                one_forward(batch)
             if "cap" not in state or len(state["cap"].block_kwargs) != len(blocks):
                 raise RuntimeError(
                     "the calibration forward did not reach the blocks being quantized; the data may not "
@@ -129,6 +198,7 @@ def capture_block_inputs(
                 cap.loss_mask = cap.loss_mask.to(cache_device)
             out.append(cap)
     finally:
+        restore()
         for h in handles:
             h.remove()
     return out
