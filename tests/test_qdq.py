@@ -143,3 +143,52 @@ def test_fused_qdq_matches_op_by_op_autograd(scheme, bits, gs, in_):
     r = torch.round(wg / s + v0.reshape(wg.shape)) + z
     clamped = (r < 0) | (r > p.maxq)
     assert clamped.any() and not clamped.all()
+
+
+def test_workspace_gives_the_same_values_and_gradients_step_after_step():
+    from auto_round.quant.qdq import QDQWorkspace, group_range, qdq_groups, scale_zero_from_range
+
+    p = QuantParams(3, 16, "asym")
+    wg = group_view(torch.randn(8, 40, generator=torch.Generator().manual_seed(3)), 16)
+    lo, hi = group_range(wg)
+    params = {key: (torch.zeros(wg.shape, requires_grad=True), torch.ones(8, 3, requires_grad=True),
+                    torch.ones(8, 3, requires_grad=True)) for key in ("plain", "work")}
+    work = {"plain": None, "work": QDQWorkspace(wg)}
+    for step in range(3):
+        up = torch.randn(wg.shape, generator=torch.Generator().manual_seed(step))
+        got = {}
+        for key, (v, a, b) in params.items():
+            s, z = scale_zero_from_range(lo, hi, p, a, b)
+            (qdq_groups(wg, s, z, v, p.maxq, work[key]) * up).sum().backward()
+            got[key] = (v.grad.clone(), a.grad.clone(), b.grad.clone())
+            with torch.no_grad():  # a sign step, so the next step starts from new parameters
+                for t in (v, a, b):
+                    t.sub_(t.grad.sign() * 0.05)
+                    t.grad = None
+        for want, have in zip(got["plain"], got["work"]):
+            assert torch.equal(want, have)
+
+
+def test_tunable_linear_called_twice_per_forward_and_accumulating_micro_batches():
+    from auto_round.tuning.wrapper import TunableLinear
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 16)
+    x1, x2 = torch.randn(4, 32), torch.randn(4, 32)
+
+    def grads(fn):
+        t = TunableLinear(lin, QuantParams(4, 16, "sym"), True, torch.float32)
+        with torch.no_grad():
+            t.v.copy_(torch.rand(t.v.shape, generator=torch.Generator().manual_seed(5)) * 0.8 - 0.4)
+        fn(t)
+        return t.v.grad.clone(), t.alpha.grad.clone()
+
+    def separately(t):
+        t(x1).pow(2).sum().backward()
+        t(x2).pow(2).sum().backward()  # a second micro-batch, no step in between
+
+    def together(t):
+        (t(x1).pow(2).sum() + t(x2).pow(2).sum()).backward()  # the same layer twice in one forward
+
+    for a, b in zip(grads(separately), grads(together)):  # equal up to summation order
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-3 * float(b.abs().max()))

@@ -142,14 +142,15 @@ class _BatchOrder:
 
 @torch.no_grad()
 def _sign_step(wrappers: Sequence[TunableLinear], lr: float, minmax_lr: float) -> None:
+    """``p -= lr * sign(grad)``, clamped; gradients are zeroed in place, not dropped: the next
+    backward accumulates into the same storage instead of allocating weight-sized tensors."""
     for w in wrappers:
-        if w.v.grad is not None:
-            w.v.add_(w.v.grad.sign(), alpha=-lr).clamp_(-0.5, 0.5)
-            w.v.grad = None
-        for p in (w.alpha, w.beta):
-            if p is not None and p.grad is not None:
-                p.add_(p.grad.sign(), alpha=-minmax_lr).clamp_(0.0, 1.0)
-                p.grad = None
+        for p, step, lo, hi in ((w.v, lr, -0.5, 0.5), (w.alpha, minmax_lr, 0.0, 1.0), (w.beta, minmax_lr, 0.0, 1.0)):
+            if p is None or p.grad is None:
+                continue
+            g = p.grad.sign_()
+            p.add_(g, alpha=-step).clamp_(lo, hi)
+            g.zero_()
 
 
 def tune_unit(

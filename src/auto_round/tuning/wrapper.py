@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from auto_round.quant.qdq import (QuantParams, group_range, group_view, n_groups, qdq_groups, quantize_weight,
-                                  scale_zero_from_range)
+from auto_round.quant.qdq import (QDQWorkspace, QuantParams, group_range, group_view, n_groups, qdq_groups,
+                                  quantize_weight, scale_zero_from_range)
 from auto_round.quant.types import QuantizedWeight
 
 
@@ -35,11 +35,40 @@ class TunableLinear(nn.Module):
         self.v = nn.Parameter(torch.zeros(out, g * params.group_size, device=dev, dtype=dtype))
         self.alpha = nn.Parameter(torch.ones(out, g, device=dev, dtype=dtype)) if minmax else None
         self.beta = nn.Parameter(torch.ones(out, g, device=dev, dtype=dtype)) if minmax else None
+        # CPU: compute the qdq in reused buffers (fresh weight-sized tensors cost page faults each step).
+        self._work = QDQWorkspace(self.wg) if dev.type == "cpu" else None
+        self._cache: Optional[Tuple[Tuple[Any, ...], torch.Tensor]] = None
+        if self._work is not None:
+            # The backward hands ``v`` its gradient in a workspace buffer. With ``v.grad`` already
+            # allocated, autograd adds that into it rather than adopting the buffer (which the next
+            # forward overwrites); the sign step zeroes it in place.
+            self.v.grad = torch.zeros_like(self.v)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def qdq(self) -> torch.Tensor:
+        """The qdq weight ``[out, in_]`` for the current parameters.
+
+        Computed once per parameter state: a block that calls this layer twice in one forward gets
+        the same tensor (one graph node, gradients accumulate); an update of ``v``/``alpha``/``beta``
+        (their version counters) or the backward through it starts a new one.
+        """
+        key = (self.v._version, -1 if self.alpha is None else self.alpha._version,
+               -1 if self.beta is None else self.beta._version, torch.is_grad_enabled())
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
         s, z = scale_zero_from_range(self.lo, self.hi, self.params, self.alpha, self.beta)
         out, in_ = self.weight.shape
-        w = qdq_groups(self.wg, s, z, self.v.view(self.wg.shape), self.params.maxq).reshape(out, -1)[:, :in_]
+        w = qdq_groups(self.wg, s, z, self.v.view(self.wg.shape), self.params.maxq, self._work)
+        w = w.reshape(out, -1)[:, :in_]
+        self._cache = (key, w)
+        if w.requires_grad:
+            w.register_hook(self._drop_cache)
+        return w
+
+    def _drop_cache(self, grad: torch.Tensor) -> None:
+        self._cache = None  # its graph is being consumed by this backward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.qdq()
         return F.linear(x, w.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
     def snapshot(self) -> Dict[str, torch.Tensor]:
@@ -53,6 +82,7 @@ class TunableLinear(nn.Module):
     @torch.no_grad()
     def finalize(self) -> QuantizedWeight:
         """Integer codes with the current parameters; writes the qdq weight into the Linear."""
+        self._cache, self._work = None, None
         codes, scale, zero = quantize_weight(self.weight, self.params, self.v, self.alpha, self.beta)
         qw = QuantizedWeight(codes=codes.cpu(), scale=scale.cpu(), zero=zero.cpu(), bits=self.params.bits,
                              group_size=self.params.group_size, sym=self.params.sym,
