@@ -37,7 +37,15 @@ def log(msg: str) -> None:
 def machine_info() -> Dict[str, Any]:
     import torch
 
+    git = {}
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "src"], capture_output=True, text=True, cwd=ROOT)
+        git = {"head": head.stdout.strip() or None, "src_dirty": bool(dirty.stdout.strip())}
+    except OSError:
+        pass
     return {
+        "git": git,
         "machine": platform.machine(), "processor": platform.processor() or None,
         "cpu_count": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "load_average": os.getloadavg(),

@@ -77,6 +77,18 @@ def _fixed_windows_class(base, windows):
     return FixedWindows
 
 
+def _amp_dtype(ar) -> str:
+    """The autocast dtype our tuning forward will use ("none" = plain fp32), when the library says."""
+    try:
+        from auto_round.tuning.block import amp_dtype
+    except ImportError:
+        return "none (library without amp_dtype)"
+    try:
+        return str(amp_dtype(ar.device, ar.settings, next(ar.model.parameters()).dtype) or "none")
+    except Exception as exc:  # a changed signature must not break the measurement
+        return f"unknown ({type(exc).__name__})"
+
+
 def _ppl(model, windows_path: str) -> float:
     import torch
 
@@ -106,6 +118,7 @@ def job_quantize(spec: Dict[str, Any], rec: Dict[str, Any]) -> None:
         ar = cls(spec["model"], None, model_dtype=spec.get("model_dtype", "fp32"), **opts)
     rec["load_s"] = round(time.perf_counter() - t0, 2)
     rec["model_dtype"] = str(next(ar.model.parameters()).dtype)
+    rec["amp_dtype"] = _amp_dtype(ar)
     load_peak = peak_rss_mb()
     rec["peak_rss_load_mb"] = round(load_peak, 1)
     rec["peak_rss_reset"] = reset_peak_rss()
