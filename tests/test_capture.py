@@ -81,3 +81,26 @@ def test_vlm_families_capture_the_same_with_pass_through(name):
         batches.append(dict(inputs))
     for path in [text] + [v for v in vision if len(vlm.model.get_submodule(v)) > 1]:
         _compare(vlm.model, path, batches)
+
+
+def test_instance_level_forward_wrappers_are_kept():
+    """accelerate's dispatch hooks replace ``block.forward`` on the instance; capture must put them back."""
+    model = tiny_llama(layers=3)
+    blocks = list(model.model.layers)
+    calls = []
+    for b in blocks:
+        original = b.forward
+
+        def wrapped(*args, _orig=original, **kwargs):
+            calls.append(1)
+            return _orig(*args, **kwargs)
+
+        b.forward = wrapped
+    wrappers = [b.__dict__["forward"] for b in blocks]
+    batches = [{"input_ids": torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(i))}
+               for i in range(3)]
+    capture_block_inputs(model, blocks, batches, CPU)
+    assert [b.__dict__.get("forward") for b in blocks] == wrappers
+    calls.clear()
+    model(input_ids=batches[0]["input_ids"])
+    assert len(calls) == 3  # the wrappers run again after the capture
