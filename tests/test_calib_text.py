@@ -357,3 +357,35 @@ def test_tokenizer_fixture(tok):
     chat = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert chat.startswith(tok.bos_token) and chat.endswith("<|assistant|>\n")
     assert len(make_tokenizer(300)) <= 300
+
+
+def test_unreachable_hub_falls_back_at_once_without_waiting_for_retries(tok, monkeypatch, caplog):
+    import socket
+
+    calls = fake_offline_hub(monkeypatch)  # (sets the offline variables: removed just below)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "https://hub.example:8443")
+    probed = []
+
+    def refuse(address, timeout=None):
+        probed.append((address, timeout))
+        raise ConnectionRefusedError("connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    with caplog.at_level(logging.WARNING, logger="auto_round.calib.text"):
+        cs = get_text_calibration(tok, nsamples=2, seqlen=32)
+    assert probed == [(("hub.example", 8443), calib_text.HUB_PROBE_TIMEOUT_S)]
+    assert calls == []  # datasets was never asked: no retry loop
+    assert cs.sources == (OFFLINE_CORPUS,)
+    assert "unreachable" in caplog.text and "HF_HUB_OFFLINE=1" in caplog.text
+
+
+def test_offline_env_skips_the_probe_and_uses_the_datasets_cache(tok, monkeypatch):
+    import socket
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed the Hub while offline"))
+    calls = fake_offline_hub(monkeypatch)
+    get_text_calibration(tok, nsamples=2, seqlen=32)
+    assert calls == [(DEFAULT_DATASET, "train")]
