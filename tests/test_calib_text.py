@@ -389,3 +389,15 @@ def test_offline_env_skips_the_probe_and_uses_the_datasets_cache(tok, monkeypatc
     calls = fake_offline_hub(monkeypatch)
     get_text_calibration(tok, nsamples=2, seqlen=32)
     assert calls == [(DEFAULT_DATASET, "train")]
+
+
+def test_no_probe_behind_a_proxy(tok, monkeypatch):
+    import socket
+
+    calls = fake_offline_hub(monkeypatch)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("probed past the proxy"))
+    get_text_calibration(tok, nsamples=2, seqlen=32)
+    assert calls == [(DEFAULT_DATASET, "train")]  # datasets decides, through the proxy

@@ -330,10 +330,12 @@ def _check_hub_reachable() -> None:
     """Raise ``OSError`` at once when the Hub endpoint does not accept a connection.
 
     Without it an offline machine spends about 23 s in ``datasets``' retries before the fallback.
-    Skipped when ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` is set: ``datasets`` then reads its
-    local cache directly.
+    Skipped when ``HF_HUB_OFFLINE``/``HF_DATASETS_OFFLINE`` is set (``datasets`` then reads its
+    local cache directly) and when a proxy is configured (a direct connection may be refused where
+    the proxy would get through).
     """
-    if _offline_env():
+    proxies = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+    if _offline_env() or any(os.environ.get(k) for k in proxies):
         return
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
     host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
