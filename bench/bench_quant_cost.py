@@ -26,6 +26,8 @@ bench_vs_reference.py.) Our "RSS in quantize()" column is the peak during ``quan
     .venv/bin/python bench/bench_quant_cost.py            # real settings (about 5 min here)
     .venv/bin/python bench/bench_quant_cost.py --quick    # smoke test (about 2 min)
     .venv/bin/python bench/bench_quant_cost.py --models mid --iters 50 --nsamples 32 --batch-size 8
+    .venv/bin/python bench/bench_quant_cost.py --models mid --no-reference --model-dtype bf16 \
+        --json bench/results/quant_cost_bf16.json   # our RSS with the model held in bf16
 """
 
 from __future__ import annotations
@@ -54,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--repeats", type=int, default=1, help="rounds of (ours, reference) per model")
     p.add_argument("--no-reference", action="store_true", help="measure ours only")
+    p.add_argument("--model-dtype", default="fp32", choices=["fp32", "bf16"],
+                   help="dtype ours loads the model in (the reference always gets the fp32 folder)")
     p.add_argument("--quick", action="store_true", help="smoke test: iters 2, nsamples 4, seqlen 64, batch 2")
     p.add_argument("--json", type=Path, default=None, help=f"default bench/results/{NAME}.json")
     args = p.parse_args(argv)
@@ -80,6 +84,7 @@ def main(argv=None) -> int:
         models[m] = {"dir": folder, "group_size": 32 if m == "tiny" else 128, "params": param_count(folder)}
 
     settings = {"bits": args.bits, "sym": True, "iters": args.iters, "nsamples": args.nsamples,
+                "model_dtype_ours": args.model_dtype,
                 "seqlen": args.seqlen, "batch_size": args.batch_size, "seed": 42}
     record = {"benchmark": NAME, "settings": settings, "machine": machine_info(),
               "models": {k: {"dir": str(v["dir"]), "group_size": v["group_size"], "params": v["params"]}
@@ -95,7 +100,7 @@ def main(argv=None) -> int:
                 out_dir = work / "out" / tag
                 shutil.rmtree(out_dir, ignore_errors=True)
                 if side == "ours":
-                    rec = run_ours({"job": "quantize", "kind": "llm", "model": str(info["dir"]), "model_dtype": "fp32",
+                    rec = run_ours({"job": "quantize", "kind": "llm", "model": str(info["dir"]), "model_dtype": args.model_dtype,
                                     "save_dir": str(out_dir), "save_inplace": True,
                                     "options": {**settings, "group_size": info["group_size"], "device": "cpu",
                                                 "dataset": "auto_round:offline_corpus"}}, work, tag)
@@ -145,7 +150,7 @@ def main(argv=None) -> int:
                          fmt(rss_ratio, ".2f") + "x" if side == "ours" and rss_ratio else ""])
         record.setdefault("speedup", {})[m] = {"time_ref_over_ours": speedup, "rss_ref_over_ours": rss_ratio}
     title = (f"W{args.bits} sym, iters {args.iters}, nsamples {args.nsamples}, seqlen {args.seqlen}, "
-             f"batch {args.batch_size}, CPU fp32, offline corpus (best of {args.repeats} round(s))")
+             f"batch {args.batch_size}, CPU, ours loads {args.model_dtype}, offline corpus (best of {args.repeats} round(s))")
     record["table"] = print_table(["model", "impl", "load s", "quantize+save s", "process s", "peak RSS MB",
                                    "RSS in quantize() MB", "mean best loss", "speed-up", "RSS ref/ours"], rows, title)
     write_json(NAME, record, args.json)
