@@ -127,13 +127,13 @@ def capture_block_inputs(
     def make_hook(k: int):
         def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
             first = first_param[k]
-            if not args and first not in kwargs:
-                raise RuntimeError(f"block {type(module).__name__} was called without its first argument "
-                                   f"{first!r}; cannot capture its input")
-            hidden = args[0] if args else kwargs[first]
+            hidden = args[0] if args else kwargs.get(first)
             if k == 0:
+                if not args and first not in kwargs:
+                    raise RuntimeError(f"block {type(module).__name__} was called without its first argument "
+                                       f"{first!r}; cannot capture its input")
                 state["cap"] = CapturedBatch(hidden=to_device(hidden, cache_device))
-            state["in"] = hidden
+            state["in"] = hidden  # None: this block is not stood in for (see _passthrough_template)
             cap: CapturedBatch = state["cap"]
             # the hidden state is passed positionally when replayed, whatever its keyword name
             kw = {key: v for key, v in kwargs.items() if args or key != first}
