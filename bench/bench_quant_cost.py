@@ -84,9 +84,8 @@ def main(argv=None) -> int:
         models[m] = {"dir": folder, "group_size": 32 if m == "tiny" else 128, "params": param_count(folder)}
 
     settings = {"bits": args.bits, "sym": True, "iters": args.iters, "nsamples": args.nsamples,
-                "model_dtype_ours": args.model_dtype,
                 "seqlen": args.seqlen, "batch_size": args.batch_size, "seed": 42}
-    record = {"benchmark": NAME, "settings": settings, "machine": machine_info(),
+    record = {"benchmark": NAME, "settings": settings, "model_dtype_ours": args.model_dtype, "machine": machine_info(),
               "models": {k: {"dir": str(v["dir"]), "group_size": v["group_size"], "params": v["params"]}
                          for k, v in models.items()}, "runs": []}
     for r in range(args.repeats):
