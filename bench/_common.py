@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -73,26 +74,50 @@ def _children_cpu_s() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+def _timed_job(cmd: List[str], json_path: Path, log_path: Path, timeout: Optional[float],
+               failed: str = "worker") -> Dict[str, Any]:
+    """Run ``cmd`` (which writes its record to ``json_path``) and return that record with the
+    process's wall/CPU time, exit code, log path and the load before it; on failure, ``error`` and
+    the log's tail are set."""
+    if json_path.exists():
+        json_path.unlink()
+    load0, cpu0 = os.getloadavg()[0], _children_cpu_s()
+    t0 = time.perf_counter()
+    rc = _run(cmd, log_path, timeout)
+    wall = time.perf_counter() - t0
+    rec = json.loads(json_path.read_text()) if json_path.exists() else {}
+    rec.update({"process_wall_s": round(wall, 2), "process_cpu_s": round(_children_cpu_s() - cpu0, 2), "rc": rc,
+                "log": str(log_path), "load_avg_1min_before": load0})
+    if rc != 0 or "error" in rec:
+        rec.setdefault("error", f"{failed} exited {rc}")
+        rec["log_tail"] = log_path.read_text()[-3000:] if log_path.exists() else ""
+    return rec
+
+
+def parse_bench_args(p: argparse.ArgumentParser, argv: Optional[Sequence[str]], name: str, quick_help: str,
+                     quick: Dict[str, Any]) -> argparse.Namespace:
+    """Add ``--quick`` (smoke-test settings ``quick``, results in ``<name>_quick.json``) and ``--json``
+    to a benchmark's parser ``p`` and parse ``argv``."""
+    p.add_argument("--quick", action="store_true", help=f"smoke test: {quick_help}")
+    p.add_argument("--json", type=Path, default=None, help=f"default bench/results/{name}.json")
+    args = p.parse_args(argv)
+    if args.quick:
+        for key, value in quick.items():
+            setattr(args, key, value)
+        if args.json is None:
+            args.json = RESULTS / f"{name}_quick.json"
+    return args
+
+
 def run_ours(spec: Dict[str, Any], work: Path, name: str, timeout: Optional[float] = None) -> Dict[str, Any]:
     """Run one job of ``bench/_worker.py`` (see its docstring for ``spec``) and return its record."""
     work.mkdir(parents=True, exist_ok=True)
     spec_path, out_path, log_path = work / f"{name}.spec.json", work / f"{name}.out.json", work / f"{name}.log"
     spec_path.write_text(json.dumps(spec, indent=2))
-    if out_path.exists():
-        out_path.unlink()
-    load0, cpu0 = os.getloadavg()[0], _children_cpu_s()
-    t0 = time.perf_counter()
-    rc = _run([sys.executable, str(WORKER), str(spec_path), str(out_path)], log_path, timeout)
-    wall = time.perf_counter() - t0
-    rec = json.loads(out_path.read_text()) if out_path.exists() else {}
-    rec.update({"process_wall_s": round(wall, 2), "process_cpu_s": round(_children_cpu_s() - cpu0, 2), "rc": rc,
-                "log": str(log_path), "load_avg_1min_before": load0})
-    if rc != 0 or "error" in rec:
-        log(f"  {name}: FAILED (rc={rc}); see {log_path}: {rec.get('error', '')}")
-        tail = log_path.read_text()[-3000:] if log_path.exists() else ""
-        rec.setdefault("error", f"worker exited {rc}")
-        rec["log_tail"] = tail
-        print(tail, file=sys.stderr)
+    rec = _timed_job([sys.executable, str(WORKER), str(spec_path), str(out_path)], out_path, log_path, timeout)
+    if "error" in rec:
+        log(f"  {name}: FAILED (rc={rec['rc']}); see {log_path}: {rec['error']}")
+        print(rec["log_tail"], file=sys.stderr)
     return rec
 
 
@@ -112,25 +137,15 @@ def run_reference(model: str, dataset: Path, out_dir: Path, work: Path, name: st
         return {"error": f"{REF_PYTHON} is missing: run `make ref-venv`"}
     work.mkdir(parents=True, exist_ok=True)
     json_path, log_path = work / f"{name}.json", work / f"{name}.log"
-    if json_path.exists():
-        json_path.unlink()
     cmd = [str(REF_PYTHON), str(REF_RUNNER), "--model", model, "--dataset", str(dataset),
            "--output-dir", str(out_dir), "--json", str(json_path), "--bits", str(bits),
            "--group-size", str(group_size), "--sym" if sym else "--asym", "--iters", str(iters),
            "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--batch-size", str(batch_size),
            "--seed", str(seed), "--format", fmt, "--calib-mode", "windows", "--dtype", dtype,
            "--device", "cpu"]
-    load0, cpu0 = os.getloadavg()[0], _children_cpu_s()
-    t0 = time.perf_counter()
-    rc = _run(cmd, log_path, timeout)
-    wall = time.perf_counter() - t0
-    rec = json.loads(json_path.read_text()) if json_path.exists() else {}
-    rec.update({"process_wall_s": round(wall, 2), "process_cpu_s": round(_children_cpu_s() - cpu0, 2), "rc": rc,
-                "log": str(log_path), "load_avg_1min_before": load0})
-    if rc != 0 or "error" in rec:
-        log(f"  {name}: reference FAILED (rc={rc}); see {log_path}: {rec.get('error', '')}")
-        rec.setdefault("error", f"reference runner exited {rc}")
-        rec["log_tail"] = log_path.read_text()[-3000:] if log_path.exists() else ""
+    rec = _timed_job(cmd, json_path, log_path, timeout, failed="reference runner")
+    if "error" in rec:
+        log(f"  {name}: reference FAILED (rc={rec['rc']}); see {log_path}: {rec['error']}")
     return rec
 
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (WORK, bbc_texts, fmt, log, machine_info, mean, ours_block_losses, print_table,  # noqa: E402
+from _common import (parse_bench_args, WORK, bbc_texts, fmt, log, machine_info, mean, ours_block_losses, print_table,  # noqa: E402
                      run_ours, run_ppl, smollm2_dir, write_json)
 
 NAME = "mllm"
@@ -48,14 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--repeats", type=int, default=1, help="rounds of the two image-text runs")
     p.add_argument("--skip-text", action="store_true", help="only the image-text runs")
-    p.add_argument("--quick", action="store_true", help="smoke test: iters 2, 8 samples")
-    p.add_argument("--json", type=Path, default=None, help=f"default bench/results/{NAME}.json")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.iters, args.nsamples, args.text_seqlen, args.eval_windows = 2, 8, 64, 2
-        if args.json is None:
-            args.json = Path(__file__).resolve().parent / "results" / f"{NAME}_quick.json"
-    return args
+    return parse_bench_args(p, argv, NAME, "iters 2, 8 samples",
+                            {"iters": 2, "nsamples": 8, "text_seqlen": 64, "eval_windows": 2})
 
 
 def main(argv=None) -> int:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (WORK, bbc_texts, fmt, log, machine_info, mean, ours_block_losses, print_table,  # noqa: E402
+from _common import (parse_bench_args, WORK, bbc_texts, fmt, log, machine_info, mean, ours_block_losses, print_table,  # noqa: E402
                      run_ours, run_ppl, smollm2_dir, write_json)
 
 NAME = "quality"
@@ -42,15 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-windows", type=int, default=24, help="held-out windows of --eval-seqlen tokens")
     p.add_argument("--eval-seqlen", type=int, default=512)
-    p.add_argument("--quick", action="store_true", help="smoke test: W4G128 only, iters 2, 4 samples of 64")
-    p.add_argument("--json", type=Path, default=None, help=f"default bench/results/{NAME}.json")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.schemes, args.iters, args.nsamples, args.seqlen, args.batch_size = ["W4G128"], 2, 4, 64, 2
-        args.eval_windows = 2
-        if args.json is None:
-            args.json = Path(__file__).resolve().parent / "results" / f"{NAME}_quick.json"
-    return args
+    return parse_bench_args(p, argv, NAME, "W4G128 only, iters 2, 4 samples of 64",
+                            {"schemes": ["W4G128"], "iters": 2, "nsamples": 4, "seqlen": 64, "batch_size": 2,
+                             "eval_windows": 2})
 
 
 def main(argv=None) -> int:

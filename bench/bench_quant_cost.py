@@ -39,7 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (WORK, fmt, log, machine_info, mean, mid_llama_dir, ours_block_losses,  # noqa: E402
+from _common import (parse_bench_args, WORK, fmt, log, machine_info, mean, mid_llama_dir, ours_block_losses,  # noqa: E402
                      param_count, print_table, ref_block_losses, run_ours, run_reference, tiny_llama_dir,
                      write_json)
 
@@ -58,14 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-reference", action="store_true", help="measure ours only")
     p.add_argument("--model-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype ours loads the model in (the reference always gets the fp32 folder)")
-    p.add_argument("--quick", action="store_true", help="smoke test: iters 2, nsamples 4, seqlen 64, batch 2")
-    p.add_argument("--json", type=Path, default=None, help=f"default bench/results/{NAME}.json")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.iters, args.nsamples, args.seqlen, args.batch_size = 2, 4, 64, 2
-        if args.json is None:
-            args.json = Path(__file__).resolve().parent / "results" / f"{NAME}_quick.json"
-    return args
+    return parse_bench_args(p, argv, NAME, "iters 2, nsamples 4, seqlen 64, batch 2",
+                            {"iters": 2, "nsamples": 4, "seqlen": 64, "batch_size": 2})
 
 
 def main(argv=None) -> int:

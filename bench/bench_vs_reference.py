@@ -48,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (WORK, bbc_texts, check_reference_tokenizes_alike, fmt, log, machine_info,  # noqa: E402
+from _common import (parse_bench_args, WORK, bbc_texts, check_reference_tokenizes_alike, fmt, log, machine_info,  # noqa: E402
                      mean, ours_block_losses, print_table, ref_block_losses, reference_windows, run_ours,
                      run_ppl, run_reference, smollm2_dir, tiny_llama_dir, write_json, write_text_for_windows)
 
@@ -67,16 +67,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--seeds", type=int, nargs="+", default=[42],
                    help="one round of (ours, reference) per seed, both sides with that seed; the table shows "
-                        "the mean over seeds (a single SmolLM2 run's perplexity moves by about 0.4 with the "
-                        "seed at these settings)"),
-    p.add_argument("--quick", action="store_true", help="smoke test: iters 2, 4 samples of 64 tokens")
-    p.add_argument("--json", type=Path, default=None, help=f"default bench/results/{NAME}.json")
-    args = p.parse_args(argv)
-    if args.quick:
-        args.iters, args.nsamples, args.seqlen, args.batch_size, args.eval_windows = 2, 4, 64, 2, 2
-        if args.json is None:
-            args.json = Path(__file__).resolve().parent / "results" / f"{NAME}_quick.json"
-    return args
+                        "the mean over seeds (a single SmolLM2 run's perplexity moves by about 0.5 with the "
+                        "seed at these settings)")
+    return parse_bench_args(p, argv, NAME, "iters 2, 4 samples of 64 tokens",
+                            {"iters": 2, "nsamples": 4, "seqlen": 64, "batch_size": 2, "eval_windows": 2})
 
 
 def _aggregate(runs):
