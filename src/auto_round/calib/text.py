@@ -40,8 +40,8 @@ import logging
 import math
 import os
 import random
-import socket
 import re
+import socket
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
