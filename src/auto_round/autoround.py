@@ -63,12 +63,12 @@ def _capability_checker(formats: Sequence[str]):
     return check
 
 
-def _check_whole_plan(plan: QuantPlan, formats: Sequence[str]) -> None:
+def _check_whole_plan(plan: QuantPlan, formats: Sequence[str], scale_dtype: torch.dtype) -> None:
     from auto_round.export import get_format
 
     schemes = {lp.name: (lp.params.bits, lp.params.group_size, lp.params.sym) for lp in plan.quantized}
     for fmt in formats:
-        why = get_format(fmt).check_plan(schemes)
+        why = get_format(fmt).check_scale_dtype(scale_dtype) or get_format(fmt).check_plan(schemes)
         if why:
             raise ValueError(f"cannot export this plan as {fmt!r}: {why}")
 
@@ -149,7 +149,7 @@ class AutoRound:
         check = _capability_checker(formats) if formats else None
         self.plan = resolve_plan(self.model, self.settings, self.block_list_names(), check,
                                  self.forced_fp_layers(), self.outside_reasons())
-        _check_whole_plan(self.plan, formats)
+        _check_whole_plan(self.plan, formats, self.settings.torch_scale_dtype)
         for line in self.plan.summary_lines():
             logger.info("plan: %s", line)
         return self.plan

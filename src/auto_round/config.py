@@ -38,7 +38,8 @@ class Settings:
     sym: bool = _opt(True, "symmetric quantization (CLI: --asym turns it off)")
     sym_style: str = _opt("full_range", "sym grid: 'full_range' (all 2^b levels, reference default) or 'gptq'")
     data_type: str = _opt("int", "weight data type; only 'int' is implemented")
-    scale_dtype: str = _opt("fp16", "dtype of the stored scales: fp16, bf16 or fp32")
+    scale_dtype: str = _opt("fp16", "dtype the scales are tuned and stored in: fp16 (what every engine reads), or bf16/fp32 "
+                                       "(format auto_round only; our loader reads them back)")
     iters: int = _opt(200, "tuning iterations per block; 0 = round-to-nearest without calibration", ("--iter",))
     lr: Optional[float] = _opt(None, "learning rate of the rounding offsets (default 1/iters)")
     minmax_lr: Optional[float] = _opt(None, "learning rate of the clip factors (default lr)")

@@ -4,7 +4,8 @@ The same packed tensors as ``auto_round:auto_gptq`` (zeros stored as ``z - 1``) 
 int32 ``[in]`` = ``i // group_size`` per layer, and a GPTQ ``quantization_config``
 (``quant_method "gptq"``, ``desc_act false``). GPTQ checkpoints carry one scheme for every layer,
 so mixed bits/group sizes are refused (use ``auto_round``, which records per-layer exceptions), and
-so are asym layers (GPTQ v1 readers add 1 to the stored zero without wrapping).
+so are asym layers (GPTQ v1 readers add 1 to the stored zero without wrapping) and scales other
+than fp16 (``scale_dtype``: GPTQ loaders read fp16 only).
 
 GPTQ loaders (GPTQModel, vLLM, transformers with optimum) read it; offline here it loads through
 ``auto_round.inference.load_quantized``.
@@ -31,6 +32,12 @@ class AutoGPTQExporter(AutoRoundExporter):
     def __init__(self) -> None:
         super().__init__("auto_gptq", force_gptq_zeros=True)
 
+    def check_scale_dtype(self, scale_dtype: torch.dtype) -> Optional[str]:
+        if scale_dtype != torch.float16:
+            return (f"format 'auto_gptq' stores fp16 scales (GPTQ loaders read no other dtype), not {scale_dtype}; "
+                    "use scale_dtype='fp16', or format 'auto_round', which stores and reloads bf16/fp32 scales")
+        return None
+
     def check_plan(self, schemes: Dict[str, Tuple[int, int, bool]]) -> Optional[str]:
         kinds = sorted({(bits, gs) for bits, gs, _ in schemes.values()})
         if len(kinds) > 1:
@@ -41,6 +48,8 @@ class AutoGPTQExporter(AutoRoundExporter):
     def _check_all(self, layers: Dict[str, QuantizedWeight]) -> None:
         super()._check_all(layers)
         why = self.check_plan({n: (q.bits, q.group_size, q.sym) for n, q in layers.items()})
+        why = why or next((self.check_scale_dtype(q.scale.dtype) for q in layers.values()
+                           if self.check_scale_dtype(q.scale.dtype)), None)
         if why:
             raise ValueError(why)
         self._scheme = next(iter(layers.values()))

@@ -8,7 +8,9 @@ Per quantized Linear (``G = ceil(in / group_size)``, ``p = 32 / bits``):
   stored as ``z - 1`` (``packing_format "auto_round:auto_gptq"``, used when every layer is sym: a
   sym 4-bit word is ``0x77777777``) or raw ``z`` (``"auto_round"``, used as soon as one layer is
   asym).
-- ``scales`` fp16 ``[G, out]`` (negative values allowed), ``bias`` fp16 ``[out]`` if present.
+- ``scales`` ``[G, out]`` in the run's ``scale_dtype`` (fp16 by default; bf16/fp32 when asked
+  for, recorded as ``quantization_config.scale_dtype`` and read back by our loader; other engines
+  expect fp16), negative values allowed; ``bias`` fp16 ``[out]`` if present.
 
 ``config.json`` gains ``quantization_config`` (the caller's dict plus ``packing_format``), which
 is also written to ``quantization_config.json``.

@@ -15,6 +15,7 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+import torch
 import torch.nn as nn
 
 from auto_round.quant.types import QuantizedWeight
@@ -45,6 +46,11 @@ class Exporter(ABC):
 
         ``group_size`` is resolved (never -1).
         """
+
+    def check_scale_dtype(self, scale_dtype: torch.dtype) -> Optional[str]:
+        """Why this format cannot store scales of ``scale_dtype`` (the run's ``scale_dtype``), or None.
+        Called before tuning."""
+        return None
 
     def check_plan(self, schemes: Dict[str, Tuple[int, int, bool]]) -> Optional[str]:
         """Why this format cannot store the whole plan ``{layer: (bits, group_size, sym)}``, or

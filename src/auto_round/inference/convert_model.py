@@ -13,7 +13,8 @@ transformers' ``AutoRoundConfig``): every ``nn.Linear`` inside the block lists n
 ``block_name_to_quantize``, minus those whose ``extra_config`` entry has ``bits >= 16``; layers
 outside the blocks (``lm_head``) only when ``extra_config`` names them exactly with ``bits < 16``.
 ``extra_config`` entries (exact names, else regexes matched with ``re.search``) override
-``bits``/``group_size``/``sym`` per layer.
+``bits``/``group_size``/``sym`` per layer. ``scale_dtype`` (fp16 when absent) is the dtype of the
+``scales`` buffers.
 
 GPTQ checkpoints (``quant_method "gptq"``, loaded through ``AutoRoundConfig``, which renames them
 ``packing_format "auto_round:gptq"``; recognised by their ``desc_act`` key) carry ``g_idx``; only
@@ -35,7 +36,7 @@ import torch
 import torch.nn as nn
 
 from auto_round.inference.backends import get_backend, select_backend
-from auto_round.inference.qlinear import ZERO_OFFSETS, QuantLinear
+from auto_round.inference.qlinear import SCALE_STORAGE_DTYPES, ZERO_OFFSETS, QuantLinear
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +190,24 @@ def _packing_format(qconfig: Any) -> str:
     return fmt
 
 
+def scale_storage_dtype(qconfig: Any) -> torch.dtype:
+    """The dtype of the checkpoint's ``scales``: ``quantization_config.scale_dtype`` (``"fp16"``,
+    ``"bf16"``, ``"fp32"``, their long names, or the reference's ``"torch.float16"``); fp16 when absent."""
+    raw = _get(qconfig, "scale_dtype")
+    if raw is None:
+        return torch.float16
+    if isinstance(raw, torch.dtype):
+        dtype = raw
+    else:
+        name = str(raw).removeprefix("torch.")
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}.get(name)
+        dtype = dtype or getattr(torch, name, None)
+    if dtype not in SCALE_STORAGE_DTYPES:
+        raise ValueError(f"quantization_config scale_dtype={raw!r} is not a dtype this loader reads; "
+                         f"expected fp16, bf16 or fp32")
+    return dtype
+
+
 def _check_gptq(qconfig: Any, packing_format: str) -> None:
     if packing_format == GPTQ_PACKING and _get(qconfig, "desc_act", False):
         raise ValueError(
@@ -226,6 +245,7 @@ def convert_hf_model(model: nn.Module, target_device: str = "cpu") -> Tuple[nn.M
         )
     # GPTQ checkpoints carry g_idx; their configs (unlike auto-round ones) always have desc_act.
     with_g_idx = packing_format == GPTQ_PACKING and _get(qconfig, "desc_act") is not None
+    scale_dtype = torch.float16 if with_g_idx else scale_storage_dtype(qconfig)  # GPTQ: always fp16
     used: Counter = Counter()
     for name, scheme in schemes.items():
         linear = model.get_submodule(name)
@@ -249,6 +269,7 @@ def convert_hf_model(model: nn.Module, target_device: str = "cpu") -> Tuple[nn.M
             backend=requested,
             with_g_idx=with_g_idx,
             device=linear.weight.device,
+            scale_dtype=scale_dtype,
         )
         _replace(model, name, layer)
     logger.info(

@@ -10,7 +10,8 @@ Buffers (``G = ceil(in_features / group_size)``):
 - ``qweight`` int32 ``[ceil(in_features*bits/32), out_features]``
 - ``qzeros`` int32 ``[G, ceil(out_features*bits/32)]``, stored zero points (see
   ``packing_format``)
-- ``scales`` fp16 ``[G, out_features]`` (may be negative)
+- ``scales`` ``[G, out_features]`` in the run's ``scale_dtype`` (fp16 by default, as every engine
+  reads; bf16 or fp32 when asked for), may be negative
 - ``bias`` fp16 ``[out_features]`` (only when the layer has a bias)
 - ``g_idx`` int32 ``[in_features]`` (only for GPTQ checkpoints; must equal ``i // group_size``)
 """
@@ -36,6 +37,10 @@ ZERO_OFFSETS: Dict[str, int] = {
     "auto_round:auto_gptq": 1,  # GPTQ v1 convention: z - 1
     "auto_round:gptq": 1,  # what transformers names GPTQ checkpoints loaded as auto-round
 }
+
+
+# dtypes the ``scales`` tensor may have on disk (``quantization_config.scale_dtype``).
+SCALE_STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 def zero_offset(packing_format: str) -> int:
@@ -83,10 +88,13 @@ class QuantLinear(nn.Module):
         backend: str = "auto",
         with_g_idx: bool = False,
         device: Optional[torch.device] = None,
+        scale_dtype: torch.dtype = torch.float16,
     ) -> None:
         super().__init__()
         if group_size <= 0:
             raise ValueError(f"group_size={group_size} must be resolved to a positive value")
+        if scale_dtype not in SCALE_STORAGE_DTYPES:
+            raise ValueError(f"scale_dtype={scale_dtype} cannot be stored; use one of {SCALE_STORAGE_DTYPES}")
         self.in_features = in_features
         self.out_features = out_features
         self.bits = bits
@@ -107,7 +115,7 @@ class QuantLinear(nn.Module):
             "qzeros",
             torch.zeros(groups, packed_length(out_features, bits), dtype=torch.int32, **kw),
         )
-        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16, **kw))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=scale_dtype, **kw))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, **kw))
         else:
@@ -122,7 +130,8 @@ class QuantLinear(nn.Module):
     def from_quantized(
         cls, qw: QuantizedWeight, packing_format: str = "auto_round", backend: str = "auto"
     ) -> "QuantLinear":
-        """Pack a :class:`QuantizedWeight` (codes ``[out, in]``, scale/zero ``[out, G]``)."""
+        """Pack a :class:`QuantizedWeight` (codes ``[out, in]``, scale/zero ``[out, G]``); the scales keep
+        the dtype they were tuned in (``scale_dtype``)."""
         layer = cls(
             qw.in_features,
             qw.out_features,
@@ -133,11 +142,12 @@ class QuantLinear(nn.Module):
             packing_format=packing_format,
             backend=backend,
             device=qw.codes.device,
+            scale_dtype=qw.scale.dtype,
         )
         layer.qweight.copy_(pack_bits(qw.codes.t(), qw.bits, dim=0))
         stored = store_zeros(qw.zero, qw.bits, packing_format)
         layer.qzeros.copy_(pack_bits(stored.t(), qw.bits, dim=1))
-        layer.scales.copy_(qw.scale.t().to(torch.float16))
+        layer.scales.copy_(qw.scale.t())
         if qw.bias is not None:
             layer.bias.copy_(qw.bias.detach().to(torch.float16))
         return layer
