@@ -106,18 +106,33 @@ def _block_prefixes(qconfig: Any) -> List[str]:
     return [n.strip() for n in flat if n and n.strip()]
 
 
-def _extra_entry(extra: Mapping[str, Any], name: str, exact_only: bool) -> Optional[Mapping]:
+def _extra_entry(extra: Mapping[str, Any], name: str, exact_only: bool,
+                 patterns: Mapping[str, Optional["re.Pattern[str]"]]) -> Optional[Mapping]:
     if name in extra:
         return extra[name]
     if exact_only:
         return None
     for key, entry in extra.items():
-        try:
-            if re.search(key, name):
-                return entry
-        except re.error:
-            continue  # a plain layer name that is not a valid regex can only match exactly
+        rx = patterns.get(key)
+        if rx is not None and rx.search(name):
+            return entry
     return None
+
+
+def _extra_patterns(extra: Mapping[str, Any], layer_names: Iterable[str]) -> Dict[str, Optional["re.Pattern[str]"]]:
+    """Compiled ``extra_config`` keys; a key that is not a valid regex matches only the layer it names
+    exactly, announced with a WARNING when it names no layer either (its settings would apply nowhere)."""
+    names = set(layer_names)
+    patterns: Dict[str, Optional[re.Pattern]] = {}
+    for key in extra:
+        try:
+            patterns[key] = re.compile(key)
+        except re.error as err:
+            patterns[key] = None
+            if key not in names:
+                logger.warning("quantization_config.extra_config key %r is neither a layer name nor a valid regex "
+                               "(%s): its settings apply to no layer", key, err)
+    return patterns
 
 
 def _in_blocks(name: str, prefixes: Iterable[str]) -> bool:
@@ -152,11 +167,11 @@ def quantized_layer_schemes(model: nn.Module, qconfig: Any) -> Dict[str, LayerSc
             prefixes,
         )
     schemes: Dict[str, LayerScheme] = {}
-    for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    patterns = _extra_patterns(extra, (n for n, _ in linears))
+    for name, module in linears:
         inside = _in_blocks(name, prefixes) or (name == "lm_head" and gptq_lm_head)
-        entry = _extra_entry(extra, name, exact_only=not inside)
+        entry = _extra_entry(extra, name, exact_only=not inside, patterns=patterns)
         if not inside and entry is None:
             continue
         layer_bits = int(_get(entry or {}, "bits", bits) or bits)

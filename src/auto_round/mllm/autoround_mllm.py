@@ -111,7 +111,8 @@ class AutoRoundMLLM(AutoRound):
         self.family: Optional[Family] = family_for(model_type, getattr(model.config, "architectures", None) or ())
         if self.family is not None:
             check_family_versions(self.family.name, self.family.upstream_breaks)
-        self.template = get_template(model_type or "", template)
+        self.template = get_template(model_type or "", template, family_known=self.family is not None)
+        self._resolved_blocks: Optional[Tuple[str, List[str], Optional[str]]] = None
         dataset = self._choose_dataset(dataset)
         self.data_kind = "image" if is_image_text_dataset(dataset) else "text"
         if self.data_kind == "image" and options.get("seqlen") is None:
@@ -142,7 +143,9 @@ class AutoRoundMLLM(AutoRound):
 
     # ------------------------------------------------------------------ plan hooks
     def _blocks(self) -> Tuple[str, List[str], Optional[str]]:
-        return resolve_family_blocks(self.model, self.family)
+        if self._resolved_blocks is None:  # resolved once: its fallbacks are announced once
+            self._resolved_blocks = resolve_family_blocks(self.model, self.family)
+        return self._resolved_blocks
 
     def block_list_names(self) -> List[str]:
         if self.settings.to_quant_block_names is not None:

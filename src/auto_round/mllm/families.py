@@ -134,11 +134,14 @@ def resolve_family_blocks(model: nn.Module, family: Optional[Family]) -> Tuple[s
         if family is not None:
             logger.warning("family %s: none of its text paths %s exist; found %s structurally",
                            family.name, family.text_blocks, text)
-    if family and family.vision_blocks:
-        vision = [p for p in family.vision_blocks if is_block_list(get_module(model, p))]
-    else:
-        vision = []
+    vision = [p for p in family.vision_blocks if is_block_list(get_module(model, p))] if family else []
     if not vision:
         vision = [p for p in structural_block_lists(model, exclude=[text]) if not p.startswith(text + ".")]
+        if family is not None:
+            logger.warning("family %s: none of its vision paths %s exist; found %s structurally (pass "
+                           "to_quant_block_names to choose)", family.name, family.vision_blocks, vision or "none")
+    if family is None:
+        logger.warning("%s matches no family record: block lists found structurally: text %s, vision %s (pass "
+                       "to_quant_block_names to choose)", type(model).__name__, text, vision or "none")
     projector = next((p for p in (family.projectors if family else ()) if get_module(model, p) is not None), None)
     return text, vision, projector

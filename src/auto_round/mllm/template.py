@@ -124,10 +124,12 @@ def _load_builtin() -> None:
             TEMPLATES.setdefault(t.model_type, t)
 
 
-def get_template(model_type: str, template: Union[None, str, Path, Template] = None) -> Template:
+def get_template(model_type: str, template: Union[None, str, Path, Template] = None,
+                 family_known: bool = False) -> Template:
     """The template for a run: an explicit object, a JSON path or a registered name, else by model type.
 
-    An unknown model type gets the generic template, with a logged notice.
+    A model type without a template gets the generic one: announced at INFO when its family record
+    (``family_known``) describes the model, with a WARNING when nothing is known about it.
     """
     if isinstance(template, Template):
         return template
@@ -140,8 +142,12 @@ def get_template(model_type: str, template: Union[None, str, Path, Template] = N
         raise ValueError(f"template={t!r} is neither a registered template ({sorted(TEMPLATES)}) nor a JSON file")
     if model_type in TEMPLATES:
         return TEMPLATES[model_type]
-    logger.info("no template registered for model_type %r: using the generic one "
-                "(register one with _register_template or pass template='file.json')", model_type)
+    if family_known:
+        logger.info("no template registered for model_type %r: using the generic one with its family record",
+                    model_type)
+    else:
+        logger.warning("model_type %r has no template and no family record: using the generic template (chat "
+                       "format and processor 'hf'); check the plan, or pass template='file.json'", model_type)
     return TEMPLATES["default"]
 
 

@@ -123,14 +123,17 @@ def resolve_plan(
     unswappable = {f"{n}.{c}" if n else c: f"weight read directly by {type(m).__name__}"
                    for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
                    for c, _ in m.named_children()}
+    # Layers that can never be swapped for a quantized module, and why.
+    fixed = dict(unswappable)
+    for n in names:
+        if n not in fixed and type(linears[n]).forward is not nn.Linear.forward:
+            # e.g. Llama-4's router: an nn.Linear subclass returning a tuple; a wrapper would break it
+            fixed[n] = f"{type(linears[n]).__name__} overrides Linear.forward"
     cfg: Dict[str, Dict[str, Any]] = {}
     reason: Dict[str, str] = {}
     for n in names:
-        if n in unswappable:
-            reason[n] = unswappable[n]
-        elif type(linears[n]).forward is not nn.Linear.forward:
-            # e.g. Llama-4's router: an nn.Linear subclass returning a tuple; a wrapper would break it
-            reason[n] = f"{type(linears[n]).__name__} overrides Linear.forward"
+        if n in fixed:
+            reason[n] = fixed[n]
         elif n in block_of:
             cfg[n] = {"bits": settings.bits, "group_size": settings.group_size, "sym": settings.sym}
         else:
@@ -158,8 +161,17 @@ def resolve_plan(
         if not hits:
             raise ValueError(f"layer_config key {key!r} matches no linear layer (exact name or regex); "
                              f"names look like {names[:3]}")
+        wants_quant = int(override.get("bits", settings.bits)) < 16
+        stuck = [n for n in hits if n in fixed]
+        if stuck and wants_quant:
+            listing = "; ".join(f"{n} ({fixed[n]})" for n in stuck)
+            if hits == [key]:
+                raise ValueError(f"layer_config[{key!r}] asks to quantize a layer that cannot be swapped for a "
+                                 f"quantized module: {listing}; remove the entry (it stays in full precision)")
+            logger.warning("layer_config[%r] also matches %d layer(s) that stay in full precision: %s",
+                           key, len(stuck), listing)
         for n in hits:
-            if n in unswappable or type(linears[n]).forward is not nn.Linear.forward:
+            if n in fixed:
                 continue
             base = cfg.get(n, {"bits": settings.bits, "group_size": settings.group_size, "sym": settings.sym})
             merged = {**base, **override}
