@@ -101,8 +101,24 @@ def test_cli_quantizes_local_folder(model_dir, tmp_path, capsys):
             "--output_dir", str(tmp_path), "--device", "cpu"]
     assert main(argv) == 0
     out = tmp_path / f"{model_dir.name}-w4g32"
-    assert (out / "config.json").is_file()
-    assert "saved" in capsys.readouterr().out
+    assert str(out) in capsys.readouterr().out
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    asked = {"quant_method": "auto-round", "bits": 4, "group_size": 32, "sym": True, "iters": 2, "nsamples": 2,
+             "seqlen": 32, "batch_size": 2, "dataset": "auto_round:offline_corpus",
+             "block_name_to_quantize": "model.layers"}
+    assert {k: cfg[k] for k in asked} == asked
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    linears = [f"model.layers.{i}.{m}" for i in range(2) for m in
+               ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    assert all(f"{n}.qweight" in keys and f"{n}.weight" not in keys for n in linears)
+    assert "lm_head.weight" in keys  # not quantized by default
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = make_tokenizer()("the quick brown fox", return_tensors="pt").input_ids
+    assert reloaded.generate(ids, max_new_tokens=3, do_sample=False).shape[1] == ids.shape[1] + 3
 
 
 def test_cli_reports_bad_value(model_dir, tmp_path, capsys):
