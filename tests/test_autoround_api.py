@@ -141,6 +141,12 @@ def test_auto_gptq_export_loads_and_matches(tmp_path):
     out = ar.quantize_and_save(tmp_path / "q", format="auto_gptq", inplace=False)[0]
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["quant_method"] == "gptq" and cfg["desc_act"] is False and cfg["bits"] == 4
+    # transformers' own GPTQ config (what plain from_pretrained builds) accepts it: "dataset" may only be
+    # wikitext2/c4/c4-new there, so ours is recorded as autoround_dataset
+    from transformers import GPTQConfig
+
+    assert "dataset" not in cfg and cfg["autoround_dataset"] == "auto_round:offline_corpus"
+    assert GPTQConfig.from_dict(cfg).bits == 4
     state = load_file(str(out / "model.safetensors"))
     gidx = state["model.layers.0.mlp.down_proj.g_idx"]
     assert torch.equal(gidx, torch.arange(128, dtype=torch.int32) // 32)

@@ -22,8 +22,11 @@ from auto_round.export.registry import register_format
 from auto_round.inference.qlinear import QuantLinear
 from auto_round.quant.types import QuantizedWeight
 
-# Tuning facts kept beside the GPTQ keys (transformers refuses a GPTQ config with a "meta" key).
-_KEPT = ("block_name_to_quantize", "iters", "nsamples", "seqlen", "dataset", "autoround_version", "data_type")
+# Tuning facts kept beside the GPTQ keys (transformers refuses a GPTQ config with a "meta" key). The
+# calibration data is recorded as "autoround_dataset": GPTQConfig's own "dataset" key accepts only
+# "wikitext2"/"c4"/"c4-new" and refuses every other value, so plain from_pretrained failed on it.
+_KEPT = ("block_name_to_quantize", "iters", "nsamples", "seqlen", "autoround_version", "data_type")
+_RENAMED = {"dataset": "autoround_dataset"}
 
 
 class AutoGPTQExporter(AutoRoundExporter):
@@ -67,6 +70,7 @@ class AutoGPTQExporter(AutoRoundExporter):
                   "lm_head": "lm_head" in quantization_config.get("extra_config", {}),
                   "quantizer": f"auto_round:{quantization_config.get('autoround_version', '')}"}
         config.update({k: quantization_config[k] for k in _KEPT if k in quantization_config})
+        config.update({new: quantization_config[k] for k, new in _RENAMED.items() if k in quantization_config})
         config["block_name_to_quantize"] = in_blocks
         return config
 
