@@ -18,26 +18,45 @@ from auto_round.inference.qlinear import QuantLinear
 __all__ = ["QuantLinear", "list_backends", "load_quantized", "select_backend"]
 
 
+def _auto_class(path: str, trust_remote_code: bool):
+    """The transformers auto class for the checkpoint at ``path``: causal LM, else image-text-to-text (VLMs)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    auto_map = getattr(config, "auto_map", None) or {}
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        if type(config) in auto._model_mapping or (trust_remote_code and auto.__name__ in auto_map):
+            return auto
+    raise ValueError(f"{path!r} holds a {type(config).__name__} (model_type {config.model_type!r}), which neither "
+                     "AutoModelForCausalLM nor AutoModelForImageTextToText can build; load it with its own model "
+                     "class' from_pretrained (quantized layers load the same way), or pass trust_remote_code=True "
+                     "if it ships its modeling code")
+
+
 def load_quantized(
     path: str,
     device: Union[str, torch.device] = "cpu",
     backend: str = "auto",
     dtype: Optional[torch.dtype] = None,
+    trust_remote_code: bool = False,
 ):
-    """Load a quantized causal LM with ``AutoModelForCausalLM.from_pretrained``.
+    """Load a quantized causal LM or VLM with ``from_pretrained`` of the matching auto class
+    (``AutoModelForCausalLM``, else ``AutoModelForImageTextToText``).
 
     ``backend`` travels as ``quantization_config=AutoRoundConfig(backend=...)``, which
     transformers merges into the checkpoint's config as a loading attribute (it also makes
     transformers read GPTQ checkpoints with these modules). ``dtype`` (e.g. ``torch.bfloat16``)
     is the dtype of the non-quantized parts and of the activations; None keeps the checkpoint's.
     """
-    from transformers import AutoModelForCausalLM, AutoRoundConfig
+    from transformers import AutoRoundConfig
 
     if backend != "auto":
         from auto_round.inference.backends import get_backend
 
         get_backend(backend)  # fail before loading, listing the valid names
-    kwargs = {"device_map": str(device), "quantization_config": AutoRoundConfig(backend=backend)}
+    auto = _auto_class(str(path), trust_remote_code)
+    kwargs = {"device_map": str(device), "quantization_config": AutoRoundConfig(backend=backend),
+              "trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    return auto.from_pretrained(path, **kwargs)
