@@ -18,8 +18,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-# Installed by venv itself and left out of pip freeze; the project is installed editable.
-UNLOCKED = {"pip", "setuptools", "wheel", "distribute", "auto-round"}
+# pip comes with the venv; the project is installed editable. setuptools is locked: torch needs it at run time.
+UNLOCKED = {"pip", "wheel", "distribute", "auto-round"}
 
 HEADER = """\
 # The exact environment the test suite was last green with ({when}, Python {py}, {machine}).
