@@ -44,8 +44,11 @@ class AutoGPTQExporter(AutoRoundExporter):
     def check_plan(self, schemes: Dict[str, Tuple[int, int, bool]]) -> Optional[str]:
         kinds = sorted({(bits, gs) for bits, gs, _ in schemes.values()})
         if len(kinds) > 1:
+            hint = ""
+            if len({bits for bits, _ in kinds}) == 1:  # only the group sizes differ (fitted to the shapes)
+                hint = f"group_size={min(gs for _, gs in kinds)} (it divides every layer) or "
             return (f"format 'auto_gptq' stores one (bits, group_size) for every layer, found {kinds}; "
-                    "export with format='auto_round' to keep per-layer settings")
+                    f"use {hint}format='auto_round', which keeps per-layer settings")
         return None
 
     def _check_all(self, layers: Dict[str, QuantizedWeight]) -> None:

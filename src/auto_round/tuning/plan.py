@@ -2,6 +2,11 @@
 
 Resolved once, before any tuning, from the settings and the model's module tree; an override that
 matches nothing, a refused ``quant_lm_head`` or a shape the export format cannot store fails here.
+
+No layer is stored with a padded last group (every engine reads ``in_features // group_size``
+groups): where the requested group size does not divide ``in_features`` it is halved until it
+does (at least 32; e.g. SmolLM2's 576-wide inputs at 128 take 64), else the layer stays in full
+precision. Both are reported in the plan and recorded per layer in ``extra_config``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class LayerPlan:
     params: Optional[QuantParams]
     reason: str
     block: Optional[str]  # name of the tuned block holding it; None = round-to-nearest alone
+    note: str = ""  # how the requested scheme was adapted to the layer's shape, if it was
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,36 @@ class QuantPlan:
         for lp in self.kept_fp:
             reasons.setdefault(lp.reason, []).append(lp.name)
         for reason, names in reasons.items():
-            shown = ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
-            lines.append(f"  FP ({reason}): {shown}")
+            lines.append(f"  FP ({reason}): {_shown(names)}")
+        notes: Dict[str, List[str]] = {}
+        for lp in self.quantized:
+            if lp.note:
+                notes.setdefault(lp.note, []).append(lp.name)
+        for note, names in notes.items():
+            lines.append(f"  {note}: {_shown(names)}")
         return lines
+
+
+def _shown(names: Sequence[str]) -> str:
+    return ", ".join(names[:4]) + (f" (+{len(names) - 4} more)" if len(names) > 4 else "")
+
+
+MIN_GROUP = 32  # the smallest group size the engines' kernels take
+
+
+def fit_group_size(in_features: int, group_size: int) -> Optional[int]:
+    """The group size a layer is stored with: ``group_size`` when it divides ``in_features``, else the
+    largest ``group_size / 2**k >= 32`` that does (engines read ``in_features // group_size`` groups, so
+    a padded last group is unreadable for them), else None (no portable group size: kept in FP).
+    ``-1`` (one group per row) always fits."""
+    if group_size == -1 or in_features % group_size == 0:
+        return in_features if group_size == -1 else group_size
+    g = group_size // 2
+    while g >= MIN_GROUP and group_size % g == 0:
+        if in_features % g == 0:
+            return g
+        g //= 2
+    return None
 
 
 def _params(bits: int, group_size: int, in_features: int, sym: bool, s: Settings) -> QuantParams:
@@ -131,6 +164,7 @@ def resolve_plan(
             fixed[n] = f"{type(linears[n]).__name__} overrides Linear.forward"
     cfg: Dict[str, Dict[str, Any]] = {}
     reason: Dict[str, str] = {}
+    notes: Dict[str, str] = {}
     for n in names:
         if n in fixed:
             reason[n] = fixed[n]
@@ -185,6 +219,16 @@ def resolve_plan(
         if n in cfg:
             cfg.pop(n)
             reason[n] = why
+    for n in list(cfg):  # shapes the requested group size cannot store without a padded group
+        gs = int(cfg[n]["group_size"])
+        fitted = fit_group_size(linears[n].in_features, gs)
+        if fitted is None:
+            cfg.pop(n)
+            reason[n] = (f"in_features={linears[n].in_features} has no group size dividing it among {gs} "
+                         f"and its halves >= {MIN_GROUP}")
+        elif gs != -1 and fitted != gs:
+            cfg[n] = {**cfg[n], "group_size": fitted}
+            notes[n] = f"group_size {gs} -> {fitted} (in_features not a multiple of {gs})"
     layers, problems = [], []
     for n in names:
         lin = linears[n]
@@ -197,7 +241,7 @@ def resolve_plan(
                 if why:
                     problems.append(f"{n} [{lin.out_features}x{lin.in_features}]: {why}")
         layers.append(LayerPlan(n, lin.out_features, lin.in_features, params, reason.get(n, "quantized"),
-                                block_of.get(n)))
+                                block_of.get(n), notes.get(n, "") if params is not None else ""))
     if problems:
         raise ValueError("the export format cannot store these layers:\n  " + "\n  ".join(problems) +
                          "\nkeep them in full precision with fp_layers='<name>' or "
