@@ -141,14 +141,16 @@ def test_load_quantized_with_backend_override(sym4, ids):
         load_quantized(str(out), backend="no_such_backend")
 
 
-def test_asym_export_uses_raw_zeros(tmp_path, ids):
+@pytest.mark.parametrize("bits,packing", [(4, "auto_round:auto_awq"), (3, "auto_round")])
+def test_asym_export_uses_raw_zeros(tmp_path, ids, bits, packing):
+    """4-bit asym goes out in the AWQ packing (what the reference writes and vLLM reads), other bits raw."""
     model = _tiny_llama()
-    layers = _fake_quantize(model, scheme="asym")
+    layers = _fake_quantize(model, scheme="asym", bits=bits)
     ref = _logits(model, ids)
-    get_format("auto_round").save(model, layers, tmp_path, _config(sym=False), inplace=True)
+    get_format("auto_round").save(model, layers, tmp_path, _config(sym=False, bits=bits), inplace=True)
     assert isinstance(model.model.layers[0].mlp.up_proj, QuantLinear)  # inplace replaced it
     qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
-    assert qc["packing_format"] == "auto_round"
+    assert qc["packing_format"] == packing
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path)
     torch.testing.assert_close(_logits(reloaded, ids), ref, atol=1e-4, rtol=1e-4)
 

@@ -33,7 +33,7 @@ class AutoGPTQExporter(AutoRoundExporter):
     """Writes GPTQ v1 checkpoints from SignRound's integer weights."""
 
     def __init__(self) -> None:
-        super().__init__("auto_gptq", force_gptq_zeros=True)
+        super().__init__("auto_gptq", force_style="auto_round:auto_gptq")
 
     def check_scale_dtype(self, scale_dtype: torch.dtype) -> Optional[str]:
         if scale_dtype != torch.float16:

@@ -1,23 +1,24 @@
 """The ``auto_round`` export format (REFERENCE.md section 4), loadable by transformers natively.
 
-Per quantized Linear (``G = ceil(in / group_size)``, ``p = 32 / bits``):
+Per quantized Linear, in the layouts of :mod:`auto_round.export.layout` (``G = in / group_size``):
 
-- ``qweight`` int32 ``[in * bits / 32, out]``: codes packed along the input dimension
-  (little-endian bitstream, see :mod:`auto_round.quant.pack`).
-- ``qzeros`` int32 ``[G, out * bits / 32]``: zero points packed along the output dimension,
-  stored as ``z - 1`` (``packing_format "auto_round:auto_gptq"``, used when every layer is sym: a
-  sym 4-bit word is ``0x77777777``) or raw ``z`` (``"auto_round"``, used as soon as one layer is
-  asym).
-- ``scales`` ``[G, out]`` in the run's ``scale_dtype`` (fp16 by default; bf16/fp32 when asked
-  for, recorded as ``quantization_config.scale_dtype`` and read back by our loader; other engines
-  expect fp16), negative values allowed; ``bias`` fp16 ``[out]`` if present.
+- every layer sym: ``packing_format "auto_round:auto_gptq"`` (GPTQ layout, zeros stored as ``z - 1``:
+  a sym 4-bit word is ``0x77777777``);
+- some layer asym, every quantized layer 4-bit with ``out % 8 == 0``: ``"auto_round:auto_awq"`` (AWQ
+  layout, raw zeros), as the reference writes it and as vLLM/SGLang read asym auto_round;
+- other asym plans (2/3/8-bit asym): ``"auto_round"`` (GPTQ layout with raw zeros; our loader and
+  transformers through it read it, vLLM does not).
 
-``config.json`` gains ``quantization_config`` (the caller's dict plus ``packing_format``), which
-is also written to ``quantization_config.json``.
+Tensors: ``qweight``/``qzeros`` int32 as the layout says, ``scales`` ``[G, out]`` in the run's
+``scale_dtype`` (fp16 by default; bf16/fp32 when asked for, recorded as
+``quantization_config.scale_dtype`` and read back by our loader; other engines expect fp16),
+``bias`` fp16 ``[out]`` if present. ``config.json`` gains ``quantization_config`` (the caller's dict
+plus ``packing_format``), which is also written to ``quantization_config.json``.
 
-Registered names: ``"auto_round"`` (packing chosen from sym/asym as above) and the aliases
+Registered names: ``"auto_round"`` (packing chosen as above) and the aliases
 ``"auto_round:auto_gptq"`` / ``"auto_round:gptq"`` (always ``z - 1``; asym layers are refused,
-because GPTQ-style readers add 1 to the stored zero without wrapping).
+because GPTQ-style readers add 1 to the stored zero without wrapping) and
+``"auto_round:auto_awq"`` (always the AWQ layout: 4-bit only).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Dict, Optional
 
 import torch.nn as nn
 
+from auto_round.export.layout import layout_for
 from auto_round.export.registry import Exporter, register_format
 from auto_round.inference.qlinear import QuantLinear
 from auto_round.quant.pack import PACK_BITS
@@ -38,6 +40,7 @@ from auto_round.quant.types import QuantizedWeight
 logger = logging.getLogger(__name__)
 
 GPTQ_STYLE = "auto_round:auto_gptq"  # zeros stored as z - 1
+AWQ_STYLE = "auto_round:auto_awq"  # AWQ layout, raw zeros
 RAW_STYLE = "auto_round"  # zeros stored as z
 CONFIG_FILE = "quantization_config.json"
 
@@ -72,11 +75,12 @@ def _quant_linear_for(model: nn.Module, name: str, qw: QuantizedWeight, style: s
 
 
 class AutoRoundExporter(Exporter):
-    """Writes the ``auto_round`` format. ``force_gptq_zeros``: always store ``z - 1``."""
+    """Writes the ``auto_round`` format. ``force_style``: always this packing format (aliases)."""
 
-    def __init__(self, name: str, force_gptq_zeros: bool = False) -> None:
+    def __init__(self, name: str, force_style: Optional[str] = None) -> None:
         self.name = name
-        self.force_gptq_zeros = force_gptq_zeros
+        self.force_style = force_style
+        self.force_gptq_zeros = force_style == GPTQ_STYLE
 
     def check_layer(
         self,
@@ -104,12 +108,20 @@ class AutoRoundExporter(Exporter):
                 f"format {self.name!r} stores zero points as z - 1, which GPTQ-style readers "
                 "misread for asym layers; use format 'auto_round' or sym=True"
             )
+        if self.force_style is not None:
+            why = layout_for(self.force_style).cannot_store(bits, out_features)
+            if why:
+                return f"format {self.name!r}: {why}; use format 'auto_round' or " + _keep_fp_hint(name)
         return None
 
     def packing_style(self, layers: Dict[str, QuantizedWeight]) -> str:
-        """``"auto_round:auto_gptq"`` (z - 1) when forced or every layer is sym, else raw."""
-        if self.force_gptq_zeros or all(qw.sym for qw in layers.values()):
+        """The forced style, else GPTQ (every layer sym), else AWQ (4-bit asym), else raw zeros."""
+        if self.force_style is not None:
+            return self.force_style
+        if all(qw.sym for qw in layers.values()):
             return GPTQ_STYLE
+        if all(layout_for(AWQ_STYLE).cannot_store(qw.bits, qw.out_features) is None for qw in layers.values()):
+            return AWQ_STYLE
         return RAW_STYLE
 
     def _check_all(self, layers: Dict[str, QuantizedWeight]) -> None:
@@ -174,5 +186,6 @@ class AutoRoundExporter(Exporter):
 
 
 register_format("auto_round", AutoRoundExporter("auto_round"))
-register_format("auto_round:auto_gptq", AutoRoundExporter("auto_round:auto_gptq", True))
-register_format("auto_round:gptq", AutoRoundExporter("auto_round:gptq", True))
+register_format("auto_round:auto_gptq", AutoRoundExporter("auto_round:auto_gptq", GPTQ_STYLE))
+register_format("auto_round:gptq", AutoRoundExporter("auto_round:gptq", GPTQ_STYLE))
+register_format("auto_round:auto_awq", AutoRoundExporter("auto_round:auto_awq", AWQ_STYLE))

@@ -13,7 +13,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -21,7 +21,8 @@ import torch.nn as nn
 from auto_round.quant.types import QuantizedWeight
 
 # Modules whose import registers built-in formats (each calls register_format at import time).
-_BUILTIN_MODULES = ("auto_round.export.auto_round_format", "auto_round.export.auto_gptq_format")
+_BUILTIN_MODULES = ("auto_round.export.auto_round_format", "auto_round.export.auto_gptq_format", "auto_round.export.auto_awq_format",
+                    "auto_round.export.gguf")
 
 _FORMATS: Dict[str, "Exporter"] = {}
 _builtins_loaded = False
@@ -57,6 +58,11 @@ class Exporter(ABC):
         None. Called before tuning, after every layer passed :meth:`check_layer`."""
         return None
 
+    def check_model(self, model: nn.Module, tokenizer: Any) -> Optional[str]:
+        """Why this format cannot write ``model`` at all (its architecture, config or ``tokenizer``),
+        or None. Called before tuning, before any layer is checked; by default every model passes."""
+        return None
+
     @abstractmethod
     def save(
         self,
@@ -71,6 +77,20 @@ class Exporter(ABC):
         ``quantization_config`` is built by the caller; the format adds its own keys. With
         ``inplace=False`` the caller's model is left untouched.
         """
+
+    def export(
+        self,
+        model: nn.Module,
+        layers: Dict[str, QuantizedWeight],
+        output_dir: Path,
+        quantization_config: dict,
+        inplace: bool,
+        tokenizer: Any = None,
+    ) -> None:
+        """What callers run: :meth:`save`, given the tokenizer too for formats that embed it in
+        their file (GGUF overrides this). By default ``tokenizer`` is ignored: the caller saves
+        the tokenizer files beside the weights."""
+        self.save(model, layers, output_dir, quantization_config, inplace)
 
 
 def register_format(name: str, exporter: Exporter) -> None:

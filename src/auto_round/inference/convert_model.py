@@ -18,7 +18,9 @@ outside the blocks (``lm_head``) only when ``extra_config`` names them exactly w
 
 GPTQ checkpoints (``quant_method "gptq"``, loaded through ``AutoRoundConfig``, which renames them
 ``packing_format "auto_round:gptq"``; recognised by their ``desc_act`` key) carry ``g_idx``; only
-``desc_act=False`` checkpoints with ``g_idx[i] == i // group_size`` are accepted. Their
+``desc_act=False`` checkpoints with ``g_idx[i] == i // group_size`` are accepted. AWQ GEMM
+checkpoints (``quant_method "awq"``, renamed ``packing_format "auto_round:awq"``) skip the layers named
+in ``modules_to_not_convert`` (substring match, as AWQ readers do); ``zero_point`` is ``not sym``. Their
 ``lm_head: true`` quantizes ``lm_head`` with the global scheme; without
 ``block_name_to_quantize`` the outermost ``nn.ModuleList``s holding Linear layers are assumed
 (announced with a warning).
@@ -36,11 +38,13 @@ import torch
 import torch.nn as nn
 
 from auto_round.inference.backends import get_backend, select_backend
-from auto_round.inference.qlinear import SCALE_STORAGE_DTYPES, ZERO_OFFSETS, QuantLinear
+from auto_round.export.layout import PACKING_FORMATS
+from auto_round.inference.qlinear import SCALE_STORAGE_DTYPES, QuantLinear
 
 logger = logging.getLogger(__name__)
 
 GPTQ_PACKING = "auto_round:gptq"
+AWQ_PACKING = "auto_round:awq"  # what transformers' AutoRoundConfig names AWQ GEMM checkpoints
 _FP_BITS = 16
 
 
@@ -152,9 +156,13 @@ def _default_blocks(model: nn.Module) -> List[str]:
 
 def quantized_layer_schemes(model: nn.Module, qconfig: Any) -> Dict[str, LayerScheme]:
     """``{module name: LayerScheme}`` for every ``nn.Linear`` the checkpoint stores quantized."""
-    bits = int(_get(qconfig, "bits", 4))
-    group_size = int(_get(qconfig, "group_size", 128))
+    bits = int(_get(qconfig, "bits", None) or _get(qconfig, "w_bit", 4))
+    group_size = int(_get(qconfig, "group_size", None) or _get(qconfig, "q_group_size", 128))
     sym = bool(_get(qconfig, "sym", True))
+    is_awq = "awq" in str(_get(qconfig, "quant_method", "")) or _packing_format(qconfig) == AWQ_PACKING
+    if is_awq and _get(qconfig, "zero_point") is not None:
+        sym = not bool(_get(qconfig, "zero_point"))
+    not_converted = list(_get(qconfig, "modules_to_not_convert") or []) if is_awq else []
     global_type = _get(qconfig, "data_type", "int") or "int"
     extra = _get(qconfig, "extra_config") or {}
     gptq_lm_head = bool(_get(qconfig, "lm_head", False))  # GPTQ configs' own lm_head flag
@@ -171,6 +179,8 @@ def quantized_layer_schemes(model: nn.Module, qconfig: Any) -> Dict[str, LayerSc
     patterns = _extra_patterns(extra, (n for n, _ in linears))
     for name, module in linears:
         inside = _in_blocks(name, prefixes) or (name == "lm_head" and gptq_lm_head)
+        if any(key in name for key in not_converted):  # AWQ's list, matched by substring as AWQ readers do
+            continue
         entry = _extra_entry(extra, name, exact_only=not inside, patterns=patterns)
         if not inside and entry is None:
             continue
@@ -196,11 +206,11 @@ def _packing_format(qconfig: Any) -> str:
     quant_method = str(_get(qconfig, "quant_method", "auto-round"))
     fmt = _get(qconfig, "packing_format")
     if fmt is None:
-        fmt = GPTQ_PACKING if "gptq" in quant_method else "auto_round:auto_gptq"
-    if fmt not in ZERO_OFFSETS:
+        fmt = GPTQ_PACKING if "gptq" in quant_method else AWQ_PACKING if "awq" in quant_method else "auto_round:auto_gptq"
+    if fmt not in PACKING_FORMATS:
         raise ValueError(
             f"checkpoint packing_format {fmt!r} is not supported by this auto_round; "
-            f"supported: {sorted(ZERO_OFFSETS)}"
+            f"supported: {sorted(PACKING_FORMATS)}"
         )
     return fmt
 

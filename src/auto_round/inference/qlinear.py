@@ -1,19 +1,13 @@
 """``QuantLinear``: the inference module of a packed weight-only quantized linear layer.
 
-It holds the checkpoint tensors of the ``auto_round`` format as buffers (so that
-``from_pretrained`` loads straight into them and ``save_pretrained`` writes them back) and runs
-through one backend of :mod:`auto_round.inference.backends`, chosen and prepared in
-:meth:`QuantLinear.post_init`.
+It holds a checkpoint's tensors as buffers (so that ``from_pretrained`` loads straight into them
+and ``save_pretrained`` writes them back) and runs through one backend of
+:mod:`auto_round.inference.backends`, chosen and prepared in :meth:`QuantLinear.post_init`.
 
-Buffers (``G = ceil(in_features / group_size)``):
-
-- ``qweight`` int32 ``[ceil(in_features*bits/32), out_features]``
-- ``qzeros`` int32 ``[G, ceil(out_features*bits/32)]``, stored zero points (see
-  ``packing_format``)
-- ``scales`` ``[G, out_features]`` in the run's ``scale_dtype`` (fp16 by default, as every engine
-  reads; bf16 or fp32 when asked for), may be negative
-- ``bias`` fp16 ``[out_features]`` (only when the layer has a bias)
-- ``g_idx`` int32 ``[in_features]`` (only for GPTQ checkpoints; must equal ``i // group_size``)
+The buffers' shapes and packing are those of the checkpoint's ``packing_format``, owned by
+:mod:`auto_round.export.layout` (GPTQ-style input-packed words, raw zeros, or AWQ's
+output-packed words); ``g_idx`` int32 ``[in_features]`` is added for GPTQ checkpoints (must equal
+``i // group_size``). ``scales`` ``[G, out_features]`` are in the run's ``scale_dtype``.
 """
 
 from __future__ import annotations
@@ -24,41 +18,18 @@ from typing import Any, Dict, Optional
 import torch
 import torch.nn as nn
 
+from auto_round.export.layout import PACKING_FORMATS, layout_for, pack, to_canonical
 from auto_round.inference.backends import Backend, PackedTensors, select_backend
-from auto_round.quant.pack import pack_bits, packed_length
 from auto_round.quant.qdq import n_groups
 from auto_round.quant.types import QuantizedWeight
 
 logger = logging.getLogger(__name__)
 
 # packing_format -> value subtracted from the zero point before it is stored.
-ZERO_OFFSETS: Dict[str, int] = {
-    "auto_round": 0,  # raw z
-    "auto_round:auto_gptq": 1,  # GPTQ v1 convention: z - 1
-    "auto_round:gptq": 1,  # what transformers names GPTQ checkpoints loaded as auto-round
-}
-
+ZERO_OFFSETS: Dict[str, int] = {name: layout.zero_offset for name, layout in PACKING_FORMATS.items()}
 
 # dtypes the ``scales`` tensor may have on disk (``quantization_config.scale_dtype``).
 SCALE_STORAGE_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def zero_offset(packing_format: str) -> int:
-    """The zero-point offset of ``packing_format``; ValueError listing the valid formats."""
-    if packing_format not in ZERO_OFFSETS:
-        raise ValueError(
-            f"unknown packing_format {packing_format!r}; valid: {sorted(ZERO_OFFSETS)}"
-        )
-    return ZERO_OFFSETS[packing_format]
-
-
-def store_zeros(zero: torch.Tensor, bits: int, packing_format: str) -> torch.Tensor:
-    """Raw zero points ``[out, G]`` -> the values written to ``qzeros`` (before packing).
-
-    With the ``z - 1`` convention a zero point of 0 would wrap to ``2**bits - 1``; it is stored
-    that way (readers add 1 modulo ``2**bits``), matching what GPTQ v1 writers do.
-    """
-    return (zero.to(torch.int64) - zero_offset(packing_format)) & ((1 << bits) - 1)
 
 
 def _reset_after_load(module: "QuantLinear", incompatible_keys: Any) -> None:
@@ -101,20 +72,19 @@ class QuantLinear(nn.Module):
         self.group_size = group_size
         self.sym = sym
         self.packing_format = packing_format
-        self.zero_offset = zero_offset(packing_format)
+        self.layout = layout_for(packing_format)
+        why = self.layout.cannot_store(bits, out_features)
+        if why:
+            raise ValueError(f"a [{out_features}, {in_features}] layer cannot use packing_format {packing_format!r}: {why}")
         self.backend = backend
         self.backend_name: Optional[str] = None
         self._state: Optional[Dict[str, Any]] = None
         groups = n_groups(in_features, group_size)
         kw = {"device": device}
         self.register_buffer(
-            "qweight",
-            torch.zeros(packed_length(in_features, bits), out_features, dtype=torch.int32, **kw),
-        )
+            "qweight", torch.zeros(self.layout.qweight_shape(in_features, out_features, bits), dtype=torch.int32, **kw))
         self.register_buffer(
-            "qzeros",
-            torch.zeros(groups, packed_length(out_features, bits), dtype=torch.int32, **kw),
-        )
+            "qzeros", torch.zeros(self.layout.qzeros_shape(groups, out_features, bits), dtype=torch.int32, **kw))
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=scale_dtype, **kw))
         if bias:
             self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16, **kw))
@@ -144,26 +114,21 @@ class QuantLinear(nn.Module):
             device=qw.codes.device,
             scale_dtype=qw.scale.dtype,
         )
-        layer.qweight.copy_(pack_bits(qw.codes.t(), qw.bits, dim=0))
-        stored = store_zeros(qw.zero, qw.bits, packing_format)
-        layer.qzeros.copy_(pack_bits(stored.t(), qw.bits, dim=1))
+        qweight, qzeros = pack(layer.layout, qw.codes, qw.zero, qw.bits)
+        layer.qweight.copy_(qweight)
+        layer.qzeros.copy_(qzeros)
         layer.scales.copy_(qw.scale.t())
         if qw.bias is not None:
             layer.bias.copy_(qw.bias.detach().to(torch.float16))
         return layer
 
     def packed(self) -> PackedTensors:
-        """The checkpoint tensors as a :class:`PackedTensors` record."""
-        return PackedTensors(
-            self.qweight,
-            self.qzeros,
-            self.scales,
-            self.bits,
-            self.group_size,
-            self.in_features,
-            self.out_features,
-            self.zero_offset,
-        )
+        """The checkpoint tensors as the input-packed :class:`PackedTensors` the backends run (AWQ
+        words are repacked; the other layouts are passed as they are)."""
+        qweight, qzeros, offset = to_canonical(self.layout, self.qweight, self.qzeros, self.bits, self.in_features,
+                                               self.out_features)
+        return PackedTensors(qweight, qzeros, self.scales, self.bits, self.group_size, self.in_features,
+                             self.out_features, offset)
 
     @property
     def weight(self) -> torch.Tensor:

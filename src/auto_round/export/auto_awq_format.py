@@ -1,0 +1,79 @@
+"""The ``auto_awq`` export format: AutoAWQ's GEMM checkpoints, from SignRound's integer weights.
+
+Per quantized Linear (``G = in / group_size``; layout ``awq`` of :mod:`auto_round.export.layout`):
+
+- ``qweight`` int32 ``[in, out / 8]``: 4-bit codes packed along the output dimension, nibble ``i`` of
+  word ``c`` holding column ``8c + (0, 2, 4, 6, 1, 3, 5, 7)[i]``;
+- ``qzeros`` int32 ``[G, out / 8]``: raw zero points, same packing (``8`` for every group of a sym layer);
+- ``scales`` fp16 ``[G, out]``; ``bias`` fp16 ``[out]`` when present.
+
+``quantization_config``: ``quant_method "awq"``, ``version "gemm"``, ``bits 4``, ``group_size``,
+``zero_point`` (``not sym``, as the reference writes it; the zeros are stored either way),
+``modules_to_not_convert`` (every Linear kept in full precision: the vision tower of a VLM,
+``lm_head``, ``fp_layers``), plus ``block_name_to_quantize`` and the tuning facts. AWQ carries one
+scheme: 4-bit, one group size, fp16 scales; anything else is refused before tuning.
+
+Loaded by AWQ readers (vLLM, SGLang, transformers with gptqmodel/autoawq) and by
+``auto_round.inference.load_quantized`` (through transformers' ``AutoRoundConfig``, which reads AWQ
+GEMM checkpoints as ``packing_format "auto_round:awq"``).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from auto_round.export.auto_round_format import AWQ_STYLE, AutoRoundExporter
+from auto_round.export.registry import register_format
+from auto_round.quant.types import QuantizedWeight
+
+_KEPT = ("block_name_to_quantize", "iters", "nsamples", "seqlen", "autoround_version", "data_type")
+
+
+class AutoAWQExporter(AutoRoundExporter):
+    """Writes AWQ GEMM checkpoints."""
+
+    def __init__(self) -> None:
+        super().__init__("auto_awq", force_style=AWQ_STYLE)
+
+    def check_scale_dtype(self, scale_dtype: torch.dtype) -> Optional[str]:
+        if scale_dtype != torch.float16:
+            return (f"format 'auto_awq' stores fp16 scales (AWQ kernels read no other dtype), not {scale_dtype}; "
+                    "use scale_dtype='fp16', or format 'auto_round'")
+        return None
+
+    def check_plan(self, schemes: Dict[str, Tuple[int, int, bool]]) -> Optional[str]:
+        sizes = sorted({gs for _, gs, _ in schemes.values()})
+        if len(sizes) > 1:
+            return (f"format 'auto_awq' stores one group_size for every layer, found {sizes}; use "
+                    f"group_size={sizes[0]} (it divides every layer) or format='auto_round'")
+        return None
+
+    def _check_all(self, layers: Dict[str, QuantizedWeight]) -> None:
+        super()._check_all(layers)
+        why = self.check_plan({n: (q.bits, q.group_size, q.sym) for n, q in layers.items()})
+        why = why or next((w for q in layers.values() if (w := self.check_scale_dtype(q.scale.dtype))), None)
+        if why:
+            raise ValueError(why)
+        self._scheme = next(iter(layers.values()))
+
+    def save(self, model: nn.Module, layers: Dict[str, QuantizedWeight], output_dir, quantization_config: dict,
+             inplace: bool) -> None:
+        # Recorded before packing: every Linear that stays a plain Linear.
+        self._not_converted = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers)
+        super().save(model, layers, output_dir, quantization_config, inplace)
+
+    def final_config(self, quantization_config: dict, style: str) -> dict:
+        q = self._scheme
+        config = {"quant_method": "awq", "version": "gemm", "bits": q.bits, "group_size": q.group_size,
+                  "zero_point": not q.sym, "modules_to_not_convert": self._not_converted, "provider": "auto-round",
+                  "quantizer": f"auto_round:{quantization_config.get('autoround_version', '')}"}
+        config.update({k: quantization_config[k] for k in _KEPT if k in quantization_config})
+        if "dataset" in quantization_config:  # GPTQConfig-style readers allow only wikitext2/c4 as "dataset"
+            config["autoround_dataset"] = quantization_config["dataset"]
+        return config
+
+
+register_format("auto_awq", AutoAWQExporter())
