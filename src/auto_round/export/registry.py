@@ -21,8 +21,13 @@ import torch.nn as nn
 from auto_round.quant.types import QuantizedWeight
 
 # Modules whose import registers built-in formats (each calls register_format at import time).
-_BUILTIN_MODULES = ("auto_round.export.auto_round_format", "auto_round.export.auto_gptq_format", "auto_round.export.auto_awq_format",
-                    "auto_round.export.gguf")
+_BUILTIN_MODULES = (
+    "auto_round.export.auto_round_format",
+    "auto_round.export.auto_gptq_format",
+    "auto_round.export.auto_awq_format",
+    "auto_round.export.fake_format",
+    "auto_round.export.gguf",
+)
 
 _FORMATS: Dict[str, "Exporter"] = {}
 _builtins_loaded = False
