@@ -162,3 +162,14 @@ def test_auto_gptq_refuses_mixed_schemes_before_tuning():
     with pytest.raises(ValueError, match="one \\(bits, group_size\\)"):
         ar.quantize(format="auto_gptq")
     assert not ar.quantized_layers  # refused before any tuning
+
+
+def test_cli_help_of_negated_flags_describes_what_the_flag_does():
+    from auto_round.cli import NEGATED_FLAGS, build_parser
+
+    actions = {a.option_strings[0]: a for a in build_parser("auto-round")._actions if a.option_strings}
+    assert actions["--asym"].help.startswith("asymmetric")
+    assert actions["--disable_amp"].help.startswith("tune in float32")
+    assert actions["--disable_minmax_tuning"].help.startswith("do not tune")
+    assert actions["--disable_quanted_input"].help.startswith("feed each block the full-precision")
+    assert all(actions[flag].dest == name and actions[flag].default is True for name, flag in NEGATED_FLAGS.items())

@@ -17,9 +17,16 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from auto_round.config import RECIPES, Settings
 
-# Boolean settings whose CLI flag turns them off (reference spelling).
+# Boolean settings whose CLI flag turns them off (reference spelling), with what the flag does.
 NEGATED_FLAGS = {"sym": "--asym", "enable_minmax_tuning": "--disable_minmax_tuning",
                  "enable_quanted_input": "--disable_quanted_input", "amp": "--disable_amp"}
+NEGATED_HELP = {
+    "sym": "asymmetric quantization: a zero point per group (default: symmetric)",
+    "enable_minmax_tuning": "do not tune the per-group clip factors (default: tuned)",
+    "enable_quanted_input": "feed each block the full-precision chain's output instead of the quantized "
+                            "blocks' (default: quantized)",
+    "amp": "tune in float32 instead of under bf16 autocast (default: autocast where the hardware has bf16)",
+}
 LOADER_OPTIONS = ("model_dtype", "trust_remote_code")
 # Reference options this implementation does not offer: refused with the reason, never ignored.
 UNSUPPORTED = {
@@ -46,7 +53,8 @@ def _parse_layer_config(text: str) -> Dict[str, Any]:
 def _add_setting(p: argparse.ArgumentParser, f, default: Any) -> None:
     help_ = f.metadata.get("help", "")
     if f.name in NEGATED_FLAGS:
-        p.add_argument(NEGATED_FLAGS[f.name], dest=f.name, action="store_false", default=default, help=help_)
+        p.add_argument(NEGATED_FLAGS[f.name], dest=f.name, action="store_false", default=default,
+                       help=NEGATED_HELP[f.name])
         return
     flags = [f"--{f.name}", *f.metadata.get("cli", ())]
     if isinstance(default, bool) or str(f.type) == "Optional[bool]":
