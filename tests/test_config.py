@@ -37,3 +37,28 @@ def test_batch_size_above_nsamples_is_clamped_with_a_warning(caplog):
     with caplog.at_level("WARNING"):
         s = build_settings(nsamples=4, batch_size=8)
     assert s.batch_size == 4 and "batch_size=8 exceeds nsamples=4" in caplog.text
+
+
+@pytest.mark.parametrize("kw,match", [({"bits": 4.0}, r"bits=4\.0 \(float\) must be an int"),
+                                      ({"bits": "4"}, r"bits='4' \(str\) must be an int"),
+                                      ({"sym": "False"}, r"sym='False' \(str\) must be True or False"),
+                                      ({"iters": True}, r"iters=True \(bool\) must be an int"),
+                                      ({"lr": "0.1"}, r"lr='0.1' \(str\) must be a number"),
+                                      ({"dataset": 3}, r"dataset=3 \(int\) must be a string")])
+def test_wrong_types_are_refused_naming_the_field(kw, match):
+    with pytest.raises(TypeError, match=match):
+        build_settings(**kw)
+
+
+@pytest.mark.parametrize("name", ["lr", "minmax_lr"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_learning_rates_must_be_finite(name, value):
+    with pytest.raises(TypeError, match=f"{name}=.* must be finite"):
+        build_settings(**{name: value})
+
+
+def test_numpy_scalars_become_python_scalars():
+    import numpy as np
+
+    s = build_settings(bits=np.int64(3), sym=np.bool_(False), lr=np.float32(0.25), device=0)
+    assert type(s.bits) is int and s.bits == 3 and s.sym is False and type(s.lr) is float and s.device == 0

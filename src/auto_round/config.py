@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
+import numbers
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
+import numpy as np
 import torch
 
 from auto_round.quant.qdq import SUPPORTED_BITS
+
+np_bool = np.bool_
 
 SCALE_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
@@ -103,8 +108,45 @@ def _check(cond: bool, name: str, value: Any, fix: str) -> None:
         raise ValueError(f"{name}={value!r} is invalid: {fix}")
 
 
+def _type_problem(name: str, kind: str, value: Any) -> Optional[str]:
+    """Why ``value`` is not of the declared ``kind`` of field ``name`` (as a message), or None."""
+    if kind == "int" and not (isinstance(value, numbers.Integral) and not isinstance(value, (bool, np_bool))):
+        return f"{name}={value!r} ({type(value).__name__}) must be an int, e.g. {name}={Settings.__dataclass_fields__[name].default}"
+    if kind == "bool" and not isinstance(value, (bool, np_bool)):
+        return f"{name}={value!r} ({type(value).__name__}) must be True or False (a string such as 'False' is not a bool)"
+    if kind == "Optional[float]" and value is not None:
+        if isinstance(value, (bool, np_bool)) or not isinstance(value, numbers.Real):
+            return f"{name}={value!r} ({type(value).__name__}) must be a number or None"
+        if not math.isfinite(float(value)):
+            return f"{name}={value!r} must be finite (and positive), or None for the default"
+    if kind in ("str", "Optional[str]") and not isinstance(value, str) and not (kind == "Optional[str]" and value is None):
+        if not (name == "device" and isinstance(value, (int, torch.device)) and not isinstance(value, bool)):
+            return f"{name}={value!r} ({type(value).__name__}) must be a string"
+    return None
+
+
+def _normalise_types(s: Settings) -> Settings:
+    """Type-check every field once (TypeError naming the field, the value and the fix) and turn numpy
+    scalars into Python ones, so that the saved config records plain ints, bools and floats."""
+    changes: Dict[str, Any] = {}
+    for f in fields(s):
+        value = getattr(s, f.name)
+        why = _type_problem(f.name, str(f.type), value)
+        if why:
+            raise TypeError(why)
+        if str(f.type) == "int" and type(value) is not int:
+            changes[f.name] = int(value)
+        elif str(f.type) == "bool" and type(value) is not bool:
+            changes[f.name] = bool(value)
+        elif str(f.type) == "Optional[float]" and value is not None and type(value) is not float:
+            changes[f.name] = float(value)
+    return replace(s, **changes) if changes else s
+
+
 def validate(s: Settings) -> Settings:
-    """Raise ``ValueError`` naming the field, its value and the valid options."""
+    """Raise ``TypeError`` for a value of the wrong type and ``ValueError`` for one out of range, naming
+    the field, its value and the valid options; returns the settings with plain Python scalars."""
+    s = _normalise_types(s)
     _check(s.bits in SUPPORTED_BITS or s.bits >= 16, "bits", s.bits, f"use one of {SUPPORTED_BITS}")
     _check(s.group_size == -1 or s.group_size > 0, "group_size", s.group_size, "use -1 or a positive integer")
     _check(s.sym_style in SYM_STYLES, "sym_style", s.sym_style, f"use one of {SYM_STYLES}")
