@@ -27,6 +27,7 @@ _BUILTIN_MODULES = (
     "auto_round.export.auto_awq_format",
     "auto_round.export.fake_format",
     "auto_round.export.gguf",
+    "auto_round.export.llm_compressor_format",
 )
 
 _FORMATS: Dict[str, "Exporter"] = {}
