@@ -73,6 +73,16 @@ def _check_whole_plan(plan: QuantPlan, formats: Sequence[str], scale_dtype: torc
             raise ValueError(f"cannot export this plan as {fmt!r}: {why}")
 
 
+def _check_models(formats: Sequence[str], model: nn.Module, tokenizer: Any) -> None:
+    """Each format's :meth:`Exporter.check_model` (architecture, config, tokenizer), before tuning."""
+    from auto_round.export import get_format
+
+    for fmt in formats:
+        why = get_format(fmt).check_model(model, tokenizer)
+        if why:
+            raise ValueError(f"cannot export this model as {fmt!r}: {why}")
+
+
 def _same_path(a: Union[str, Path], b: Optional[str]) -> bool:
     if not b or not os.path.isdir(b):
         return False
@@ -146,6 +156,7 @@ class AutoRound:
     # ------------------------------------------------------------------ lifecycle
     def resolve_plan(self, formats: Sequence[str] = ()) -> QuantPlan:
         """Phase 1: the plan, checked against ``formats`` when given."""
+        _check_models(formats, self.model, self.tokenizer)
         check = _capability_checker(formats) if formats else None
         self.plan = resolve_plan(self.model, self.settings, self.block_list_names(), check,
                                  self.forced_fp_layers(), self.outside_reasons())
@@ -221,6 +232,7 @@ class AutoRound:
             raise RuntimeError("the model was packed in place by an earlier save_quantized(inplace=True); "
                                "pass inplace=False to every save but the last")
         formats = parse_formats(format)
+        _check_models(formats, self.model, self.tokenizer)
         check = _capability_checker(formats)
         bad = [f"{n}: {why}" for n, q in self.quantized_layers.items()
                if (why := check(n, q.out_features, q.in_features, q))]
@@ -233,7 +245,8 @@ class AutoRound:
         for i, (fmt, target) in enumerate(zip(formats, targets)):
             pack_inplace = inplace and i == len(formats) - 1
             self._write_atomically(target, overwrite, lambda tmp: (
-                get_format(fmt).save(self.model, self.quantized_layers, tmp, dict(qconfig), pack_inplace),
+                get_format(fmt).export(self.model, self.quantized_layers, tmp, dict(qconfig), pack_inplace,
+                                       tokenizer=self.tokenizer),
                 self.save_extra_files(tmp)))
             self._packed = self._packed or pack_inplace
             logger.info("saved %s checkpoint to %s", fmt, target)

@@ -1,0 +1,177 @@
+"""Model families llama.cpp runs from this exporter's files, as data, and their GGUF hyperparameters.
+
+Facts follow llama.cpp's ``convert_hf_to_gguf.py`` (``conversion/llama.py`` ``LlamaModel``,
+``conversion/qwen.py`` ``Qwen2Model``, ``TextModel.set_gguf_parameters``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+# Rope types llama.cpp reads for these families ("llama3" through a rope_freqs tensor).
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+
+@dataclass(frozen=True)
+class GGUFFamily:
+    """HF ``model_type`` values written as one llama.cpp architecture."""
+
+    model_types: Tuple[str, ...]
+    arch: str  # general.architecture
+    # Reorder q_proj/k_proj rows per head from HF's half-split rope layout (rotate_half) to the
+    # consecutive pairs llama.cpp's LLAMA_ROPE_TYPE_NORM rotates.
+    permute_qk: bool
+    rope_types: Tuple[str, ...]
+    why: str
+
+
+FAMILIES: Tuple[GGUFFamily, ...] = (
+    GGUFFamily(("llama", "mistral"), "llama", True, ROPE_TYPES,
+               "convert_hf_to_gguf's LlamaModel (which also converts MistralForCausalLM) permutes q/k rows "
+               "for the NORM rope; llama.cpp's llama arch ignores Mistral's sliding window, as convert does"),
+    GGUFFamily(("qwen2",), "qwen2", False, ("default", "linear", "yarn"),
+               "qwen2 is a NEOX-rope arch in llama.cpp (half-split, like HF): Qwen2Model writes q/k rows "
+               "as they are; it has no rope_freqs tensor, so llama3 rope scaling is not representable"),
+)
+
+
+def supported_model_types() -> List[str]:
+    return sorted(t for f in FAMILIES for t in f.model_types)
+
+
+def text_config(model: nn.Module) -> Any:
+    cfg = getattr(model, "config", None)
+    get = getattr(cfg, "get_text_config", None)
+    return get() if callable(get) else cfg
+
+
+def family_of(model: nn.Module) -> Optional[GGUFFamily]:
+    """The family record of ``model`` (by its top-level ``config.model_type``), or None."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return next((f for f in FAMILIES if model_type in f.model_types), None)
+
+
+def rope_parameters(cfg: Any) -> Dict[str, Any]:
+    """rope settings as one dict (transformers >= 5 ``rope_parameters``, older ``rope_scaling`` +
+    ``rope_theta``), with ``rope_type`` always set."""
+    params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    if "rope_theta" not in params and getattr(cfg, "rope_theta", None) is not None:
+        params["rope_theta"] = cfg.rope_theta
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def head_dim(cfg: Any) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def config_problem(model: nn.Module, family: GGUFFamily) -> Optional[str]:
+    """Why this model's config cannot be written for ``family`` (None if it can)."""
+    cfg = text_config(model)
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                           "vocab_size", "rms_norm_eps") if getattr(cfg, k, None) is None]
+    if missing:
+        return f"the config lacks {missing}"
+    rope_type = rope_parameters(cfg)["rope_type"]
+    if rope_type not in family.rope_types:
+        return (f"rope_type {rope_type!r} is not representable for llama.cpp arch {family.arch!r} "
+                f"(supported: {list(family.rope_types)})")
+    if family.permute_qk and head_dim(cfg) % 2:
+        return f"head_dim={head_dim(cfg)} is odd; rope pairs need an even head size"
+    return None
+
+
+def config_notes(model: nn.Module, family: GGUFFamily) -> List[str]:
+    """What llama.cpp will run differently from transformers for this config (announced, not refused)."""
+    cfg = text_config(model)
+    window = getattr(cfg, "sliding_window", None)
+    uses_window = getattr(cfg, "use_sliding_window", True)
+    if window and uses_window and window < int(getattr(cfg, "max_position_embeddings", 0) or 0):
+        return [f"llama.cpp's {family.arch!r} arch has no sliding-window attention: contexts beyond "
+                f"{window} tokens attend to everything (convert_hf_to_gguf writes these models the same way)"]
+    return []
+
+
+def rope_order(n_rows: int, n_head: int) -> torch.Tensor:
+    """Row order that turns HF's half-split rope rows into llama.cpp's consecutive pairs.
+
+    Per head of ``hd = n_rows / n_head`` rows, new row ``2*i + t`` is old row ``t*hd/2 + i``: the
+    same reordering as convert_hf_to_gguf's ``LlamaModel.permute`` (reshape ``(n_head, 2, hd/2)``,
+    swap the last two axes). ``new = old[rope_order(...)]``.
+    """
+    return torch.arange(n_rows).reshape(n_head, 2, n_rows // n_head // 2).transpose(1, 2).reshape(-1)
+
+
+def llama3_rope_factors(params: Dict[str, Any], dim: int) -> torch.Tensor:
+    """The ``rope_freqs.weight`` float32 ``[dim / 2]`` that llama.cpp divides each rope frequency
+    by for ``rope_type "llama3"`` (Llama 3.1's smooth interpolation between low and high
+    frequencies)."""
+    base = float(params.get("rope_theta", 10000.0))
+    factor = float(params.get("factor", 8.0))
+    low, high = float(params.get("low_freq_factor", 1.0)), float(params.get("high_freq_factor", 4.0))
+    old_ctx = float(params.get("original_max_position_embeddings", 8192))
+    out = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * base ** (i / dim)
+        if wavelen < old_ctx / high:
+            out.append(1.0)
+        elif wavelen > old_ctx / low:
+            out.append(factor)
+        else:
+            smooth = (old_ctx / wavelen - low) / (high - low)
+            out.append(1.0 / ((1 - smooth) / factor + smooth))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def add_hparams(writer: Any, model: nn.Module, family: GGUFFamily) -> None:
+    """Write ``{arch}.*`` hyperparameters (the keys convert_hf_to_gguf writes for these families)."""
+    cfg = text_config(model)
+    n_head = int(cfg.num_attention_heads)
+    writer.add_context_length(int(getattr(cfg, "max_position_embeddings", 2048)))
+    writer.add_embedding_length(int(cfg.hidden_size))
+    writer.add_block_count(int(cfg.num_hidden_layers))
+    writer.add_feed_forward_length(int(cfg.intermediate_size))
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(int(getattr(cfg, "num_key_value_heads", None) or n_head))
+    writer.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    writer.add_vocab_size(int(cfg.vocab_size))
+    hd = head_dim(cfg)
+    writer.add_rope_dimension_count(hd)
+    writer.add_key_length(hd)
+    writer.add_value_length(hd)
+    params = rope_parameters(cfg)
+    writer.add_rope_freq_base(float(params.get("rope_theta", 10000.0)))
+    _add_rope_scaling(writer, params, int(getattr(cfg, "max_position_embeddings", 2048)))
+
+
+def _add_rope_scaling(writer: Any, params: Dict[str, Any], ctx: int) -> None:
+    import gguf
+
+    rope_type, factor = params["rope_type"], params.get("factor")
+    if rope_type == "linear" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(factor))
+    elif rope_type == "yarn" and factor is not None:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(factor))
+        writer.add_rope_scaling_orig_ctx_len(int(params.get("original_max_position_embeddings") or ctx))
+        for key, add in (("extrapolation_factor", writer.add_rope_scaling_yarn_ext_factor),
+                         ("attention_factor", writer.add_rope_scaling_yarn_attn_factor),
+                         ("beta_fast", writer.add_rope_scaling_yarn_beta_fast),
+                         ("beta_slow", writer.add_rope_scaling_yarn_beta_slow)):
+            if params.get(key) is not None:
+                add(float(params[key]))
+
+
+def extra_tensors(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Tensors llama.cpp needs that the HF model has no parameter for (llama3 ``rope_freqs``)."""
+    cfg = text_config(model)
+    params = rope_parameters(cfg)
+    if params["rope_type"] == "llama3":
+        return {"rope_freqs.weight": llama3_rope_factors(params, head_dim(cfg))}
+    return {}

@@ -1,0 +1,214 @@
+"""The GGUF exporter: checks before tuning, then one ``.gguf`` file streamed tensor by tensor."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from auto_round.export.gguf import arch as archmod
+from auto_round.export.gguf.blocks import BlockType, layer_problem, pack_blocks, permute_rows
+from auto_round.export.gguf.vocab import build_vocab
+from auto_round.export.registry import Exporter
+from auto_round.quant.types import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "quantization_config.json"
+GGUF_QUANT_VERSION = 2  # general.quantization_version of the current ggml block layouts
+FP16_MAX = 65504.0
+_INSTALL_HINT = "GGUF export needs the 'gguf' package: pip install 'auto-round[gguf]' (or pip install gguf)"
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as err:
+        raise ImportError(_INSTALL_HINT) from err
+    return gguf
+
+
+@dataclass
+class _Tensor:
+    """One tensor of the file: its GGUF name, numpy shape/dtype, ggml type and how to make it."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: Any  # numpy dtype of the bytes written
+    ggml_type: int
+    nbytes: int
+    make: Callable[[], np.ndarray]
+
+
+def gguf_file_name(model: nn.Module, bt: BlockType) -> str:
+    """``<name>-<TYPE>.gguf``; ``<name>`` is the last part of ``config.name_or_path`` or ``model``."""
+    source = str(getattr(getattr(model, "config", None), "name_or_path", "") or "").rstrip("/\\")
+    base = re.sub(r"[^A-Za-z0-9._-]+", "-", re.split(r"[/\\]", source)[-1]).strip("-.") or "model"
+    return f"{base}-{bt.name.upper()}.gguf"
+
+
+class GGUFExporter(Exporter):
+    """Writes ``gguf:<type>`` files for llama.cpp (see :mod:`auto_round.export.gguf`)."""
+
+    def __init__(self, bt: BlockType) -> None:
+        self.bt = bt
+        self.name = f"gguf:{bt.name}"
+
+    # ------------------------------------------------------------------ checks (before tuning)
+    def check_layer(self, name: str, out_features: int, in_features: int, bits: int, group_size: int,
+                    sym: bool) -> Optional[str]:
+        why = layer_problem(self.bt, in_features, bits, group_size, sym)
+        if why:
+            return f"{why}; or keep the layer in full precision (fp_layers='{name}'), written as F16"
+        return None
+
+    def check_scale_dtype(self, scale_dtype: torch.dtype) -> Optional[str]:
+        if scale_dtype != torch.float16:
+            return (f"{self.name} blocks hold fp16 scales, not {scale_dtype}; use scale_dtype='fp16' "
+                    "(the tuned fp16 scale is then stored exactly)")
+        return None
+
+    def check_model(self, model: nn.Module, tokenizer: Any) -> Optional[str]:
+        try:
+            _gguf()
+        except ImportError as err:
+            return str(err)
+        family = archmod.family_of(model)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if family is None:
+            return (f"{self.name} writes text causal LMs of the model types {archmod.supported_model_types()}, "
+                    f"not {model_type!r}; export with format='auto_round' instead")
+        why = archmod.config_problem(model, family)
+        if why is None:
+            unnamed = [hf for hf, gguf_name in self._tensor_names(model, family) if gguf_name is None]
+            if unnamed:
+                why = (f"{len(unnamed)} parameters have no llama.cpp tensor name for arch {family.arch!r}: "
+                       f"{unnamed[:4]}")
+        if why is None:
+            try:
+                vocab = build_vocab(tokenizer, int(archmod.text_config(model).vocab_size))
+            except ValueError as err:
+                why = str(err)
+            else:
+                for note in vocab.notes + archmod.config_notes(model, family):
+                    logger.warning("%s: %s", self.name, note)
+        return f"{self.name} cannot write this {model_type!r} model: {why}" if why else None
+
+    def _tensor_names(self, model: nn.Module, family: archmod.GGUFFamily) -> List[Tuple[str, Optional[str]]]:
+        """``(HF parameter name, GGUF tensor name or None)`` for every parameter (tied ones once)."""
+        gguf = _gguf()
+        arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == family.arch)
+        cfg = archmod.text_config(model)
+        name_map = gguf.get_tensor_name_map(arch_enum, int(cfg.num_hidden_layers))
+        return [(n, name_map.get_name(n, try_suffixes=(".weight", ".bias"))) for n, _ in model.named_parameters()]
+
+    # ------------------------------------------------------------------ writing
+    def save(self, model: nn.Module, layers: Dict[str, QuantizedWeight], output_dir: Path,
+             quantization_config: dict, inplace: bool) -> None:
+        """Not usable alone: a GGUF file embeds the tokenizer; call :meth:`export` with it."""
+        raise TypeError(f"{self.name} embeds the tokenizer in the file: call export(..., tokenizer=...) "
+                        "(AutoRound.save_quantized does)")
+
+    def export(self, model: nn.Module, layers: Dict[str, QuantizedWeight], output_dir: Path,
+               quantization_config: dict, inplace: bool, tokenizer: Any = None) -> None:
+        """Write ``<output_dir>/<name>-<TYPE>.gguf`` and ``quantization_config.json`` + ``config.json``.
+
+        The model is only read (``inplace`` changes nothing: nothing is packed into it).
+        """
+        why = self.check_model(model, tokenizer)
+        if why:
+            raise ValueError(why)
+        bad = [f"{n}: {w}" for n, q in layers.items()
+               if (w := self.check_layer(n, q.out_features, q.in_features, q.bits, q.group_size, q.sym))]
+        if bad:
+            raise ValueError(f"format {self.name!r} cannot store these layers:\n" + "\n".join(bad[:10]))
+        gguf = _gguf()
+        family = archmod.family_of(model)
+        cfg = archmod.text_config(model)
+        vocab = build_vocab(tokenizer, int(cfg.vocab_size))
+        tensors = self._plan_tensors(model, layers, family)
+        output_dir = Path(output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path = output_dir / gguf_file_name(model, self.bt)
+        writer = gguf.GGUFWriter(path, family.arch)
+        writer.add_name(path.stem)
+        writer.add_file_type(self.bt.file_type)
+        writer.add_quantization_version(GGUF_QUANT_VERSION)
+        archmod.add_hparams(writer, model, family)
+        vocab.add_to(writer)
+        config = {**quantization_config, "gguf_type": self.bt.name, "gguf_file": path.name}
+        writer.add_string("auto_round.quantization_config", json.dumps(config, sort_keys=True))
+        for t in tensors:
+            writer.add_tensor_info(t.name, t.shape, np.dtype(t.dtype), t.nbytes,
+                                   raw_dtype=gguf.GGMLQuantizationType(t.ggml_type))
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for t in tensors:  # one tensor in memory at a time
+                writer.write_tensor_data(t.make())
+        finally:
+            writer.close()
+        with open(output_dir / CONFIG_FILE, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, sort_keys=True)
+        # config.json beside the file: what transformers' gguf_file loading reads first, and what
+        # lets a later export replace this folder as an earlier checkpoint.
+        model.config.to_json_file(str(output_dir / "config.json"))
+        n_fp = len(tensors) - len(layers)
+        logger.info("wrote %s: %d %s tensors, %d F16/F32 tensors (%.1f MiB)", path, len(layers),
+                    self.bt.name.upper(), n_fp, path.stat().st_size / 2**20)
+
+    def _plan_tensors(self, model: nn.Module, layers: Dict[str, QuantizedWeight],
+                      family: archmod.GGUFFamily) -> List[_Tensor]:
+        cfg = archmod.text_config(model)
+        n_head = int(cfg.num_attention_heads)
+        n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
+        params = dict(model.named_parameters())
+        by_weight = {f"{n}.weight": n for n in layers}
+        planned = []
+        for hf_name, gguf_name in self._tensor_names(model, family):
+            heads = None
+            if family.permute_qk and re.search(r"\.attn_[qk]\.(weight|bias)$", gguf_name):
+                heads = n_head if ".attn_q." in gguf_name else n_kv
+            if hf_name in by_weight:
+                planned.append(self._quantized(gguf_name, layers[by_weight[hf_name]], heads))
+            else:
+                planned.append(_float_tensor(gguf_name, params[hf_name], heads))
+        planned += [_float_tensor(n, t, None) for n, t in archmod.extra_tensors(model).items()]
+        return planned
+
+    def _quantized(self, name: str, qw: QuantizedWeight, heads: Optional[int]) -> _Tensor:
+        bt = self.bt
+        nbytes = qw.out_features * (qw.in_features // 32) * bt.type_size
+
+        def make() -> np.ndarray:
+            q = permute_rows(qw, archmod.rope_order(qw.out_features, heads)) if heads else qw
+            return pack_blocks(q, bt)
+
+        # numpy shape of the raw bytes; the writer turns it into the element shape [out, in].
+        return _Tensor(name, (qw.out_features, nbytes // qw.out_features), np.uint8, bt.ggml_type, nbytes, make)
+
+
+def _float_tensor(name: str, value: torch.Tensor, heads: Optional[int]) -> _Tensor:
+    """F32 for 1-D tensors (norms, biases, rope factors, as llama.cpp keeps them), F16 otherwise;
+    F32 also for a matrix whose values overflow fp16 (announced)."""
+    value = value.detach()
+    as_f32 = value.dim() <= 1 or bool(value.abs().max() > FP16_MAX)
+    if as_f32 and value.dim() > 1:
+        logger.warning("gguf: %s has values beyond fp16's range; written as F32", name)
+    dtype, ggml_type = (np.float32, 0) if as_f32 else (np.float16, 1)  # GGML_TYPE_F32 / F16
+
+    def make() -> np.ndarray:
+        v = value.cpu()
+        v = v[archmod.rope_order(v.shape[0], heads)] if heads else v
+        return np.ascontiguousarray(v.float().numpy().astype(dtype))
+
+    shape = tuple(value.shape)
+    return _Tensor(name, shape, dtype, ggml_type, int(np.prod(shape)) * np.dtype(dtype).itemsize, make)
