@@ -18,14 +18,42 @@ CPU = torch.device("cpu")
 
 
 def _same(a, b) -> bool:
+    """Exact equality of captured inputs: tensors by dtype, shape and values; containers element-wise; any other
+    value by type and ``==``, except objects that define no ``__eq__`` (cache stand-ins...): by type and state
+    (``vars()``, compared the same way), or by identity when they have no ``__dict__``."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
         return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype \
             and a.shape == b.shape and torch.equal(a, b)
+    if type(a) is not type(b):  # also keeps False from matching 0, or a list a tuple
+        return False
     if isinstance(a, (list, tuple)):
-        return type(a) is type(b) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, dict):
-        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
-    return a == b or type(a) is type(b)  # opaque objects (e.g. cache stand-ins) compare by type
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if type(a).__eq__ is object.__eq__ and hasattr(a, "__dict__"):
+        return a is b or _same(vars(a), vars(b))
+    return bool(a == b)
+
+
+class _Opaque:
+    """Stands in for a captured object without ``__eq__`` (e.g. a cache object)."""
+
+    def __init__(self, **state):
+        self.__dict__.update(state)
+
+
+def test_same_rejects_differing_values():
+    """The comparison used below can fail on every kind of captured value, not only on tensors."""
+    t = torch.ones(2)
+    assert _same({"x": t, "flag": False, "cache": _Opaque(n=1, t=t)}, {"x": t.clone(), "flag": False,
+                                                                        "cache": _Opaque(n=1, t=t.clone())})
+    assert _same(None, None) and _same((1, "a"), (1, "a"))
+    assert not _same({"flag": False}, {"flag": True})
+    assert not _same({"output_hidden_states": -2}, {"output_hidden_states": -1})
+    assert not _same(0, False) and not _same(None, False) and not _same((1,), [1]) and not _same("a", "b")
+    assert not _same(_Opaque(n=1), _Opaque(n=2)) and not _same(_Opaque(t=t), _Opaque(t=t * 2))
+    assert not _same(_Opaque(n=1), object()) and not _same({"a": 1}, {"b": 1})
+    assert not _same(t, t.double()) and not _same(t, t[:1]) and not _same(t, None)
 
 
 def _compare(model, path, batches):

@@ -4,10 +4,8 @@ Phi-3.5-Vision, CogVLM2, DeepSeek-VL2, Molmo, Kimi-VL and GLM-4V-9B ship their m
 checkpoints; the stand-ins mirror the published module trees, forward signatures and input builders. Text-only
 calibration must tune exactly the text block list; with quant_nontext_module (where families.py allows it) the
 vision blocks are tuned first on image-text data. A checkpoint reloaded with AutoModelForCausalLM must give the
-in-memory model's logits for an image + prompt, and generate.
-
-The reasons below name what each family needed from the library (see tests/REMOTE_STANDINS.md); those changes
-have landed, so every case must pass.
+in-memory model's logits for an image + prompt, and generate. Every case must pass (what the families needed from
+the library is listed in tests/REMOTE_STANDINS.md).
 """
 
 import pytest
@@ -41,21 +39,6 @@ PATHS = {
     "chatglm": ("transformer.encoder.layers", ["transformer.vision.transformer.layers"],
                 "transformer.vision.linear_proj"),
 }
-
-SEQUENTIAL = ("DeepSeek-VL2's vision.blocks is an nn.Sequential (timm ViT), and models/blocks.is_block_list / "
-              "resolve_block_names / tuning/plan accept only nn.ModuleList block lists")
-CLIP_V5 = ("families.py lists only the transformers<5 path ...img_processor.vision_model.encoder.layers; "
-           "transformers 5 CLIPVisionModel has no .vision_model level (found only by the structural fallback)")
-FAMILY_PROCESSOR = ("calibration_batches uses template.processor only (no templates exist for these model types, so "
-                    "'hf'); it should fall back to family.processor, and families.py should name phi3_v/molmo/chatglm")
-MOLMO_PROJECTOR = "families.py's molmo record lists no projector (published: model.vision_backbone.image_projector)"
-KIMI_PROJECTOR = ("Kimi-VL's multi_modal_projector.forward takes a list of tensors; capture/tuning of a projector unit "
-                  "assumes a tensor input")
-
-
-def _xfail(name, why, only):
-    """Formerly an xfail awaiting the library change ``why``; kept as a plain parameter (the change landed)."""
-    return name
 
 
 @pytest.fixture(autouse=True)
@@ -101,10 +84,7 @@ def test_image_reaches_logits(name):
     assert (a - b).abs().max() > 1e-3
 
 
-RECORD_GAPS = {"phi3_v": CLIP_V5, "deepseek_vl_v2": SEQUENTIAL, "molmo": MOLMO_PROJECTOR}
-
-
-@pytest.mark.parametrize("name", [_xfail(n, RECORD_GAPS.get(n), RECORD_GAPS) for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_family_record_matches_published_tree(name):
     """Every path of the published tree is a candidate of the family record, and is a block list there."""
     s = STANDINS[name]()
@@ -115,7 +95,7 @@ def test_family_record_matches_published_tree(name):
     assert resolve_family_blocks(s.model, fam) == (text, vision, projector)
 
 
-@pytest.mark.parametrize("name", [_xfail(n, RECORD_GAPS.get(n), ("deepseek_vl_v2", "molmo")) for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_blocks_resolve(name):
     """What the quantizer will use (family paths, else the structural fallback)."""
     s = STANDINS[name]()
@@ -146,8 +126,7 @@ def test_text_module_only(name, tmp_path):
 NONTEXT = [n for n in NAMES if family_for(n).quant_nontext]
 
 
-@pytest.mark.parametrize("name", [_xfail(n, SEQUENTIAL if n == "deepseek_vl_v2" else KIMI_PROJECTOR,
-                                         ("deepseek_vl_v2", "kimi_vl")) for n in NONTEXT])
+@pytest.mark.parametrize("name", NONTEXT)
 def test_quant_nontext_module(name, tmp_path):
     s = STANDINS[name]()
     text, vision, projector = PATHS[name]
@@ -194,13 +173,16 @@ def test_processor_encodes_and_batches(name):
     assert torch.allclose(single, batched, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", [_xfail(n, FAMILY_PROCESSOR, tuple(x for x in NAMES if x != "kimi_vl"))
-                                  for n in NAMES])
-def test_family_processor_used_without_template(name):
+@pytest.mark.parametrize("name", NAMES)
+def test_family_processor_used_without_template(name, monkeypatch):
     """Image-text calibration picks the family's processor when no template names one."""
     s = STANDINS[name]()
+    used = []
+    for key, cls in list(PROCESSORS.items()):
+        monkeypatch.setitem(PROCESSORS, key, lambda *a, _key=key, _cls=cls: used.append(_key) or _cls(*a))
     ar = AutoRoundMLLM(s.model, s.tokenizer, s.processor, dataset=OFFLINE_IMAGE_TEXT, **FAST)
     batches = ar.calibration_batches()
+    assert used == [s.processor_name]
     assert len(batches) == 2 and all(b["input_ids"].shape[0] == 2 for b in batches)
 
 
