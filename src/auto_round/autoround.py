@@ -14,8 +14,6 @@ Lifecycle of a run (each phase lives in the module named after it):
 from __future__ import annotations
 
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -25,6 +23,7 @@ import torch.nn as nn
 
 from auto_round.config import Settings, build_settings
 from auto_round.device import peak_gpu_mb, peak_rss_mb, resolve_device
+from auto_round.export.folder import check_output_dir, write_atomically
 from auto_round.models.blocks import resolve_block_names
 from auto_round.models.loading import load_causal_lm
 from auto_round.quant.types import QuantizedWeight
@@ -83,16 +82,10 @@ def _check_models(formats: Sequence[str], model: nn.Module, tokenizer: Any) -> N
             raise ValueError(f"cannot export this model as {fmt!r}: {why}")
 
 
-def _same_path(a: Union[str, Path], b: Optional[str]) -> bool:
-    if not b or not os.path.isdir(b):
-        return False
-    return Path(a).resolve() == Path(b).resolve()
-
-
-def _looks_like_checkpoint(folder: Path) -> bool:
-    """An earlier export: a quantization_config.json beside config.json, and no sub-folders."""
-    return ((folder / "quantization_config.json").is_file() and (folder / "config.json").is_file()
-            and not any(p.is_dir() for p in folder.iterdir()))
+def output_targets(output_dir: Union[str, Path], formats: Sequence[str]) -> List[Path]:
+    """The folder of each format: ``output_dir`` itself for one format, a sub-folder per format for several."""
+    root = Path(output_dir)
+    return [root] if len(formats) == 1 else [root / f.replace(":", "-") for f in formats]
 
 
 class AutoRound:
@@ -209,6 +202,18 @@ class AutoRound:
         return build_quantization_config(self.settings, self.plan, self.dataset_used)
 
     # ------------------------------------------------------------------ export
+    def estimated_checkpoint_bytes(self) -> int:
+        """About what one checkpoint takes on disk: Linear weights at ``bits`` (plus scales and zeros),
+        everything else at its dtype's size."""
+        linear = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Linear)}
+        total = 0
+        for p in self.model.parameters():
+            if id(p) in linear:
+                total += p.numel() * self.settings.bits // 8 + p.numel() // 8  # codes + scales/zeros at group 32
+            else:
+                total += p.numel() * p.element_size()
+        return total
+
     def save_extra_files(self, folder: Path) -> None:
         """Save the tokenizer beside the weights (subclasses add processors)."""
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
@@ -219,10 +224,11 @@ class AutoRound:
         """Export to ``output_dir`` (one sub-folder per format when several are given).
 
         ``inplace=True`` packs the in-memory model (it then holds quantized modules and cannot be
-        exported again); with several formats only the last one packs in place. An existing
-        non-empty folder is replaced, only after the new checkpoint is complete, when it is an
-        earlier checkpoint (``overwrite=None``, the default) or when ``overwrite=True``; the source
-        model's own folder is never overwritten.
+        exported again); with several formats only the last one packs in place. The checkpoint is
+        written to a hidden sibling and swapped in when complete; in a folder that already holds
+        files only what an earlier run of ours wrote (its manifest) is replaced, your own files are
+        kept, and a non-empty folder we did not write needs ``overwrite=True``; the source model's
+        folder (or one inside or around it) is never written (:mod:`auto_round.export.folder`).
         """
         from auto_round.export import get_format
 
@@ -238,13 +244,12 @@ class AutoRound:
                if (why := check(n, q.out_features, q.in_features, q))]
         if bad:
             raise ValueError("cannot export these layers:\n  " + "\n  ".join(bad[:10]))
-        root = Path(output_dir)
-        targets = [root] if len(formats) == 1 else [root / f.replace(":", "-") for f in formats]
+        targets = output_targets(output_dir, formats)
         qconfig = self.quantization_config()
         written = []
         for i, (fmt, target) in enumerate(zip(formats, targets)):
             pack_inplace = inplace and i == len(formats) - 1
-            self._write_atomically(target, overwrite, lambda tmp: (
+            write_atomically(target, self.source, overwrite, lambda tmp: (
                 get_format(fmt).export(self.model, self.quantized_layers, tmp, dict(qconfig), pack_inplace,
                                        tokenizer=self.tokenizer),
                 self.save_extra_files(tmp)))
@@ -253,35 +258,14 @@ class AutoRound:
             written.append(target)
         return written
 
-    def _write_atomically(self, target: Path, overwrite: Optional[bool], write) -> None:
-        target = target.resolve()
-        if _same_path(target, self.source):
-            raise ValueError(f"output_dir {str(target)!r} is the source model's folder; choose another folder")
-        if target.exists() and not target.is_dir():
-            raise ValueError(f"output_dir {str(target)!r} exists and is a file; choose a folder path")
-        if target.is_dir() and any(target.iterdir()):
-            allowed = _looks_like_checkpoint(target) if overwrite is None else overwrite
-            if not allowed:
-                raise FileExistsError(f"output_dir {str(target)!r} is not empty and holds no earlier checkpoint; "
-                                      "pass overwrite=True (--overwrite) or choose another folder")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.parent / f".{target.name}.partial-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            write(tmp)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        if target.exists():
-            target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-
     def quantize_and_save(self, output_dir: Union[str, Path] = "tmp_autoround",
                           format: Union[str, Sequence[str]] = "auto_round", inplace: bool = True,
                           overwrite: Optional[bool] = None) -> List[Path]:
-        """:meth:`quantize` (with the format checked before tuning) then :meth:`save_quantized`."""
+        """:meth:`quantize` then :meth:`save_quantized`; the formats and every output folder are checked
+        before tuning (source folder, files of yours in the way, permissions, free space)."""
+        formats = parse_formats(format)
+        estimate = self.estimated_checkpoint_bytes()
+        for target in output_targets(output_dir, formats):
+            check_output_dir(target, self.source, overwrite, estimated_bytes=estimate)
         self.quantize(format=format)
         return self.save_quantized(output_dir, format=format, inplace=inplace, overwrite=overwrite)
