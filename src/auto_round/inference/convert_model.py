@@ -296,6 +296,7 @@ def convert_hf_model(model: nn.Module, target_device: str = "cpu") -> Tuple[nn.M
             device=linear.weight.device,
             scale_dtype=scale_dtype,
         )
+        layer.expect_checkpoint()
         _replace(model, name, layer)
     logger.info(
         "quantized layers: %d; backends for %s: %s", len(schemes), target_device, dict(used)
@@ -306,9 +307,12 @@ def convert_hf_model(model: nn.Module, target_device: str = "cpu") -> Tuple[nn.M
 def post_init(model: nn.Module, used_backends: Optional[List[str]] = None) -> None:
     """After the weights are loaded: each ``QuantLinear`` selects its backend and repacks."""
     chosen: Counter = Counter()
-    for module in model.modules():
+    for name, module in model.named_modules():
         if isinstance(module, QuantLinear):
-            module.post_init()
+            try:
+                module.post_init()
+            except ValueError as err:
+                raise ValueError(f"quantized layer {name!r}: {err}") from err
             chosen[module.backend_name] += 1
     if used_backends is not None and set(chosen) - set(used_backends):
         logger.info(

@@ -95,6 +95,25 @@ class QuantLinear(nn.Module):
         else:
             self.g_idx = None
         self.register_load_state_dict_post_hook(_reset_after_load)
+        self._awaiting: Optional[set] = None  # checkpoint tensors not loaded yet (see expect_checkpoint)
+
+    def expect_checkpoint(self) -> None:
+        """Mark this empty layer as waiting for its checkpoint tensors: :meth:`post_init` refuses to run
+        while one of them was not loaded (transformers would leave it as uninitialised memory)."""
+        self._awaiting = {n for n in ("qweight", "qzeros", "scales", "bias", "g_idx") if getattr(self, n) is not None}
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        awaiting = self.__dict__.get("_awaiting")
+        # transformers assigns every checkpoint tensor it loaded with the _is_hf_initialized flag, and
+        # assigns empty_like placeholders (garbage memory) for missing or misshapen keys without it.
+        if awaiting and name in awaiting and getattr(value, "_is_hf_initialized", False):
+            awaiting.discard(name)
+        super().__setattr__(name, value)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # type: ignore[override]
+        if self._awaiting:
+            self._awaiting -= {n for n in list(self._awaiting) if prefix + n in state_dict}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @classmethod
     def from_quantized(
@@ -176,6 +195,11 @@ class QuantLinear(nn.Module):
 
     def post_init(self) -> None:
         """Choose the backend for the buffers' device and prepare its packed weight once."""
+        if self._awaiting:
+            raise ValueError(f"the checkpoint has no {', '.join(sorted(self._awaiting))} of the right shape for "
+                             f"this quantized [{self.out_features}, {self.in_features}] layer (bits={self.bits}, "
+                             f"group_size={self.group_size}, packing {self.packing_format!r}): the file is incomplete "
+                             "or was written for another scheme; re-export it")
         if self.qweight.is_meta or self.scales.is_meta:
             raise RuntimeError(
                 "QuantLinear buffers are still on the meta device: the checkpoint did not "
