@@ -82,6 +82,15 @@ def _check_models(formats: Sequence[str], model: nn.Module, tokenizer: Any) -> N
             raise ValueError(f"cannot export this model as {fmt!r}: {why}")
 
 
+def _check_finite_weights(model: nn.Module, plan: QuantPlan) -> None:
+    """NaN/Inf in a weight to quantize would give NaN scales: refuse before tuning, naming the layers."""
+    bad = [lp.name for lp in plan.quantized if not bool(torch.isfinite(model.get_submodule(lp.name).weight).all())]
+    if bad:
+        shown = ", ".join(bad[:8]) + (f" (+{len(bad) - 8} more)" if len(bad) > 8 else "")
+        raise ValueError(f"the weights of {len(bad)} layer(s) hold NaN or Inf: {shown}; the model is damaged "
+                         "(check the checkpoint, or the dtype it was loaded in), or keep them FP with fp_layers")
+
+
 def output_targets(output_dir: Union[str, Path], formats: Sequence[str]) -> List[Path]:
     """The folder of each format: ``output_dir`` itself for one format, a sub-folder per format for several."""
     root = Path(output_dir)
@@ -116,6 +125,7 @@ class AutoRound:
         self.block_results: List[BlockResult] = []
         self.summary: Dict[str, Any] = {}
         self.dataset_used: str = "none (round-to-nearest)"
+        self.samples_used: Optional[int] = None  # calibration samples really used (recorded in the config)
         self._packed = False
 
     # ------------------------------------------------------------------ hooks for subclasses
@@ -143,6 +153,7 @@ class AutoRound:
         self.dataset_used = calib.description
         dev = next(self.model.parameters()).device
         ids, mask = calib.input_ids, calib.attention_mask
+        self.samples_used = int(ids.shape[0])
         return [{"input_ids": ids[i:i + s.batch_size].to(dev), "attention_mask": mask[i:i + s.batch_size].to(dev)}
                 for i in range(0, ids.shape[0], s.batch_size)]
 
@@ -154,6 +165,7 @@ class AutoRound:
         self.plan = resolve_plan(self.model, self.settings, self.block_list_names(), check,
                                  self.forced_fp_layers(), self.outside_reasons())
         _check_whole_plan(self.plan, formats, self.settings.torch_scale_dtype)
+        _check_finite_weights(self.model, self.plan)
         for line in self.plan.summary_lines():
             logger.info("plan: %s", line)
         return self.plan
@@ -199,7 +211,10 @@ class AutoRound:
 
         if self.plan is None:
             raise RuntimeError("call quantize() first")
-        return build_quantization_config(self.settings, self.plan, self.dataset_used)
+        config = build_quantization_config(self.settings, self.plan, self.dataset_used)
+        if self.samples_used is not None:
+            config["nsamples"] = self.samples_used  # what was really used, not what was asked
+        return config
 
     # ------------------------------------------------------------------ export
     def estimated_checkpoint_bytes(self) -> int:

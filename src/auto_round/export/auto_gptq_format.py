@@ -27,6 +27,7 @@ from auto_round.quant.types import QuantizedWeight
 # "wikitext2"/"c4"/"c4-new" and refuses every other value, so plain from_pretrained failed on it.
 _KEPT = ("block_name_to_quantize", "iters", "nsamples", "seqlen", "autoround_version", "data_type")
 _RENAMED = {"dataset": "autoround_dataset"}
+GPTQ_BITS = (2, 3, 4, 8)
 
 
 class AutoGPTQExporter(AutoRoundExporter):
@@ -34,6 +35,12 @@ class AutoGPTQExporter(AutoRoundExporter):
 
     def __init__(self) -> None:
         super().__init__("auto_gptq", force_style="auto_round:auto_gptq")
+
+    def check_layer(self, name: str, out_features: int, in_features: int, bits: int, group_size: int,
+                    sym: bool) -> Optional[str]:
+        if bits not in GPTQ_BITS:  # transformers' GPTQConfig and the GPTQ kernels take no other width
+            return f"format 'auto_gptq' stores bits {GPTQ_BITS}, not bits={bits}; use format 'auto_round' for {bits}-bit"
+        return super().check_layer(name, out_features, in_features, bits, group_size, sym)
 
     def check_scale_dtype(self, scale_dtype: torch.dtype) -> Optional[str]:
         if scale_dtype != torch.float16:

@@ -180,6 +180,7 @@ class AutoRoundMLLM(AutoRound):
 
         s = self.settings
         samples, self.dataset_used = load_image_text_samples(s.dataset, self.extra_data_dir, s.nsamples, s.seed)
+        self.samples_used = len(samples)
         name = self.template.processor
         if name == "hf" and self.family is not None and self.family.processor != "hf":
             name = self.family.processor  # no template names a processor: the family's own

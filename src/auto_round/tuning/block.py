@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -194,6 +195,14 @@ def tune_unit(
                 sq.mul(LOSS_SCALE).backward()
                 parts.append((sq.item(), n))
             loss = sum(s for s, _ in parts) / max(sum(n for _, n in parts), 1)
+            if not math.isfinite(loss):
+                if best == float("inf") or settings.not_use_best_mse:
+                    raise RuntimeError(f"{name}: the tuning loss is {loss} at iteration {it} and no earlier finite "
+                                       "state is kept: the block's inputs or weights overflow (check the model for "
+                                       "NaN/Inf, load it in float32, or lower lr/minmax_lr)")
+                logger.warning("%s: the tuning loss became %s at iteration %d; stopping this block with its best "
+                               "finite iteration (%d, loss %.6g)", name, loss, it, best_iter, best)
+                break
             if it == 0:
                 first = loss
             last = loss

@@ -140,4 +140,8 @@ def quantize_model(
     missing = [lp.name for lp in plan.quantized if lp.name not in run.layers]
     if missing:
         raise RuntimeError(f"quantization silently skipped layers: {missing[:5]}")
+    bad = [n for n, q in run.layers.items() if not bool(torch.isfinite(q.scale).all())]
+    if bad:
+        raise RuntimeError(f"non-finite scales in {len(bad)} layer(s): {bad[:5]}; the weights or activations "
+                           "overflow (load the model in float32, or keep these layers FP with fp_layers)")
     return run.layers, run.results

@@ -1,0 +1,64 @@
+"""Numerical guards and recorded facts: no NaN checkpoint with exit 0, the config says what was used."""
+
+import json
+import logging
+
+import pytest
+import torch
+
+from auto_round import AutoRound
+from auto_round.tuning import block
+from tiny_models import tiny_llama
+from tokenizer_fixture import make_tokenizer
+
+FAST = dict(bits=2, group_size=32, iters=6, nsamples=4, seqlen=32, batch_size=2, dataset="auto_round:offline_corpus")
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_before_tuning_naming_the_layer(value):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = value
+    ar = AutoRound(model, make_tokenizer(), **FAST)
+    with pytest.raises(ValueError, match=r"NaN or Inf: model\.layers\.1\.mlp\.up_proj"):
+        ar.quantize()
+    assert not ar.quantized_layers
+
+
+def test_a_loss_that_turns_non_finite_keeps_the_best_finite_iteration(monkeypatch, caplog):
+    real, calls = block._sq_error, []
+
+    def flaky(out, target, mask):
+        sq, n = real(out, target, mask)
+        calls.append(1)
+        return (sq * float("nan"), n) if len(calls) == 4 else (sq, n)  # one call per iteration: block 0, iteration 3
+
+    monkeypatch.setattr(block, "_sq_error", flaky)
+    with caplog.at_level(logging.WARNING, logger="auto_round.tuning.block"):
+        ar = AutoRound(tiny_llama(), make_tokenizer(), **FAST).quantize()
+    assert "model.layers.0: the tuning loss became nan at iteration 3" in caplog.text
+    first, second = ar.block_results
+    assert first.best_iter <= 2 and second.best_iter <= 5  # the next block tunes normally
+    assert all(torch.isfinite(q.scale).all() for q in ar.quantized_layers.values())
+
+
+def test_a_loss_non_finite_from_the_start_is_an_error_naming_the_block(monkeypatch):
+    monkeypatch.setattr(block, "_sq_error", lambda out, target, mask: (out.sum() * float("nan"), 1))
+    with pytest.raises(RuntimeError, match=r"model\.layers\.0: the tuning loss is nan at iteration 0"):
+        AutoRound(tiny_llama(), make_tokenizer(), **FAST).quantize()
+
+
+def test_auto_gptq_refuses_5_bits_before_tuning():
+    ar = AutoRound(tiny_llama(), make_tokenizer(), **{**FAST, "bits": 5})
+    with pytest.raises(ValueError, match=r"'auto_gptq' stores bits \(2, 3, 4, 8\), not bits=5"):
+        ar.quantize(format="auto_gptq")
+    assert not ar.quantized_layers
+
+
+def test_saved_nsamples_is_the_count_really_used(tmp_path):
+    data = tmp_path / "few.txt"
+    data.write_text(" ".join(f"word{i}" for i in range(200)))  # room for only a few 32-token samples
+    ar = AutoRound(tiny_llama(), make_tokenizer(), **{**FAST, "iters": 1, "nsamples": 64, "dataset": str(data)})
+    out = ar.quantize_and_save(tmp_path / "q", inplace=False)[0]
+    used = json.loads((out / "config.json").read_text())["quantization_config"]["nsamples"]
+    assert used == ar.samples_used and 0 < used < 64
