@@ -91,6 +91,19 @@ def _check_finite_weights(model: nn.Module, plan: QuantPlan) -> None:
                          "(check the checkpoint, or the dtype it was loaded in), or keep them FP with fp_layers")
 
 
+def _check_seqlen(model: nn.Module, settings: Settings) -> None:
+    """Calibration windows longer than the model's positions: refused before tuning (some families index
+    past their position table, others extrapolate silently)."""
+    if settings.iters == 0:
+        return
+    cfg = getattr(model, "config", None)
+    text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
+    limit = getattr(text, "max_position_embeddings", None)
+    if isinstance(limit, int) and settings.seqlen > limit:
+        raise ValueError(f"seqlen={settings.seqlen} exceeds the model's max_position_embeddings={limit}; "
+                         f"use seqlen <= {limit}")
+
+
 def output_targets(output_dir: Union[str, Path], formats: Sequence[str]) -> List[Path]:
     """The folder of each format: ``output_dir`` itself for one format, a sub-folder per format for several."""
     root = Path(output_dir)
@@ -166,6 +179,7 @@ class AutoRound:
                                  self.forced_fp_layers(), self.outside_reasons())
         _check_whole_plan(self.plan, formats, self.settings.torch_scale_dtype)
         _check_finite_weights(self.model, self.plan)
+        _check_seqlen(self.model, self.settings)
         for line in self.plan.summary_lines():
             logger.info("plan: %s", line)
         return self.plan

@@ -79,7 +79,9 @@ def build_parser(prog: str, recipe: str = "default", extra_settings: Sequence[An
     p.add_argument("--trust_remote_code", action="store_true", help="allow modeling code shipped with the model")
     p.add_argument("--disable_trust_remote_code", action="store_true",
                    help="accepted for compatibility; remote code is already off unless --trust_remote_code")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into a non-empty folder auto_round did not write (your other files are kept)")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error")
     for flag, why in UNSUPPORTED.items():
         takes_value = flag in ("--eval_bs", "--device_map")
         p.add_argument(flag, dest=f"unsupported_{flag[2:]}", default=None, help=argparse.SUPPRESS,
@@ -97,6 +99,23 @@ def output_folder(output_dir: str, model: str, bits: int, group_size: int) -> Pa
     """``<output_dir>/<model basename>-w<bits>g<group_size>`` (reference naming)."""
     base = Path(model.rstrip("/")).name or "model"
     return Path(output_dir) / f"{base}-w{bits}g{group_size}"
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an error, with the fix for the environment faults users meet (memory, disk, files)."""
+    text = str(e).strip() or type(e).__name__
+    name = type(e).__name__
+    if isinstance(e, MemoryError) or "OutOfMemory" in name or "out of memory" in text.lower():
+        return (f"out of memory ({text.splitlines()[0]}); retry with low_gpu_mem_usage (--low_gpu_mem_usage), a "
+                "smaller --batch_size or --seqlen, or fewer --nsamples")
+    if isinstance(e, OSError) and getattr(e, "errno", None) == 28:
+        return f"no space left on the device ({text}); free some space or choose another --output_dir"
+    if "SafetensorError" in name or "safetensors" in type(e).__module__:
+        return (f"a .safetensors file could not be read ({text}); it is truncated or corrupt: download or "
+                "re-export it")
+    if isinstance(e, (ValueError, TypeError, OSError, RuntimeError)):
+        return text
+    return f"{name}: {text} (run with --debug for the traceback)"
 
 
 def _settings_kwargs(ns: argparse.Namespace, names: Sequence[str]) -> Dict[str, Any]:
@@ -123,8 +142,13 @@ def run(argv: Optional[List[str]], prog: str, recipe: str, mllm: bool) -> int:
                  **_settings_kwargs(ns, names))
         folder = output_folder(ns.output_dir, ns.model, ns.bits, ns.group_size)
         written = ar.quantize_and_save(folder, format=ns.format, overwrite=True if ns.overwrite else None)
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
-        sys.stderr.write(f"{prog}: error: {e}\n")
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{prog}: interrupted; nothing was written to the output folder\n")
+        return 130
+    except Exception as e:  # a user error or an environment fault: one line, the traceback only with --debug
+        if ns.debug:
+            raise
+        sys.stderr.write(f"{prog}: error: {describe_error(e)}\n")
         return 2
     for w in written:
         sys.stdout.write(f"saved {w}\n")

@@ -45,6 +45,21 @@ def load_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
         raise _offline_error(name, e) from e
 
 
+def _refuse_vlm_folder(name: str, trust_remote_code: bool) -> None:
+    """A local vision-language model folder given to the text API: say which API takes it."""
+    if not os.path.isdir(name):
+        return
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return  # let the model loader report it
+    if type(config) in AutoModelForImageTextToText._model_mapping and type(config) not in AutoModelForCausalLM._model_mapping:
+        raise ValueError(f"{name!r} is a vision-language model ({type(config).__name__}); quantize it with "
+                         "AutoRoundMLLM (auto_round.AutoRoundMLLM) or the auto-round-mllm command")
+
+
 def load_causal_lm(
     model: Union[str, Path, nn.Module],
     tokenizer: Any = None,
@@ -59,6 +74,7 @@ def load_causal_lm(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     name = str(model)
+    _refuse_vlm_folder(name, trust_remote_code)
     m = load_pretrained(AutoModelForCausalLM, name, dtype=resolve_dtype(model_dtype),
                         trust_remote_code=trust_remote_code)
     m.eval()

@@ -151,6 +151,11 @@ def resolve_plan(
                 if isinstance(m, nn.Linear):  # sub == "" when the unit is itself a Linear
                     block_of[f"{bname}.{sub}" if sub else bname] = bname
     linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+              and any(n.startswith(b + ".") for _, unit_names in lists for b in unit_names)]
+    if conv1d:  # GPT-2-style transformers Conv1D: a Linear with transposed weight, not swapped here
+        logger.warning("%d transformers Conv1D layer(s) in the tuned blocks stay in full precision (only nn.Linear "
+                       "is quantized): %s", len(conv1d), ", ".join(conv1d[:6]) + (" ..." if len(conv1d) > 6 else ""))
     names = list(linears)
     # nn.MultiheadAttention reads out_proj.weight directly instead of calling its forward.
     unswappable = {f"{n}.{c}" if n else c: f"weight read directly by {type(m).__name__}"
