@@ -62,3 +62,19 @@ def test_saved_nsamples_is_the_count_really_used(tmp_path):
     out = ar.quantize_and_save(tmp_path / "q", inplace=False)[0]
     used = json.loads((out / "config.json").read_text())["quantization_config"]["nsamples"]
     assert used == ar.samples_used and 0 < used < 64
+
+
+def test_same_seed_gives_bit_identical_checkpoints_across_thread_counts(tmp_path):
+    import hashlib
+
+    digests = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            ar = AutoRound(tiny_llama(), make_tokenizer(), **{**FAST, "iters": 3})
+            out = ar.quantize_and_save(tmp_path / f"t{threads}-{len(digests)}", inplace=False)[0]
+            digests.append(hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest())
+    finally:
+        torch.set_num_threads(before)
+    assert len(set(digests)) == 1, digests
