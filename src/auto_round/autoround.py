@@ -104,6 +104,19 @@ def _check_seqlen(model: nn.Module, settings: Settings) -> None:
                          f"use seqlen <= {limit}")
 
 
+def default_resume_dir(output_dir: Union[str, Path]) -> Path:
+    """Where :meth:`AutoRound.quantize_and_save` checkpoints tuned blocks: ``.<name>.resume`` beside the output."""
+    out = Path(output_dir).expanduser().resolve()
+    return out.parent / f".{out.name}.resume"
+
+
+def clear_resume_dir(folder: Union[str, Path]) -> None:
+    from auto_round.tuning.resume import ResumeStore
+
+    if Path(folder).is_dir():
+        ResumeStore.remove(Path(folder))
+
+
 def output_targets(output_dir: Union[str, Path], formats: Sequence[str]) -> List[Path]:
     """The folder of each format: ``output_dir`` itself for one format, a sub-folder per format for several."""
     root = Path(output_dir)
@@ -184,8 +197,11 @@ class AutoRound:
             logger.info("plan: %s", line)
         return self.plan
 
-    def quantize(self, format: Union[None, str, Sequence[str]] = None) -> "AutoRound":
-        """Run the whole tuning; ``format`` (optional) is checked against every layer first."""
+    def quantize(self, format: Union[None, str, Sequence[str]] = None, resume_dir: Optional[str] = None) -> "AutoRound":
+        """Run the whole tuning; ``format`` (optional) is checked against every layer first.
+
+        Tuned blocks are checkpointed in ``resume_dir`` (default: the ``resume_dir`` setting; none when
+        both are None) and reused by a rerun with the same model, data and settings."""
         if self.quantized_layers:
             raise RuntimeError("this AutoRound has already quantized its model; create a new one to re-run")
         t0 = time.perf_counter()
@@ -200,7 +216,7 @@ class AutoRound:
             return batches
 
         self.quantized_layers, self.block_results = quantize_model(
-            self.model, plan, self.settings, factory, self.device)
+            self.model, plan, self.settings, factory, self.device, resume_dir=resume_dir or self.settings.resume_dir)
         self.summary = self._summarize(time.perf_counter() - t0)
         logger.info("quantized %d layers in %.1fs; peak RSS %.0f MiB", len(self.quantized_layers),
                     self.summary["seconds"], self.summary["peak_rss_mb"])
@@ -296,5 +312,8 @@ class AutoRound:
         estimate = self.estimated_checkpoint_bytes()
         for target in output_targets(output_dir, formats):
             check_output_dir(target, self.source, overwrite, estimated_bytes=estimate)
-        self.quantize(format=format)
-        return self.save_quantized(output_dir, format=format, inplace=inplace, overwrite=overwrite)
+        resume = self.settings.resume_dir or str(default_resume_dir(output_dir))
+        self.quantize(format=format, resume_dir=resume)
+        written = self.save_quantized(output_dir, format=format, inplace=inplace, overwrite=overwrite)
+        clear_resume_dir(resume)  # the checkpoint is complete: its tuned units are no longer needed
+        return written

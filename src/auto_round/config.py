@@ -68,6 +68,9 @@ class Settings:
         None, "per-layer overrides {name or regex: {bits, group_size, sym}}; bits >= 16 keeps FP", api=True)
     fp_layers: str = _opt("", "comma list of layer-name fragments kept in full precision")
     quant_lm_head: bool = _opt(False, "also quantize lm_head (refused with tied embeddings)")
+    resume_dir: Optional[str] = _opt(None, "checkpoint each tuned block here; rerun with the same value (and the "
+                                           "same model, data, settings) to continue an interrupted run. "
+                                           "quantize_and_save uses a hidden folder beside the output by default")
     to_quant_block_names: Optional[Union[str, Tuple[str, ...]]] = _opt(
         None, "comma list of block-list paths to tune (default: found automatically)")
 

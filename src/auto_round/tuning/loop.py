@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -22,6 +23,7 @@ from auto_round.config import Settings
 from auto_round.quant.types import QuantizedWeight
 from auto_round.tuning.block import BlockResult, UnitInputs, amp_dtype, cast_input, run_unit_amp, tune_unit
 from auto_round.tuning.plan import QuantPlan
+from auto_round.tuning.resume import ResumeStore, data_fingerprint, run_fingerprint
 from auto_round.tuning.wrapper import rtn_quantize
 
 logger = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ class _Run:
     gen: torch.Generator
     layers: Dict[str, QuantizedWeight] = field(default_factory=dict)
     results: List[BlockResult] = field(default_factory=list)
+    resume_dir: Optional[str] = None
+    store: Optional[ResumeStore] = None
+    unit_index: int = 0
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -73,6 +78,9 @@ def _tune_list(run: _Run, path: str, block_names: Sequence[str]) -> None:
     try:
         blocks = [run.model.get_submodule(b) for b in block_names]
         captured = capture_block_inputs(run.model, blocks, run.batches(), cache_device)
+        if run.resume_dir is not None and run.store is None:  # opened once the calibration data exists
+            fingerprint = {**run_fingerprint(s, run.plan, run.model), "data": data_fingerprint(run.batches())}
+            run.store = ResumeStore(Path(run.resume_dir), fingerprint)
         q_in = [store.put(c.hidden) for c in captured]
         for c in captured:
             c.hidden = None  # held by the store from here on
@@ -103,8 +111,24 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
     targets, ac = _forward_all(unit, fp_in, extras, run.device, store, ac, name)
     layers = [lp for n in names for lp in run.plan.in_block(n)]
     if layers:
-        res = tune_unit(run.model, name, unit, layers, q_in, targets, extras, run.settings, run.device,
-                        run.gen, torch.float32, ac)
+        index, run.unit_index = run.unit_index, run.unit_index + 1
+        saved = run.store.load_unit(index, name) if run.store is not None else None
+        if saved is not None:  # tuned before an interruption: its recorded weights, as finalize wrote them
+            qlayers, result, gen_state = saved
+            with torch.no_grad():
+                for n, qw in qlayers.items():
+                    w = run.model.get_submodule(n).weight
+                    w.copy_(qw.dequantize(w.dtype).to(w.device))
+            run.gen.set_state(gen_state)
+            res = BlockResult(**result, layers=qlayers)
+            logger.info("%s: resumed from %s", name, run.resume_dir)
+        else:
+            res = tune_unit(run.model, name, unit, layers, q_in, targets, extras, run.settings, run.device,
+                            run.gen, torch.float32, ac)
+            if run.store is not None:
+                result = {k: getattr(res, k) for k in ("name", "first_loss", "last_loss", "best_loss", "best_iter",
+                                                        "seconds")}
+                run.store.save_unit(index, name, res.layers, result, run.gen.get_state())
         run.layers.update(res.layers)
         run.results.append(res)
         logger.info("%s: loss first %.6g  last %.6g  best %.6g @%d  (%.1fs)", res.name, res.first_loss,
@@ -123,14 +147,17 @@ def quantize_model(
     batches: BatchFactory,
     device: torch.device,
     progress: bool = True,
+    resume_dir: Optional[str] = None,
 ) -> Tuple[Dict[str, QuantizedWeight], List[BlockResult]]:
     """Quantize ``model`` in place following ``plan``; returns integer records and block losses.
 
     ``batches()`` yields model-input dicts on the model's device (called once per block list).
     With ``settings.iters == 0`` no data is used: every planned layer is rounded to nearest.
+    ``resume_dir``: checkpoint each tuned unit there and reuse the units found (:mod:`auto_round.tuning.resume`).
     """
     torch.manual_seed(settings.seed)
-    run = _Run(model, plan, settings, batches, device, progress, torch.Generator().manual_seed(settings.seed))
+    run = _Run(model, plan, settings, batches, device, progress, torch.Generator().manual_seed(settings.seed),
+               resume_dir=resume_dir)
     if settings.iters > 0:
         for path, names in plan.block_lists:
             _tune_list(run, path, names)
