@@ -73,3 +73,23 @@ def test_gpt2_conv1d_layers_are_announced(caplog):
         with pytest.raises(ValueError, match="quantizes no layer"):
             AutoRound(model, make_tokenizer(), iters=0, group_size=32, to_quant_block_names="transformer.h").quantize()
     assert "8 transformers Conv1D layer(s) in the tuned blocks stay in full precision" in caplog.text
+
+
+def test_pickled_weights_are_refused_unless_allowed(tmp_path, capsys):
+    d = tmp_path / "pickled"
+    model = tiny_llama()
+    model.config.save_pretrained(d)
+    torch.save(model.state_dict(), d / "pytorch_model.bin")  # transformers 5 writes only safetensors
+    make_tokenizer().save_pretrained(d)
+    assert not list(d.glob("*.safetensors")) and list(d.glob("*.bin"))
+    with pytest.raises(ValueError, match=r"pickled weights only \(pytorch_model.bin\).*allow_pickle=True"):
+        AutoRound(str(d), iters=0)
+    assert main(["--model", str(d), "--iters", "0", "--output_dir", str(tmp_path / "o")]) == 2
+    assert "--allow_pickle" in capsys.readouterr().err
+    ar = AutoRound(str(d), iters=0, group_size=32, allow_pickle=True)
+    assert torch.equal(ar.model.lm_head.weight, tiny_llama().lm_head.weight)
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04 not a pickle")
+    with pytest.raises(Exception):  # a bad pickle fails loudly, and the CLI says so in one line
+        AutoRound(str(d), iters=0, allow_pickle=True)
+    assert main(["--model", str(d), "--iters", "0", "--allow_pickle", "--output_dir", str(tmp_path / "o")]) == 2
+    assert "Traceback" not in capsys.readouterr().err

@@ -131,6 +131,8 @@ class AutoRound:
         tokenizer: the model's tokenizer (loaded from ``model`` when it is a name and this is None).
         model_dtype: dtype to load a model given by name ("fp32", "bf16", "fp16", "auto").
         trust_remote_code: allow modeling code shipped with a checkpoint (off by default).
+        allow_pickle: read a folder whose weights are pickled only (``.bin``), with ``weights_only=True``;
+            refused by default (pickles can run code).
         **options: every field of :class:`auto_round.config.Settings` (bits, group_size, sym,
             iters, lr, nsamples, seqlen, batch_size, dataset, layer_config, ...). A misspelt
             keyword raises ``TypeError``.
@@ -140,11 +142,12 @@ class AutoRound:
     """
 
     def __init__(self, model: Union[str, Path, nn.Module], tokenizer: Any = None, *,
-                 model_dtype: Optional[str] = None, trust_remote_code: bool = False, **options: Any) -> None:
+                 model_dtype: Optional[str] = None, trust_remote_code: bool = False, allow_pickle: bool = False,
+                 **options: Any) -> None:
         self.settings: Settings = build_settings(**options)
         self.device = resolve_device(self.settings.device)
         self.model, self.tokenizer, self.source = load_causal_lm(
-            model, tokenizer, model_dtype=model_dtype, trust_remote_code=trust_remote_code)
+            model, tokenizer, model_dtype=model_dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         self.model.eval()
         self.plan: Optional[QuantPlan] = None
         self.quantized_layers: Dict[str, QuantizedWeight] = {}

@@ -77,6 +77,8 @@ def build_parser(prog: str, recipe: str = "default", extra_settings: Sequence[An
     p.add_argument("--output_dir", default="./tmp_autoround", help="parent folder of the exported model")
     p.add_argument("--model_dtype", default=None, help="dtype to load the model in: fp32, bf16, fp16, auto")
     p.add_argument("--trust_remote_code", action="store_true", help="allow modeling code shipped with the model")
+    p.add_argument("--allow_pickle", action="store_true",
+                   help="read a model folder whose weights are pickled only (.bin), with weights_only=True")
     p.add_argument("--disable_trust_remote_code", action="store_true",
                    help="accepted for compatibility; remote code is already off unless --trust_remote_code")
     p.add_argument("--overwrite", action="store_true",
@@ -138,7 +140,7 @@ def run(argv: Optional[List[str]], prog: str, recipe: str, mllm: bool) -> int:
             parser.error(f"{flag} is not supported: {why}")
     names = [f.name for f in [*fields(Settings), *extra]]
     try:
-        ar = cls(ns.model, model_dtype=ns.model_dtype, trust_remote_code=ns.trust_remote_code,
+        ar = cls(ns.model, model_dtype=ns.model_dtype, trust_remote_code=ns.trust_remote_code, allow_pickle=ns.allow_pickle,
                  **_settings_kwargs(ns, names))
         folder = output_folder(ns.output_dir, ns.model, ns.bits, ns.group_size)
         written = ar.quantize_and_save(folder, format=ns.format, overwrite=True if ns.overwrite else None)

@@ -27,7 +27,7 @@ from auto_round.config import DEFAULT_DATASET, _opt
 from auto_round.mllm.families import Family, family_for, resolve_family_blocks
 from auto_round.mllm.template import Template, get_template
 from auto_round.models.blocks import resolve_block_names
-from auto_round.models.loading import load_pretrained, resolve_dtype
+from auto_round.models.loading import load_pretrained, pickle_kwargs, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def is_image_text_dataset(dataset: str) -> bool:
 
 
 def load_vlm(model: Union[str, Path, nn.Module], tokenizer: Any, processor: Any, model_dtype: Optional[str],
-             trust_remote_code: bool) -> Tuple[nn.Module, Any, Any]:
+             trust_remote_code: bool, allow_pickle: bool = False) -> Tuple[nn.Module, Any, Any]:
     """Load model, tokenizer and processor when ``model`` is a folder or hub id."""
     if isinstance(model, nn.Module):
         return model, tokenizer, processor
@@ -72,10 +72,11 @@ def load_vlm(model: Union[str, Path, nn.Module], tokenizer: Any, processor: Any,
     name = str(model)
     kw = {"trust_remote_code": trust_remote_code}
     load_pretrained(AutoConfig, name, **kw)  # clear error for a bad folder / offline hub id
+    weights = pickle_kwargs(name, allow_pickle)
     try:
-        m = load_pretrained(AutoModelForImageTextToText, name, dtype=resolve_dtype(model_dtype), **kw)
+        m = load_pretrained(AutoModelForImageTextToText, name, dtype=resolve_dtype(model_dtype), **kw, **weights)
     except ValueError:  # remote-code VLMs register as causal LMs
-        m = load_pretrained(AutoModelForCausalLM, name, dtype=resolve_dtype(model_dtype), **kw)
+        m = load_pretrained(AutoModelForCausalLM, name, dtype=resolve_dtype(model_dtype), **kw, **weights)
     if processor is None:
         try:
             processor = AutoProcessor.from_pretrained(name, **kw)
@@ -103,8 +104,9 @@ class AutoRoundMLLM(AutoRound):
                  image_processor: Any = None, *, dataset: Optional[str] = None, extra_data_dir: Optional[str] = None,
                  template: Union[None, str, Template] = None, quant_nontext_module: bool = False,
                  truncation: Optional[bool] = None, model_dtype: Optional[str] = None,
-                 trust_remote_code: bool = False, **options: Any) -> None:
-        model, tokenizer, processor = load_vlm(model, tokenizer, processor, model_dtype, trust_remote_code)
+                 trust_remote_code: bool = False, allow_pickle: bool = False, **options: Any) -> None:
+        model, tokenizer, processor = load_vlm(model, tokenizer, processor, model_dtype, trust_remote_code,
+                                               allow_pickle)
         self.processor, self.image_processor = processor, image_processor
         self.quant_nontext_module, self.extra_data_dir, self.truncation = quant_nontext_module, extra_data_dir, truncation
         model_type = getattr(model.config, "model_type", None)

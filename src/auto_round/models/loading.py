@@ -45,6 +45,26 @@ def load_pretrained(loader: Any, name: str, **kwargs: Any) -> Any:
         raise _offline_error(name, e) from e
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+
+
+def pickle_kwargs(name: str, allow_pickle: bool) -> dict:
+    """``from_pretrained`` keywords for a local folder's weights: safetensors only, unless the folder holds
+    pickled weights alone and ``allow_pickle`` says to read them (transformers then loads them with
+    ``torch.load(weights_only=True)``, so a pickle can still not run code)."""
+    if not os.path.isdir(name):
+        return {}
+    files = os.listdir(name)
+    if any(f.endswith(".safetensors") for f in files):
+        return {"use_safetensors": True}
+    pickled = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
+    if pickled and not allow_pickle:
+        raise ValueError(f"{name!r} holds pickled weights only ({', '.join(pickled[:3])}); pickles can run code when "
+                         "read, so they are refused: convert the model to safetensors, or pass allow_pickle=True "
+                         "(--allow_pickle) to read them with torch.load(weights_only=True)")
+    return {"use_safetensors": False, "weights_only": True} if pickled else {}
+
+
 def _refuse_vlm_folder(name: str, trust_remote_code: bool) -> None:
     """A local vision-language model folder given to the text API: say which API takes it."""
     if not os.path.isdir(name):
@@ -66,6 +86,7 @@ def load_causal_lm(
     *,
     model_dtype: Optional[str] = None,
     trust_remote_code: bool = False,
+    allow_pickle: bool = False,
 ) -> Tuple[nn.Module, Any, Optional[str]]:
     """Return ``(model, tokenizer, source_dir)``; loads both when ``model`` is a name or path."""
     if isinstance(model, nn.Module):
@@ -76,7 +97,7 @@ def load_causal_lm(
     name = str(model)
     _refuse_vlm_folder(name, trust_remote_code)
     m = load_pretrained(AutoModelForCausalLM, name, dtype=resolve_dtype(model_dtype),
-                        trust_remote_code=trust_remote_code)
+                        trust_remote_code=trust_remote_code, **pickle_kwargs(name, allow_pickle))
     m.eval()
     if tokenizer is None:
         tokenizer = load_pretrained(AutoTokenizer, name, trust_remote_code=trust_remote_code)
