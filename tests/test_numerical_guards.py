@@ -78,3 +78,22 @@ def test_same_seed_gives_bit_identical_checkpoints_across_thread_counts(tmp_path
     finally:
         torch.set_num_threads(before)
     assert len(set(digests)) == 1, digests
+
+
+def test_activations_beyond_fp16_range_are_reported_at_export(tmp_path, caplog):
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(1e7)  # the residual stream, and so every block output, leaves fp16
+    ar = AutoRound(model, make_tokenizer(), **{**FAST, "bits": 4, "iters": 1}).quantize()
+    assert ar.block_results[0].peak_activation > 65504
+    with caplog.at_level(logging.WARNING, logger="auto_round.autoround"):
+        ar.save_quantized(tmp_path / "q", inplace=False)
+    assert "exceed the fp16 range" in caplog.text and "model.layers.0" in caplog.text
+    assert ar.summary["blocks"][0]["peak_activation"] > 65504
+
+
+def test_ordinary_activations_are_not_reported(tmp_path, caplog):
+    ar = AutoRound(tiny_llama(), make_tokenizer(), **{**FAST, "bits": 4, "iters": 1}).quantize()
+    with caplog.at_level(logging.WARNING, logger="auto_round.autoround"):
+        ar.save_quantized(tmp_path / "q", inplace=False)
+    assert "fp16 range" not in caplog.text and 0 < ar.block_results[0].peak_activation < 65504

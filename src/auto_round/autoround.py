@@ -104,6 +104,18 @@ def _check_seqlen(model: nn.Module, settings: Settings) -> None:
                          f"use seqlen <= {limit}")
 
 
+FP16_MAX = 65504.0
+
+
+def _warn_fp16_overflow(results: Sequence[BlockResult]) -> None:
+    """Blocks whose activations exceed fp16's range give inf/garbage in fp16 kernels: said at export."""
+    over = sorted((r for r in results if r.peak_activation > FP16_MAX), key=lambda r: -r.peak_activation)
+    if over:
+        logger.warning("activations of %d block(s) exceed the fp16 range (max |x| %.3g in %s, fp16 ends at 65504): "
+                       "run the quantized model in bf16 or fp32, not fp16 (e.g. vLLM --dtype bfloat16)",
+                       len(over), over[0].peak_activation, over[0].name)
+
+
 def default_resume_dir(output_dir: Union[str, Path]) -> Path:
     """Where :meth:`AutoRound.quantize_and_save` checkpoints tuned blocks: ``.<name>.resume`` beside the output."""
     out = Path(output_dir).expanduser().resolve()
@@ -236,7 +248,8 @@ class AutoRound:
             "quantized_layers": len(self.quantized_layers),
             "kept_fp": {lp.name: lp.reason for lp in self.plan.kept_fp},
             "blocks": [{"name": r.name, "first": r.first_loss, "last": r.last_loss, "best": r.best_loss,
-                        "best_iter": r.best_iter, "seconds": round(r.seconds, 3)} for r in self.block_results],
+                        "best_iter": r.best_iter, "seconds": round(r.seconds, 3),
+                        "peak_activation": r.peak_activation} for r in self.block_results],
         }
 
     def quantization_config(self) -> Dict[str, Any]:
@@ -294,6 +307,7 @@ class AutoRound:
             raise ValueError("cannot export these layers:\n  " + "\n  ".join(bad[:10]))
         targets = output_targets(output_dir, formats)
         qconfig = self.quantization_config()
+        _warn_fp16_overflow(self.block_results)
         written = []
         for i, (fmt, target) in enumerate(zip(formats, targets)):
             pack_inplace = inplace and i == len(formats) - 1

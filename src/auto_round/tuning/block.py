@@ -50,6 +50,7 @@ class BlockResult:
     best_iter: int
     seconds: float
     layers: Dict[str, QuantizedWeight] = field(default_factory=dict, repr=False)
+    peak_activation: float = 0.0  # largest |output| of the unit's FP forward (fp16 overflows beyond 65504)
 
 
 def cast_input(x, device, dtype):

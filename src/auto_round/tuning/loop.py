@@ -57,13 +57,16 @@ def _progress(total: int, desc: str, enabled: bool):
 
 @torch.no_grad()
 def _forward_all(blocks, inputs: Sequence[Any], extras: Sequence[UnitInputs], device, store: TensorStore,
-                 autocast: Optional[torch.dtype], name: str) -> Tuple[List[Any], Optional[torch.dtype]]:
-    """Outputs of ``blocks`` for every batch (stored), under ``autocast`` like the tuning forward."""
+                 autocast: Optional[torch.dtype], name: str) -> Tuple[List[Any], Optional[torch.dtype], float]:
+    """Outputs of ``blocks`` for every batch (stored), under ``autocast`` like the tuning forward, the autocast
+    dtype to keep using, and the largest output magnitude."""
     outs = []
+    peak = 0.0
     for x, ex in zip(inputs, extras):
         out, autocast = run_unit_amp(blocks, cast_input(x, device, torch.float32), ex, device, autocast, name)
+        peak = max(peak, float(out.detach().abs().max())) if out.numel() else peak
         outs.append(store.put(out.float()))
-    return outs, autocast
+    return outs, autocast, peak
 
 
 def _unit_extras(captured: List[CapturedBatch], start: int, end: int, device) -> List[UnitInputs]:
@@ -108,7 +111,7 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
     # tuned one (as the reference's bf16 model does): bf16 rounding of the matmul inputs then hits
     # both sides of the loss alike, and these forwards cost half as much on bf16 hardware.
     ac = amp_dtype(run.device, run.settings, orig_dtype)
-    targets, ac = _forward_all(unit, fp_in, extras, run.device, store, ac, name)
+    targets, ac, peak = _forward_all(unit, fp_in, extras, run.device, store, ac, name)
     layers = [lp for n in names for lp in run.plan.in_block(n)]
     if layers:
         index, run.unit_index = run.unit_index, run.unit_index + 1
@@ -129,6 +132,7 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
                 result = {k: getattr(res, k) for k in ("name", "first_loss", "last_loss", "best_loss", "best_iter",
                                                         "seconds")}
                 run.store.save_unit(index, name, res.layers, result, run.gen.get_state())
+        res.peak_activation = peak
         run.layers.update(res.layers)
         run.results.append(res)
         logger.info("%s: loss first %.6g  last %.6g  best %.6g @%d  (%.1fs)", res.name, res.first_loss,
