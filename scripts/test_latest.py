@@ -49,8 +49,11 @@ def failures(junit: Path) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]],
             node = case.find(tag)
             if node is not None:
                 counts["failures" if tag == "failure" else "errors"] += 1
-                message = (node.get("message") or node.text or "").strip().splitlines()
-                failed.append((test_id, message[0][:160] if message else tag))
+                # the last "E   ..." line of pytest's report names the error best (the message
+                # attribute may start with a captured traceback's first line)
+                e_lines = [ln[1:].strip() for ln in (node.text or "").splitlines() if ln.startswith("E ")]
+                message = e_lines[-1:] or (node.get("message") or tag).strip().splitlines()[:1]
+                failed.append((test_id, message[0][:200] if message else tag))
         skip = case.find("skipped")
         if skip is not None:
             counts["skipped"] += 1
