@@ -33,7 +33,7 @@ def _rel_err(y, ref):
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 3e-3}
 
 
-@pytest.mark.parametrize("backend", ["torch", "cpu_int4"])
+@pytest.mark.parametrize("backend", ["torch", "torch_cached", "cpu_int4"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scheme", ["sym", "asym"])
 @pytest.mark.parametrize("packing_format", ["auto_round", "auto_round:auto_gptq"])
@@ -63,13 +63,16 @@ def test_torch_backend_other_bit_widths(bits):
     assert layer.backend_name == "torch"  # cpu_int4 is 4-bit only
 
 
-def test_ragged_last_group_on_torch_backend():
+@pytest.mark.parametrize("backend", ["torch", "torch_cached", "cpu_int4"])
+def test_ragged_last_group(backend):
     qw = _quantized(out_f=48, in_f=96, group_size=64, bias=False)
-    layer = QuantLinear.from_quantized(qw)
+    layer = QuantLinear.from_quantized(qw, backend=backend)
     assert layer.scales.shape == (2, 48)
-    assert layer.select().name == "torch"  # 96 % 64 != 0: cpu_int4 refuses
     x = torch.randn(3, 96)
     assert _rel_err(layer(x), _reference(qw, x)) < 1e-5
+    assert layer.backend_name == backend
+    # 96 % 64 != 0: cpu_int4 pads the last group (tests/test_backends_speedpaths.py)
+    assert QuantLinear.from_quantized(qw).select().name == "cpu_int4"
 
 
 def test_buffer_shapes_and_dtypes():
@@ -100,7 +103,10 @@ def test_auto_selection():
     assert select_backend("cpu", 4, 16, 4096, 4096).name == "torch"  # group size 16
     assert select_backend("cpu", 3, 128, 4096, 4096).name == "torch"
     assert select_backend("cuda", 4, 128, 4096, 4096).name == "torch"
+    assert select_backend("cpu", 4, 128, 576, 1536).name == "cpu_int4"
+    assert select_backend("cpu", 4, 128, 1000, 4096).name == "cpu_int4"  # padded last group
     assert list_backends()[0] == "cpu_int4" and "torch" in list_backends()
+    assert list_backends()[-1] == "torch_cached"  # opt-in: never picked by "auto"
 
 
 def test_override_errors_are_explicit():
@@ -115,6 +121,7 @@ def test_override_errors_are_explicit():
     with pytest.raises(ValueError, match="valid"):
         select_backend("cpu", 4, 32, 256, 256, requested="marlin")
     assert select_backend("cpu", 4, 32, 256, 256, requested="torch").name == "torch"
+    assert select_backend("cpu", 3, 16, 100, 40, requested="torch_cached").name == "torch_cached"
 
 
 def test_layer_with_unrunnable_override_fails_on_first_use():

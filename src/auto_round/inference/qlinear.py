@@ -44,7 +44,10 @@ class QuantLinear(nn.Module):
     unpacked from ``qweight`` and ``z`` from ``qzeros`` (plus the format's zero offset).
 
     ``backend``: ``"auto"`` or a backend name; resolved against the buffers' device in
-    :meth:`post_init` (called by the loaders, or lazily by the first ``forward``).
+    :meth:`post_init` (called by the loaders, or lazily by the first ``forward``). ``"auto"``
+    keeps the weight packed (``"cpu_int4"`` where it can run, else ``"torch"``);
+    ``"torch_cached"`` trades memory for speed: a full weight in the input dtype, built on the
+    first forward (see :mod:`auto_round.inference.backends`).
     """
 
     def __init__(
