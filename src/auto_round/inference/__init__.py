@@ -2,8 +2,8 @@
 
 transformers loads ``quant_method "auto-round"`` checkpoints by itself through
 :mod:`auto_round.inference.convert_model`; :func:`load_quantized` is a shortcut that also lets
-you pick the backend (``"auto"``, ``"torch"``, ``"cpu_int4"``) and loads GPTQ (``desc_act=False``)
-checkpoints with the same modules.
+you pick the backend (``"auto"``, ``"torch"``, ``"cpu_int4"``, ``"torch_cached"``) and loads GPTQ
+(``desc_act=False``) and AWQ GEMM checkpoints, of LLMs and VLMs, with the same modules.
 """
 
 from __future__ import annotations
