@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
-import torch
 import torch.nn as nn
 
 from auto_round.export.auto_round_format import AWQ_STYLE, AutoRoundExporter
@@ -35,14 +34,10 @@ _KEPT = ("block_name_to_quantize", "iters", "nsamples", "seqlen", "autoround_ver
 class AutoAWQExporter(AutoRoundExporter):
     """Writes AWQ GEMM checkpoints."""
 
+    fp16_scales_only = "AWQ kernels read no other dtype"
+
     def __init__(self) -> None:
         super().__init__("auto_awq", force_style=AWQ_STYLE)
-
-    def check_scale_dtype(self, scale_dtype: torch.dtype) -> Optional[str]:
-        if scale_dtype != torch.float16:
-            return (f"format 'auto_awq' stores fp16 scales (AWQ kernels read no other dtype), not {scale_dtype}; "
-                    "use scale_dtype='fp16', or format 'auto_round'")
-        return None
 
     def check_plan(self, schemes: Dict[str, Tuple[int, int, bool]]) -> Optional[str]:
         sizes = sorted({gs for _, gs, _ in schemes.values()})
@@ -51,24 +46,12 @@ class AutoAWQExporter(AutoRoundExporter):
                     f"group_size={sizes[0]} (it divides every layer) or format='auto_round'")
         return None
 
-    def _check_all(self, layers: Dict[str, QuantizedWeight]) -> None:
-        super()._check_all(layers)
-        why = self.check_plan({n: (q.bits, q.group_size, q.sym) for n, q in layers.items()})
-        why = why or next((w for q in layers.values() if (w := self.check_scale_dtype(q.scale.dtype))), None)
-        if why:
-            raise ValueError(why)
-        self._scheme = next(iter(layers.values()))
-
-    def save(self, model: nn.Module, layers: Dict[str, QuantizedWeight], output_dir, quantization_config: dict,
-             inplace: bool) -> None:
-        # Recorded before packing: every Linear that stays a plain Linear.
-        self._not_converted = sorted(n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers)
-        super().save(model, layers, output_dir, quantization_config, inplace)
-
-    def final_config(self, quantization_config: dict, style: str) -> dict:
-        q = self._scheme
+    def final_config(self, quantization_config: dict, style: str, packed: nn.Module,
+                     layers: Dict[str, QuantizedWeight]) -> dict:
+        q = next(iter(layers.values()))  # one scheme for every layer (check_plan)
+        not_converted = sorted(n for n, m in packed.named_modules() if isinstance(m, nn.Linear))  # still plain
         config = {"quant_method": "awq", "version": "gemm", "bits": q.bits, "group_size": q.group_size,
-                  "zero_point": not q.sym, "modules_to_not_convert": self._not_converted, "provider": "auto-round",
+                  "zero_point": not q.sym, "modules_to_not_convert": not_converted, "provider": "auto-round",
                   "quantizer": f"auto_round:{quantization_config.get('autoround_version', '')}"}
         config.update({k: quantization_config[k] for k in _KEPT if k in quantization_config})
         if "dataset" in quantization_config:  # GPTQConfig-style readers allow only wikitext2/c4 as "dataset"

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
+import torch.nn as nn
 
 from auto_round.export.auto_round_format import AutoRoundExporter
 from auto_round.export.registry import register_format
@@ -33,6 +34,8 @@ GPTQ_BITS = (2, 3, 4, 8)
 class AutoGPTQExporter(AutoRoundExporter):
     """Writes GPTQ v1 checkpoints from SignRound's integer weights."""
 
+    fp16_scales_only = "GPTQ loaders read no other dtype"
+
     def __init__(self) -> None:
         super().__init__("auto_gptq", force_style="auto_round:auto_gptq")
 
@@ -41,12 +44,6 @@ class AutoGPTQExporter(AutoRoundExporter):
         if bits not in GPTQ_BITS:  # transformers' GPTQConfig and the GPTQ kernels take no other width
             return f"format 'auto_gptq' stores bits {GPTQ_BITS}, not bits={bits}; use format 'auto_round' for {bits}-bit"
         return super().check_layer(name, out_features, in_features, bits, group_size, sym)
-
-    def check_scale_dtype(self, scale_dtype: torch.dtype) -> Optional[str]:
-        if scale_dtype != torch.float16:
-            return (f"format 'auto_gptq' stores fp16 scales (GPTQ loaders read no other dtype), not {scale_dtype}; "
-                    "use scale_dtype='fp16', or format 'auto_round', which stores and reloads bf16/fp32 scales")
-        return None
 
     def check_plan(self, schemes: Dict[str, Tuple[int, int, bool]]) -> Optional[str]:
         kinds = sorted({(bits, gs) for bits, gs, _ in schemes.values()})
@@ -58,22 +55,14 @@ class AutoGPTQExporter(AutoRoundExporter):
                     f"use {hint}format='auto_round', which keeps per-layer settings")
         return None
 
-    def _check_all(self, layers: Dict[str, QuantizedWeight]) -> None:
-        super()._check_all(layers)
-        why = self.check_plan({n: (q.bits, q.group_size, q.sym) for n, q in layers.items()})
-        why = why or next((self.check_scale_dtype(q.scale.dtype) for q in layers.values()
-                           if self.check_scale_dtype(q.scale.dtype)), None)
-        if why:
-            raise ValueError(why)
-        self._scheme = next(iter(layers.values()))
-
     def prepare_module(self, layer: QuantLinear) -> None:
         del layer.g_idx  # plain None attribute -> buffer saved with the weights
         layer.register_buffer("g_idx", torch.arange(layer.in_features, dtype=torch.int32,
                                                     device=layer.qweight.device) // layer.group_size)
 
-    def final_config(self, quantization_config: dict, style: str) -> dict:
-        q = self._scheme
+    def final_config(self, quantization_config: dict, style: str, packed: nn.Module,
+                     layers: Dict[str, QuantizedWeight]) -> dict:
+        q = next(iter(layers.values()))  # one scheme for every layer (check_plan)
         in_blocks = quantization_config.get("block_name_to_quantize", "")
         config = {"quant_method": "gptq", "bits": q.bits, "group_size": q.group_size, "sym": True, "desc_act": False,
                   "true_sequential": True, "damp_percent": 0.01, "static_groups": False, "checkpoint_format": "gptq",

@@ -29,6 +29,7 @@ import logging
 from pathlib import Path
 from typing import Dict, Optional
 
+import torch
 import torch.nn as nn
 
 from auto_round.export.layout import layout_for
@@ -75,7 +76,10 @@ def _quant_linear_for(model: nn.Module, name: str, qw: QuantizedWeight, style: s
 
 
 class AutoRoundExporter(Exporter):
-    """Writes the ``auto_round`` format. ``force_style``: always this packing format (aliases)."""
+    """Writes the ``auto_round`` format. ``force_style``: always this packing format (aliases).
+    ``fp16_scales_only``: why the format's readers take fp16 scales only (None: any scale dtype)."""
+
+    fp16_scales_only: Optional[str] = None
 
     def __init__(self, name: str, force_style: Optional[str] = None) -> None:
         self.name = name
@@ -124,21 +128,16 @@ class AutoRoundExporter(Exporter):
             return AWQ_STYLE
         return RAW_STYLE
 
-    def _check_all(self, layers: Dict[str, QuantizedWeight]) -> None:
-        problems = []
-        for name, qw in layers.items():
-            reason = self.check_layer(
-                name, qw.out_features, qw.in_features, qw.bits, qw.group_size, qw.sym
-            )
-            if reason:
-                problems.append(f"{name}: {reason}")
-        if problems:
-            listing = "\n".join(problems)
-            raise ValueError(f"format {self.name!r} cannot store these layers:\n{listing}")
+    def check_scale_dtype(self, scale_dtype: torch.dtype) -> Optional[str]:
+        if self.fp16_scales_only and scale_dtype != torch.float16:
+            return (f"format {self.name!r} stores fp16 scales ({self.fp16_scales_only}), not {scale_dtype}; use "
+                    "scale_dtype='fp16', or format 'auto_round', which stores and reloads bf16/fp32 scales")
+        return None
 
-    def final_config(self, quantization_config: dict, style: str) -> dict:
+    def final_config(self, quantization_config: dict, style: str, packed: nn.Module,
+                     layers: Dict[str, QuantizedWeight]) -> dict:
         """The ``quantization_config`` written to disk (hook for formats that describe themselves
-        differently)."""
+        differently); ``packed`` is the model with its quantized layers already replaced."""
         return {**quantization_config, "packing_format": style}
 
     def prepare_module(self, layer: QuantLinear) -> None:
@@ -153,7 +152,7 @@ class AutoRoundExporter(Exporter):
         inplace: bool,
     ) -> None:
         """Pack ``layers`` into :class:`QuantLinear` modules and ``save_pretrained`` the model."""
-        self._check_all(layers)
+        self.check_records(layers)
         style = self.packing_style(layers)
         replacements = {
             name: _quant_linear_for(model, name, qw, style) for name, qw in layers.items()
@@ -169,7 +168,7 @@ class AutoRoundExporter(Exporter):
             # Linear layers being replaced (no second copy of their weights is made).
             memo = {id(model.get_submodule(n)): new for n, new in replacements.items()}
             target = copy.deepcopy(model, memo)
-        config = self.final_config(dict(quantization_config), style)
+        config = self.final_config(dict(quantization_config), style, target, layers)
         target.config.quantization_config = config
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)

@@ -106,6 +106,13 @@ def clean_stale_partials(target: Path) -> List[Path]:
     return removed
 
 
+def _refuse_clash(target: Path, clash: Set[str], overwrite: Optional[bool]) -> None:
+    """The user's files that the new checkpoint would replace need ``overwrite``."""
+    if clash and not overwrite:
+        raise ForeignFilesError(f"output_dir {str(target)!r} holds files of yours that the new checkpoint would "
+                                f"replace: {sorted(clash)}; move them, pass overwrite=True, or choose another folder")
+
+
 def check_output_dir(target: Union[str, Path], source: Optional[str], overwrite: Optional[bool],
                      will_write: Iterable[str] = CHECKPOINT_FILES, estimated_bytes: int = 0) -> None:
     """Refuse, before any tuning, an output folder this run must not or cannot write (see the module)."""
@@ -131,10 +138,7 @@ def check_output_dir(target: Union[str, Path], source: Optional[str], overwrite:
             raise ForeignFilesError(f"output_dir {str(target)!r} is not empty and was not written by auto_round "
                                  f"(files: {shown}); pass overwrite=True (--overwrite) to write into it (your files "
                                  "are kept; same-named ones are replaced) or choose another folder")
-        clash = sorted(foreign & set(will_write))
-        if clash and not overwrite:
-            raise ForeignFilesError(f"output_dir {str(target)!r} holds files of yours that the new checkpoint would "
-                                    f"replace: {clash}; move them, pass overwrite=True, or choose another folder")
+        _refuse_clash(target, foreign & set(will_write), overwrite)
     if estimated_bytes and existing is not None:
         free = shutil.disk_usage(existing).free
         if free < estimated_bytes:
@@ -157,11 +161,9 @@ def write_atomically(target: Union[str, Path], source: Optional[str], overwrite:
         write(tmp)
         written = sorted(files_in(tmp))
         (tmp / MANIFEST).write_text(json.dumps({"files": written, "writer": "auto_round"}, indent=1), encoding="utf-8")
-        kept = sorted(foreign_files(target) - set(written)) if target.is_dir() else []
-        clash = sorted(foreign_files(target) & set(written)) if target.is_dir() else []
-        if clash and not overwrite:  # found only now when a format writes files of other names
-            raise ForeignFilesError(f"output_dir {str(target)!r} holds files of yours that the new checkpoint would "
-                                    f"replace: {clash}; move them, pass overwrite=True, or choose another folder")
+        foreign = foreign_files(target)
+        _refuse_clash(target, foreign & set(written), overwrite)  # the names a format really wrote
+        kept = sorted(foreign - set(written))
         for rel in kept:
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)

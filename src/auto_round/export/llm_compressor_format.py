@@ -201,12 +201,6 @@ class LLMCompressorExporter(Exporter):
                     f"{keep_fp}")
         return None
 
-    def _check_all(self, layers: Dict[str, QuantizedWeight]) -> None:
-        bad = [f"{n}: {why}" for n, q in layers.items()
-               if (why := self.check_layer(n, q.out_features, q.in_features, q.bits, q.group_size, q.sym))]
-        if bad:
-            raise ValueError("format 'llm_compressor' cannot store these layers:\n" + "\n".join(bad))
-
     def save(self, model: nn.Module, layers: Dict[str, QuantizedWeight], output_dir: Path, quantization_config: dict,
              inplace: bool) -> None:
         """``save_pretrained`` with the packed tensors in place of the quantized layers' weights, then
@@ -216,7 +210,7 @@ class LLMCompressorExporter(Exporter):
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.utils import match_named_modules
 
-        self._check_all(layers)
+        self.check_records(layers)
         state = model.state_dict()
         for name, qw in layers.items():
             weight = _linear(model, name, qw).weight

@@ -64,6 +64,20 @@ class Exporter(ABC):
         None. Called before tuning, after every layer passed :meth:`check_layer`."""
         return None
 
+    def check_records(self, layers: Dict[str, QuantizedWeight]) -> None:
+        """At save time, on the tuned records themselves, every check the plan passed before tuning
+        (:meth:`check_layer` per layer, :meth:`check_plan`, :meth:`check_scale_dtype`); ValueError
+        listing what this format cannot store."""
+        bad = [f"{n}: {why}" for n, q in layers.items()
+               if (why := self.check_layer(n, q.out_features, q.in_features, q.bits, q.group_size, q.sym))]
+        if bad:
+            raise ValueError(f"format {self.name!r} cannot store these layers:\n" + "\n".join(bad[:10]))
+        dtypes = sorted({q.scale.dtype for q in layers.values()}, key=str)
+        why = self.check_plan({n: (q.bits, q.group_size, q.sym) for n, q in layers.items()})
+        why = why or next((w for d in dtypes if (w := self.check_scale_dtype(d))), None)
+        if why:
+            raise ValueError(f"format {self.name!r} cannot store these layers: {why}")
+
     def check_model(self, model: nn.Module, tokenizer: Any) -> Optional[str]:
         """Why this format cannot write ``model`` at all (its architecture, config or ``tokenizer``),
         or None. Called before tuning, before any layer is checked; by default every model passes."""

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -377,16 +377,11 @@ def _torch_cached_matmul(state: State, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, weight)
 
 
-TORCH_CACHED = Backend(
+# The torch backend's layers, prepared the same way, with a matmul that keeps the dequantized weight.
+TORCH_CACHED = replace(
+    TORCH,
     name="torch_cached",
-    devices=(ANY_DEVICE,),
-    bits=(2, 3, 4, 5, 6, 7, 8),
     priority=-10,
-    group_size_ok=lambda gs: gs > 0,
-    group_size_rule="> 0",
-    shape_check=lambda gs, i, o: None,
-    is_available=lambda: True,
-    prepare=_torch_prepare,
     matmul=_torch_cached_matmul,
     auto=False,
     description="dequantize once (first forward, its dtype) + F.linear; opt-in, weight-size memory",

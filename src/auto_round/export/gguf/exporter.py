@@ -125,10 +125,7 @@ class GGUFExporter(Exporter):
         why = self.check_model(model, tokenizer)
         if why:
             raise ValueError(why)
-        bad = [f"{n}: {w}" for n, q in layers.items()
-               if (w := self.check_layer(n, q.out_features, q.in_features, q.bits, q.group_size, q.sym))]
-        if bad:
-            raise ValueError(f"format {self.name!r} cannot store these layers:\n" + "\n".join(bad[:10]))
+        self.check_records(layers)
         gguf = _gguf()
         family = archmod.family_of(model)
         cfg = archmod.text_config(model)
