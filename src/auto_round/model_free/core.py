@@ -1,0 +1,486 @@
+"""Model-free round-to-nearest: a safetensors checkpoint in, a quantized checkpoint out, shard by shard.
+
+Lifecycle of a run (:func:`quantize_model_free`):
+
+1. **read the checkpoint's headers** (:func:`find_checkpoint`): ``config.json`` and the
+   ``.safetensors`` shards (one file or an index); only headers are read here.
+2. **resolve the plan** on a weightless skeleton: ``AutoModelForCausalLM.from_config(config)`` (or
+   ``AutoModelForImageTextToText`` for a vision-language model) built on the meta device, handed to
+   the same facade the in-memory path uses (:class:`~auto_round.AutoRound` /
+   :class:`~auto_round.AutoRoundMLLM`), so the block lists, what stays FP and why (lm_head,
+   embeddings, norms, vision tower, ``fp_layers``, ``layer_config``) and the group-size fitting are
+   :func:`auto_round.tuning.plan.resolve_plan`'s, and the format's capability checks run before any
+   weight is read.
+3. **lay out the output** before computing anything: each quantized Linear becomes the tensors its
+   exporter writes (a meta-device :class:`~auto_round.inference.qlinear.QuantLinear` after the
+   format's ``prepare_module``), every other tensor is copied unchanged; input shard ``i`` becomes
+   output shard ``i``. The folder is checked (:func:`~auto_round.export.folder.check_output_dir`)
+   with the exact file names and sizes.
+4. **stream** (:mod:`auto_round.model_free.shards`): each output shard's header is written, then each
+   tensor is produced just before it is written: a quantized weight is read in row chunks,
+   quantized with :func:`~auto_round.quant.qdq.quantize_weight` (what ``rtn_quantize`` runs) and
+   packed with ``QuantLinear.from_quantized``, so the tensors are byte-identical to
+   ``AutoRound(model, iters=0, disable_opt_rtn=True).quantize_and_save(format=...)``. Peak memory is
+   about the largest single layer's codes (1 byte per weight) plus one chunk, whatever the model or
+   shard size.
+5. ``config.json`` (with ``quantization_config``), ``quantization_config.json``, an index and the
+   tokenizer and other small files, all inside :func:`~auto_round.export.folder.write_atomically`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from auto_round.export.folder import MANIFEST, check_output_dir, write_atomically
+from auto_round.model_free.shards import OutSpec, ShardReader, TensorInfo, write_shard
+from auto_round.quant.qdq import n_groups, quantize_weight
+from auto_round.quant.types import QuantizedWeight
+from auto_round.tuning.plan import LayerPlan, QuantPlan, resolve_plan
+
+logger = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+# Not copied: weights (model-free reads safetensors only; pickles are never read) and what is rewritten.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
+REWRITTEN = ("config.json", "quantization_config.json", INDEX, MANIFEST)
+CHUNK_ELEMENTS = 1 << 22  # weights quantized in row chunks of about 4M elements (16 MiB as float32)
+
+
+# ----------------------------------------------------------------------------------------- checkpoint
+@dataclass
+class Checkpoint:
+    """A local model folder's safetensors shards: ``readers`` in file order, ``where``: tensor -> file."""
+
+    folder: Path
+    readers: Dict[str, ShardReader]
+    where: Dict[str, str]
+
+    def info(self, name: str) -> TensorInfo:
+        return self.readers[self.where[name]].tensors[name]
+
+    def close(self) -> None:
+        for r in self.readers.values():
+            r.close()
+
+
+def _shard_files(folder: Path) -> List[str]:
+    """The weight files transformers would read: ``model.safetensors``, else the index's files, else the
+    only ``.safetensors`` file; errors name what the folder holds instead."""
+    if (folder / SINGLE).is_file():
+        return [SINGLE]
+    if (folder / INDEX).is_file():
+        try:
+            weight_map = json.loads((folder / INDEX).read_text(encoding="utf-8"))["weight_map"]
+            files = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{str(folder / INDEX)!r} is not a valid safetensors index ({e}); re-export the "
+                             "model with save_pretrained") from e
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{str(folder / INDEX)!r} names shard(s) that are missing: {missing[:4]}; the "
+                                    "download is incomplete: fetch those files")
+        return files
+    found = sorted(p.name for p in folder.glob("*.safetensors"))
+    if len(found) == 1:
+        return found
+    if found:
+        raise ValueError(f"{str(folder)!r} holds several .safetensors files ({', '.join(found[:4])}) but no {INDEX} "
+                         "saying which form the model; add the index (save_pretrained writes it)")
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    if pickled:
+        raise ValueError(f"{str(folder)!r} holds pickled weights only ({', '.join(pickled[:3])}); model-free mode "
+                         "reads .safetensors only: convert the model (load it and save_pretrained it), or use "
+                         "the in-memory path AutoRound(model_dir, iters=0, disable_opt_rtn=True, allow_pickle=True)")
+    raise FileNotFoundError(f"{str(folder)!r} holds no model weights (no .safetensors file); pass the folder the "
+                            "model was downloaded or saved to")
+
+
+def find_checkpoint(model_dir: Union[str, Path]) -> Checkpoint:
+    """Read the headers of ``model_dir``'s safetensors shards (no tensor data is read)."""
+    folder = Path(model_dir).expanduser()
+    if not folder.exists():
+        raise FileNotFoundError(f"model_dir {str(folder)!r} does not exist; model-free mode reads a local model folder "
+                                "(config.json and .safetensors shards): download the model first, e.g. "
+                                "`huggingface-cli download <id> --local-dir <folder>`")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"model_dir {str(folder)!r} is a file; pass the model's folder (the one holding "
+                                 "config.json)")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{str(folder)!r} has no config.json; model-free mode needs the model's config to "
+                                "decide which layers to quantize")
+    readers: Dict[str, ShardReader] = {}
+    where: Dict[str, str] = {}
+    for name in _shard_files(folder):
+        readers[name] = reader = ShardReader(folder / name)
+        for t in reader.tensors:
+            if t in where:
+                raise ValueError(f"tensor {t!r} is stored twice, in {where[t]!r} and {name!r}; the checkpoint is "
+                                 "inconsistent: re-export it")
+            where[t] = name
+    return Checkpoint(folder, readers, where)
+
+
+# ----------------------------------------------------------------------------------------- plan
+def build_skeleton(folder: Path, trust_remote_code: bool = False, mllm: Optional[bool] = None) -> Tuple[nn.Module, bool]:
+    """The model built from ``folder``'s config on the meta device (no weights, no memory) and whether
+    it is handled as a vision-language model: as the in-memory loaders decide, a model
+    ``AutoModelForCausalLM`` cannot build but ``AutoModelForImageTextToText`` can (``mllm`` forces it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    qc = getattr(config, "quantization_config", None)
+    if qc is not None:
+        method = qc.get("quant_method") if isinstance(qc, dict) else getattr(qc, "quant_method", qc)
+        raise ValueError(f"{str(folder)!r} is already quantized (config.json has quantization_config, quant_method "
+                         f"{method!r}); model-free RTN reads full-precision checkpoints: pass the original model")
+    auto_map = getattr(config, "auto_map", None) or {}
+
+    def builds(auto: Any) -> bool:
+        return type(config) in auto._model_mapping or (trust_remote_code and auto.__name__ in auto_map)
+
+    is_vlm = builds(AutoModelForImageTextToText) and not builds(AutoModelForCausalLM) if mllm is None else mllm
+    auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
+    if not builds(auto):
+        raise ValueError(f"{str(folder)!r} holds a {type(config).__name__} (model_type {config.model_type!r}), which "
+                         f"{auto.__name__} cannot build; model-free mode quantizes causal LMs and vision-language models")
+    with torch.device("meta"):
+        model = auto.from_config(config, trust_remote_code=trust_remote_code)
+    return model.eval(), is_vlm
+
+
+def _planner(skeleton: nn.Module, is_vlm: bool, settings: Dict[str, Any], mllm_options: Dict[str, Any]) -> Any:
+    """The facade the in-memory path would use for this model, holding the skeleton: its hooks decide
+    the block lists and the FP reasons, its ``quantization_config`` writes the config."""
+    if is_vlm:
+        from auto_round.mllm.autoround_mllm import AutoRoundMLLM
+
+        return AutoRoundMLLM(skeleton, None, None, **mllm_options, **settings)
+    given = {k: v for k, v in mllm_options.items() if v not in (None, False)}
+    if given:
+        raise TypeError(f"{sorted(given)} apply to vision-language models only; {type(skeleton).__name__} is a text "
+                        "model (pass mllm=True to treat it as one)")
+    from auto_round.autoround import AutoRound
+
+    return AutoRound(skeleton, None, **settings)
+
+
+def plan_model(planner: Any, fmt: str) -> QuantPlan:
+    """:meth:`AutoRound.resolve_plan` on the skeleton, without the checks that read weights (NaN/Inf
+    weights are refused per chunk while streaming instead)."""
+    from auto_round.autoround import _capability_checker, _check_models, _check_whole_plan
+
+    model = planner.model
+    _check_models([fmt], model, None)
+    plan = resolve_plan(model, planner.settings, planner.block_list_names(), _capability_checker([fmt]),
+                        planner.forced_fp_layers(), planner.outside_reasons())
+    _check_whole_plan(plan, [fmt], planner.settings.torch_scale_dtype)
+    for line in plan.summary_lines():
+        logger.info("plan: %s", line)
+    planner.plan = plan
+    return plan
+
+
+# ----------------------------------------------------------------------------------------- layout
+@dataclass
+class _Layer:
+    """One quantized Linear: where its weight (and bias) are read and what its exporter writes."""
+
+    plan: LayerPlan
+    weight: str
+    bias: Optional[str]
+    weight_dtype: torch.dtype  # the dtype the in-memory path loads the weight in (the skeleton's)
+    bias_dtype: Optional[torch.dtype]
+    outputs: List[OutSpec] = field(default_factory=list)
+
+
+def _meta_record(lp: LayerPlan, has_bias: bool) -> QuantizedWeight:
+    """A shape-only record (meta tensors) for the exporter's checks and ``final_config``."""
+    p = lp.params
+    g = n_groups(lp.in_features, p.group_size)
+    meta = torch.device("meta")
+    return QuantizedWeight(codes=torch.empty(lp.out_features, lp.in_features, dtype=torch.uint8, device=meta),
+                           scale=torch.empty(lp.out_features, g, dtype=p.scale_dtype, device=meta),
+                           zero=torch.empty(lp.out_features, g, dtype=torch.int32, device=meta), bits=p.bits,
+                           group_size=p.group_size, sym=p.sym,
+                           bias=torch.empty(lp.out_features, device=meta) if has_bias else None)
+
+
+def _meta_quant_linear(qw: QuantizedWeight, style: str) -> nn.Module:
+    """The module ``QuantLinear.from_quantized(qw, style)`` builds, on the meta device (nothing packed)."""
+    from auto_round.inference.qlinear import QuantLinear
+
+    return QuantLinear(qw.in_features, qw.out_features, qw.bits, qw.group_size, sym=qw.sym, bias=qw.bias is not None,
+                       packing_format=style, device=torch.device("meta"), scale_dtype=qw.scale.dtype)
+
+
+def _layers(skeleton: nn.Module, plan: QuantPlan, ckpt: Checkpoint, exporter: Any) -> Tuple[Dict[str, _Layer], str, Dict[str, QuantizedWeight]]:
+    """Every quantized layer's tensors in the checkpoint and on disk; the packing style; the meta records.
+    The skeleton's quantized Linears are replaced by meta QuantLinears (``final_config`` reads them)."""
+    from auto_round.tuning.wrapper import set_module
+
+    problems, layers, records = [], {}, {}
+    for lp in plan.quantized:
+        lin = skeleton.get_submodule(lp.name)
+        w, b = f"{lp.name}.weight", f"{lp.name}.bias" if lin.bias is not None else None
+        for t, shape in ((w, (lp.out_features, lp.in_features)), *(((b, (lp.out_features,)),) if b else ())):
+            if t not in ckpt.where:
+                problems.append(f"{t} is missing")
+            elif ckpt.info(t).shape != shape:
+                problems.append(f"{t} is {list(ckpt.info(t).shape)}, the model's layer needs {list(shape)}")
+        layers[lp.name] = _Layer(lp, w, b, lin.weight.dtype, None if b is None else lin.bias.dtype)
+        records[lp.name] = _meta_record(lp, b is not None)
+    if problems:
+        sample = ", ".join(list(ckpt.where)[:3])
+        raise ValueError(f"the checkpoint does not hold the {type(skeleton).__name__} layers the plan quantizes:\n  "
+                         + "\n  ".join(problems[:8]) + (f"\n  (+{len(problems) - 8} more)" if len(problems) > 8 else "")
+                         + f"\nits tensors are named like {sample}; a checkpoint whose names transformers renames "
+                         "at load cannot be quantized model-free: use AutoRound(model_dir, iters=0, "
+                         "disable_opt_rtn=True), or load and save_pretrained it once")
+    exporter.check_records(records)
+    style = exporter.packing_style(records)
+    for name, layer in layers.items():
+        module = _meta_quant_linear(records[name], style)
+        exporter.prepare_module(module)
+        layer.outputs = [OutSpec(f"{name}.{k}", v.dtype, tuple(v.shape)) for k, v in module.state_dict().items()]
+        set_module(skeleton, name, module)
+    return layers, style, records
+
+
+@dataclass
+class _Shard:
+    """One output shard: its tensors, and which job produces each (a layer name, or a tensor to copy)."""
+
+    specs: List[OutSpec]
+    source: Dict[str, Tuple[str, str]]  # output tensor -> ("layer", layer name) | ("copy", checkpoint tensor)
+
+
+def _shards(ckpt: Checkpoint, layers: Dict[str, _Layer]) -> List[_Shard]:
+    """Input shard ``i`` -> output shard ``i`` (a layer goes where its weight is; empty shards dropped)."""
+    by_weight = {layer.weight: layer for layer in layers.values()}
+    biases = {layer.bias for layer in layers.values() if layer.bias}
+    shards = []
+    for reader in ckpt.readers.values():
+        specs: List[OutSpec] = []
+        source: Dict[str, Tuple[str, str]] = {}
+        for t, info in reader.tensors.items():
+            if t in by_weight:
+                layer = by_weight[t]
+                specs.extend(layer.outputs)
+                source.update({s.name: ("layer", layer.plan.name) for s in layer.outputs})
+            elif t not in biases:
+                specs.append(OutSpec(t, info.dtype, info.shape))
+                source[t] = ("copy", t)
+        if specs:
+            shards.append(_Shard(specs, source))
+    names = [s.name for sh in shards for s in sh.specs]
+    if len(names) != len(set(names)):
+        dup = sorted({n for n in names if names.count(n) > 1})
+        raise ValueError(f"the output would hold tensors twice: {dup[:4]}; the checkpoint already has packed tensors "
+                         "for these layers (it is quantized): pass the full-precision model")
+    return shards
+
+
+def shard_names(n: int) -> List[str]:
+    """``model.safetensors`` for one shard, else ``model-0000i-of-0000n.safetensors`` (transformers' names)."""
+    return [SINGLE] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+
+
+def _small_files(folder: Path) -> Tuple[List[str], List[str]]:
+    """``(copied, skipped)``: the folder's top-level files that travel with the checkpoint (tokenizer,
+    generation config, chat template, processor, license, README), and what does not (weights, what is
+    rewritten, hidden files, sub-folders)."""
+    copied, skipped = [], []
+    for p in sorted(folder.iterdir()):
+        if p.is_file() and not p.name.startswith(".") and p.name not in REWRITTEN and not p.name.endswith(WEIGHT_SUFFIXES):
+            copied.append(p.name)
+        else:
+            skipped.append(p.name + ("/" if p.is_dir() else ""))
+    return copied, skipped
+
+
+# ----------------------------------------------------------------------------------------- compute
+class _Stats:
+    def __init__(self) -> None:
+        self.read_bytes = 0
+        self.written_bytes = 0
+
+
+def _quantize_layer(layer: _Layer, ckpt: Checkpoint, style: str, exporter: Any, device: torch.device,
+                    stats: _Stats) -> Dict[str, torch.Tensor]:
+    """The exporter's tensors of one layer: its weight read and quantized in row chunks (rows are
+    independent in :func:`quantize_weight`, so chunking changes no bit), then packed as the in-memory
+    export packs it."""
+    from auto_round.inference.qlinear import QuantLinear
+
+    lp, p = layer.plan, layer.plan.params
+    out, in_ = lp.out_features, lp.in_features
+    g = n_groups(in_, p.group_size)
+    codes = torch.empty(out, in_, dtype=torch.uint8)
+    scale = torch.empty(out, g, dtype=p.scale_dtype)
+    zero = torch.empty(out, g, dtype=torch.int32)
+    reader = ckpt.readers[ckpt.where[layer.weight]]
+    rows = max(1, CHUNK_ELEMENTS // in_)
+    for r0 in range(0, out, rows):
+        r1 = min(out, r0 + rows)
+        w = reader.get_rows(layer.weight, r0, r1)
+        stats.read_bytes += w.numel() * w.element_size()
+        w = w.to(device=device, dtype=layer.weight_dtype)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError(f"the weight of {lp.name} holds NaN or Inf (rows {r0}-{r1}); the model is damaged (check "
+                             f"the checkpoint), or keep it FP with fp_layers='{lp.name}'")
+        c, s, z = quantize_weight(w.float(), p)
+        codes[r0:r1], scale[r0:r1], zero[r0:r1] = c.cpu(), s.cpu(), z.cpu()
+    if not bool(torch.isfinite(scale).all()):
+        raise RuntimeError(f"non-finite scales in {lp.name}: its weights overflow scale_dtype {p.scale_dtype}; use "
+                           f"scale_dtype='fp32' with format 'auto_round', or keep it FP with fp_layers='{lp.name}'")
+    bias = None
+    if layer.bias is not None:
+        bias = ckpt.readers[ckpt.where[layer.bias]].get(layer.bias).to(layer.bias_dtype)
+        stats.read_bytes += bias.numel() * bias.element_size()
+    qw = QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=p.bits, group_size=p.group_size, sym=p.sym, bias=bias)
+    module = QuantLinear.from_quantized(qw, packing_format=style)
+    exporter.prepare_module(module)
+    return {f"{lp.name}.{k}": v for k, v in module.state_dict().items()}
+
+
+def _write_shard(path: Path, shard: _Shard, ckpt: Checkpoint, layers: Dict[str, _Layer], style: str, exporter: Any,
+                 device: torch.device, stats: _Stats) -> None:
+    pending: Dict[str, torch.Tensor] = {}  # tensors of a packed layer not yet reached in the shard's order
+
+    def produce(name: str) -> torch.Tensor:
+        if name in pending:
+            return pending.pop(name)
+        kind, what = shard.source[name]
+        if kind == "copy":
+            t = ckpt.readers[ckpt.where[what]].get(what)
+            stats.read_bytes += t.numel() * t.element_size()
+            return t
+        pending.update(_quantize_layer(layers[what], ckpt, style, exporter, device, stats))
+        return pending.pop(name)
+
+    stats.written_bytes += write_shard(path, shard.specs, produce, {"format": "pt"})
+    if pending:
+        raise RuntimeError(f"tensors computed but not written: {sorted(pending)[:4]}")
+
+
+# ----------------------------------------------------------------------------------------- entry point
+def _settings(options: Mapping[str, Any]) -> Dict[str, Any]:
+    if options.get("iters", 0) != 0:
+        raise ValueError(f"iters={options['iters']!r}: model-free mode is round-to-nearest without data, iters=0; "
+                         "tune with AutoRound(model_dir, iters=...) instead")
+    if options.get("disable_opt_rtn", True) is not True:
+        raise ValueError("disable_opt_rtn=False: optimized RTN needs calibration activations, hence the model; "
+                         "model-free mode is plain RTN (leave disable_opt_rtn out, or use AutoRound(model_dir, iters=0))")
+    return {**options, "iters": 0, "disable_opt_rtn": True}
+
+
+def quantize_model_free(
+    model_dir: Union[str, Path],
+    output_dir: Union[str, Path],
+    *,
+    bits: int = 4,
+    group_size: int = 128,
+    sym: bool = True,
+    format: str = "auto_round",
+    layer_config: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    fp_layers: str = "",
+    quant_lm_head: bool = False,
+    overwrite: Optional[bool] = None,
+    trust_remote_code: bool = False,
+    mllm: Optional[bool] = None,
+    quant_nontext_module: bool = False,
+    device: Optional[str] = None,
+    **options: Any,
+) -> Path:
+    """Quantize the safetensors checkpoint in ``model_dir`` with round-to-nearest, shard by shard, into
+    ``output_dir``, never building the model with its weights (see the module docstring).
+
+    Args:
+        model_dir: local folder with ``config.json`` and ``model.safetensors`` or an index of shards.
+        output_dir: the checkpoint folder; written atomically, your files in it are kept, a non-empty
+            folder auto_round did not write needs ``overwrite=True``; never inside ``model_dir``.
+        bits, group_size, sym, layer_config, fp_layers, quant_lm_head: as for :class:`~auto_round.AutoRound`
+            (the same plan: block lists' Linear layers only, group sizes fitted to each layer).
+        format: ``auto_round`` (sym: ``auto_round:auto_gptq`` packing, asym 4-bit: ``auto_round:auto_awq``),
+            its aliases ``auto_round:auto_gptq``/``auto_round:gptq``/``auto_round:auto_awq``, ``auto_gptq``
+            or ``auto_awq``.
+        mllm: treat the model as a vision-language model (default: when only
+            ``AutoModelForImageTextToText`` builds it); ``quant_nontext_module`` then also quantizes the
+            vision blocks and projector, as in :class:`~auto_round.AutoRoundMLLM`.
+        device: where the rounding runs (default CPU, as the in-memory RTN).
+        **options: any other :class:`~auto_round.config.Settings` field (``scale_dtype``, ``sym_style``,
+            ``to_quant_block_names``, ...); ``iters`` must be 0. Recorded in ``quantization_config``.
+
+    Returns the output folder. The quantized tensors are byte-identical to
+    ``AutoRound(model_dir, iters=0, disable_opt_rtn=True, ...).quantize_and_save(output_dir, format=format)``;
+    every other tensor is copied unchanged.
+    """
+    from auto_round.export import get_format
+    from auto_round.export.auto_round_format import CONFIG_FILE, AutoRoundExporter
+    from auto_round.export.registry import available_formats
+
+    t0 = time.perf_counter()
+    exporter = get_format(format)
+    if not isinstance(exporter, AutoRoundExporter):
+        ok = [f for f in available_formats() if isinstance(get_format(f), AutoRoundExporter)]
+        raise ValueError(f"format {format!r} is not available in model-free mode, which writes the packed-integer "
+                         f"formats {ok}; for {format!r} use AutoRound(model_dir, iters=0, disable_opt_rtn=True)"
+                         f".quantize_and_save(format={format!r})")
+    settings = _settings({**options, "bits": bits, "group_size": group_size, "sym": sym, "layer_config": layer_config,
+                          "fp_layers": fp_layers, "quant_lm_head": quant_lm_head, "device": device})
+    mllm_options = {k: settings.pop(k) for k in ("extra_data_dir", "template", "truncation") if k in settings}
+    mllm_options["quant_nontext_module"] = quant_nontext_module
+    ckpt = find_checkpoint(model_dir)
+    try:
+        skeleton, is_vlm = build_skeleton(ckpt.folder, trust_remote_code, mllm)
+        planner = _planner(skeleton, is_vlm, settings, mllm_options)
+        plan = plan_model(planner, format)
+        qconfig = planner.quantization_config()
+        layers, style, records = _layers(skeleton, plan, ckpt, exporter)
+        final = exporter.final_config(dict(qconfig), style, skeleton, records)
+        shards = _shards(ckpt, layers)
+        names = shard_names(len(shards))
+        copied, skipped = _small_files(ckpt.folder)
+        skipped = [f for f in skipped if f not in ckpt.readers and f not in REWRITTEN]
+        total = sum(s.nbytes for sh in shards for s in sh.specs)
+        will_write = [*names, *([INDEX] if len(names) > 1 else []), "config.json", CONFIG_FILE, *copied]
+        check_output_dir(output_dir, str(ckpt.folder), overwrite, will_write=will_write, estimated_bytes=total)
+        if skipped:
+            logger.info("not copied from %s: %s", ckpt.folder, ", ".join(skipped[:10]))
+        device_ = torch.device(device) if device is not None else torch.device("cpu")
+        stats = _Stats()
+
+        def write(tmp: Path) -> None:
+            for name, shard in zip(names, shards):
+                _write_shard(tmp / name, shard, ckpt, layers, style, exporter, device_, stats)
+            if len(names) > 1:
+                weight_map = {s.name: n for n, sh in zip(names, shards) for s in sh.specs}
+                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+            skeleton.config.quantization_config = final
+            skeleton.config.save_pretrained(str(tmp))
+            with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:  # as AutoRoundExporter.save writes it
+                json.dump(final, f, indent=2, sort_keys=True)
+            for name in copied:
+                shutil.copy2(ckpt.folder / name, tmp / name)
+            if "generation_config.json" not in copied and getattr(skeleton, "can_generate", lambda: False)():
+                skeleton.generation_config.save_pretrained(str(tmp))  # as save_pretrained writes it
+
+        target = write_atomically(output_dir, str(ckpt.folder), overwrite, write)
+    finally:
+        ckpt.close()
+    seconds = time.perf_counter() - t0
+    logger.info("model-free RTN: %d layers quantized (packing %r), %d shard(s); read %.2f GB, wrote %.2f GB in %.1f s "
+                "(%.3f GB/s read) to %s", len(layers), style, len(names), stats.read_bytes / 1e9,
+                stats.written_bytes / 1e9, seconds, stats.read_bytes / 1e9 / max(seconds, 1e-9), target)
+    return target
