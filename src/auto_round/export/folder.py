@@ -31,7 +31,7 @@ MANIFEST = "autoround_manifest.json"
 # Files every checkpoint writes: what may collide with a user's file, known before tuning.
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "quantization_config.json",
                     "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "chat_template.jinja", MANIFEST)
+                    "chat_template.jinja", "quantization_report.json", "quantization_report.png", MANIFEST)
 
 
 class OutputDirError(ValueError):
@@ -78,6 +78,17 @@ def foreign_files(folder: Path) -> Set[str]:
         return set()
     ours = read_manifest(folder) or set()
     return {f for f in files_in(folder) if f not in ours and f != MANIFEST}
+
+
+def record_in_manifest(folder: Union[str, Path], names: Iterable[str]) -> None:
+    """Add files written into ``folder`` after its checkpoint (e.g. evaluation results) to its manifest, so a
+    later run replaces them instead of keeping them as the user's; ValueError for a folder we did not write."""
+    folder = Path(folder)
+    ours = read_manifest(folder)
+    if ours is None:
+        raise ValueError(f"{str(folder)!r} has no {MANIFEST}: it was not written by auto_round")
+    data = {"files": sorted(ours | {str(n) for n in names}), "writer": "auto_round"}
+    (folder / MANIFEST).write_text(json.dumps(data, indent=1), encoding="utf-8")
 
 
 def _pid_alive(pid: int) -> bool:
