@@ -1,0 +1,77 @@
+"""Text tasks through lm-eval (PyPI ``lm-eval``, the optional extra ``auto-round[eval]``).
+
+The loaded model object is handed to lm-eval's ``HFLM`` wrapper, so a quantized checkpoint runs
+on this package's inference backends. A task may be an lm-eval task name or a path to a task
+``.yaml`` file (a custom task, e.g. on a local data file; its folder is added to lm-eval's task
+search path). Offline, tasks whose data is already in the datasets cache run; one that needs a
+download fails with an error naming the tasks and the fix.
+"""
+
+from __future__ import annotations
+
+import numbers
+from pathlib import Path
+from typing import Any, Dict, List, Sequence
+
+INSTALL_HINT = ("pip install 'auto-round[eval]' (or pip install lm-eval); the built-in ppl:FILE task needs no "
+                "harness")
+_NETWORK_WORDS = ("offline", "couldn't reach", "connection", "name resolution", "max retries",
+                  "localentrynotfound", "not found on the hub", "cannot find the requested files")
+
+
+def import_lm_eval() -> Any:
+    """The ``lm_eval`` module, or ImportError with the install command."""
+    try:
+        import lm_eval
+        from lm_eval.models.huggingface import HFLM  # noqa: F401  (the wrapper we need)
+    except ImportError as e:
+        raise ImportError(f"lm-eval is not installed, and these tasks need it: {INSTALL_HINT}") from e
+    return lm_eval
+
+
+def split_task_files(tasks: Sequence[str]) -> tuple:
+    """``(task names, folders to search)``: a ``.yaml`` path becomes its ``task:`` name and its folder."""
+    names: List[str] = []
+    folders: List[str] = []
+    for t in tasks:
+        if t.endswith((".yaml", ".yml")):
+            p = Path(t).expanduser()
+            if not p.is_file():
+                raise ValueError(f"task file {t!r} does not exist; give the path of an lm-eval task YAML")
+            import yaml
+
+            config = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            if "task" not in config:
+                raise ValueError(f"task file {t!r} has no 'task:' name; lm-eval task YAMLs name their task")
+            names.append(str(config["task"]))
+            folders.append(str(p.resolve().parent))
+        else:
+            names.append(t)
+    return names, sorted(set(folders))
+
+
+def _numeric_metrics(metrics: Dict[str, Any]) -> Dict[str, float]:
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, numbers.Real) and not isinstance(v, bool)}
+
+
+def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], batch_size: int = 1,
+                limit: Any = None) -> Dict[str, Dict[str, float]]:
+    """Evaluate ``model`` on lm-eval ``tasks``; ``{task: {metric: value}}`` (numeric metrics only)."""
+    lm_eval = import_lm_eval()
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    names, folders = split_task_files(tasks)
+    manager = TaskManager(include_path=folders or None)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    try:
+        out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit)
+    except Exception as e:  # re-raised with the task names; a missing download is said plainly
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if any(w in f"{type(e).__name__} {e}".lower() for w in _NETWORK_WORDS):
+            raise ValueError(f"lm-eval task(s) {names} need a data set that is not on disk and cannot be downloaded "
+                             f"here ({text}); run once with network access to fill the datasets cache, or use a "
+                             "custom task YAML on a local file, or --tasks ppl:FILE") from e
+        raise
+    return {task: _numeric_metrics(m) for task, m in (out or {}).get("results", {}).items()}
