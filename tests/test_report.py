@@ -106,7 +106,7 @@ def test_no_matplotlib_no_plot_and_one_clear_message(tmp_path, monkeypatch, capl
     with caplog.at_level(logging.INFO, logger="auto_round.report"):
         assert plot_losses(BLOCKS, tmp_path / PLOT_FILE) is None
         assert plot_losses(BLOCKS, tmp_path / PLOT_FILE) is None
-    assert caplog.text.count("matplotlib is not installed (pip install matplotlib)") == 1
+    assert caplog.text.count("matplotlib is not installed (pip install 'auto-round[plot]'") == 1
     assert not (tmp_path / PLOT_FILE).exists()
 
 

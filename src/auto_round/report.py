@@ -179,8 +179,8 @@ def plot_losses(blocks: Sequence[Mapping[str, Any]], path: Path) -> Optional[Pat
         import matplotlib.pyplot as plt
     except ImportError:
         if not _told_no_matplotlib:
-            logger.info("no loss plot: matplotlib is not installed (pip install matplotlib); the losses are in %s",
-                        REPORT_FILE)
+            logger.info("no loss plot: matplotlib is not installed (pip install 'auto-round[plot]' or pip install "
+                        "matplotlib); the losses are in %s", REPORT_FILE)
             _told_no_matplotlib = True
         return None
     x = list(range(len(blocks)))
