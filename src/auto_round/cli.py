@@ -99,13 +99,31 @@ def _add_setting(p: argparse._ActionsContainer, f, default: Any) -> None:
         return
     flags = [f"--{f.name}", *f.metadata.get("cli", ()), *EXTRA_ALIASES.get(f.name, ())]
     if isinstance(default, bool) or str(f.type) in ("bool", "Optional[bool]"):
-        on = " (default: on)" if default is True else ""
+        on = " (default: on, from the recipe)" if default is True else ""
         p.add_argument(*flags, dest=f.name, action="store_const", const=True, default=default, help=help_ + on)
     elif f.name == "layer_config":
         p.add_argument(*flags, dest=f.name, type=_parse_layer_config, default=None, help=help_ + " (JSON or file)")
     else:
         kind = int if f.name in INT_SETTINGS else float if f.name in FLOAT_SETTINGS else str
-        p.add_argument(*flags, dest=f.name, type=kind, default=default, help=f"{help_} (default: {default})")
+        p.add_argument(*flags, dest=f.name, type=kind, default=default, help=help_ + _default_note(f.name, help_, default, f.default))
+
+
+# The MLLM entry point leaves these to the model's template and data (None in its parser).
+TEMPLATE_DEFAULTS = {"dataset": " (default: the template's, normally NeelNanda/pile-10k; image-text data for families "
+                                "that cannot calibrate on text)",
+                     "seqlen": " (default: 2048 for text data, 512 for image-text)"}
+
+
+def _default_note(name: str, help_: str, default: Any, field_default: Any = None) -> str:
+    """`` (default: X)`` unless the help already says it; nothing for an empty or None default. A default set
+    by the recipe (not the field's own) is always shown."""
+    if default is not None and default != field_default and field_default is not MISSING:
+        return f" (default: {default}, from the recipe)"
+    if default is None:
+        return TEMPLATE_DEFAULTS.get(name, "")
+    if "default" in help_ or default == "":
+        return ""
+    return f" (default: {default})"
 
 
 def _add_fixed_options(p: argparse.ArgumentParser, g: Dict[str, Any], recipe: str) -> None:
