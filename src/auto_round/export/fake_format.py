@@ -31,6 +31,7 @@ class FakeExporter(Exporter):
     """Writes the qdq weights into an unquantized checkpoint."""
 
     name = "fake"
+    stores_kquant = True  # GGUF K-quant records dequantize like any other
 
     def check_layer(self, name: str, out_features: int, in_features: int, bits: int, group_size: int,
                     sym: bool) -> Optional[str]:

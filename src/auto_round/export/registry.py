@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from auto_round.quant.qdq import QuantParams
 from auto_round.quant.types import QuantizedWeight
 
 # Modules whose import registers built-in formats (each calls register_format at import time).
@@ -38,6 +39,9 @@ class Exporter(ABC):
     """One on-disk format for a quantized model."""
 
     name: str = ""
+    # Whether the format stores GGUF K-quant layers (double-quantized scales, float mins; schemes
+    # asym_dq/sym_dq): only formats that write ggml K blocks or dequantized weights do.
+    stores_kquant: bool = False
 
     @abstractmethod
     def check_layer(
@@ -54,6 +58,25 @@ class Exporter(ABC):
         ``group_size`` is resolved (never -1).
         """
 
+    def check_params(self, name: str, out_features: int, in_features: int, params: Any) -> Optional[str]:
+        """:meth:`check_layer` for a :class:`QuantParams` (before tuning) or a tuned
+        :class:`QuantizedWeight`; a K-quant layer is refused by formats that cannot store it."""
+        from auto_round.quant.kquant import is_kquant
+
+        if is_kquant(params) and not self.stores_kquant:
+            return (f"{self.name!r} stores one scale and an integer zero point per group, not a GGUF K-quant "
+                    f"layer ({params.bits}-bit, scales quantized per super-block{', float mins' if not params.sym else ''}),"
+                    " which only gguf:*_k and 'fake' store; export this format from a separate run")
+        return self.check_layer(name, out_features, in_features, params.bits, params.group_size, params.sym)
+
+    def layer_params(self, model: nn.Module, layers: Dict[str, Tuple[int, int]]
+                     ) -> Optional[Dict[str, Tuple[Optional[QuantParams], str]]]:
+        """For formats whose type decides each layer's scheme (GGUF K-quant mixes): ``{layer: (params,
+        note)}`` for the layers the plan quantizes (``layers``: ``{name: (out, in)}``); params None keeps
+        the layer in full precision, ``note`` says why. Asked before tuning; None (the default): the
+        settings decide."""
+        return None
+
     def check_scale_dtype(self, scale_dtype: torch.dtype) -> Optional[str]:
         """Why this format cannot store scales of ``scale_dtype`` (the run's ``scale_dtype``), or None.
         Called before tuning."""
@@ -69,10 +92,11 @@ class Exporter(ABC):
         (:meth:`check_layer` per layer, :meth:`check_plan`, :meth:`check_scale_dtype`); ValueError
         listing what this format cannot store."""
         bad = [f"{n}: {why}" for n, q in layers.items()
-               if (why := self.check_layer(n, q.out_features, q.in_features, q.bits, q.group_size, q.sym))]
+               if (why := self.check_params(n, q.out_features, q.in_features, q))]
         if bad:
             raise ValueError(f"format {self.name!r} cannot store these layers:\n" + "\n".join(bad[:10]))
-        dtypes = sorted({q.scale.dtype for q in layers.values()}, key=str)
+        # K records hold float32 d*sc products, not scales of the run's scale_dtype (their d is fp16)
+        dtypes = sorted({q.scale.dtype for q in layers.values() if q.kquant is None}, key=str)
         why = self.check_plan({n: (q.bits, q.group_size, q.sym) for n, q in layers.items()})
         why = why or next((w for d in dtypes if (w := self.check_scale_dtype(d))), None)
         if why:

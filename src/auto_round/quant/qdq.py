@@ -14,6 +14,11 @@ Three schemes (``QuantParams.scheme``):
 Then ``q = clamp(round(W / s + V) + z, 0, 2^b - 1)`` and ``W' = s (q - z)``, with a straight-through
 gradient for every ``round``. ``lo``/``hi`` are multiplied by the learnable per-group clip factors
 ``alpha``/``beta`` first.
+
+Two more schemes, ``"asym_dq"`` / ``"sym_dq"``, are GGUF's K-quants (sub-block scales, and for
+asym_dq float mins, themselves quantized per 256-weight super-block): see
+:mod:`auto_round.quant.kquant`, which :func:`scale_zero_from_range`, :func:`qdq_weight` and
+:func:`quantize_weight` hand them to.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Optional, Tuple
 
 import torch
 
-SCHEMES = ("sym", "asym", "sym_gptq")
+SCHEMES = ("sym", "asym", "sym_gptq", "asym_dq", "sym_dq")  # *_dq: GGUF K-quants (quant/kquant.py)
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 MIN_SCALE = 1e-5
 
@@ -48,6 +53,10 @@ class QuantParams:
             raise ValueError(f"group_size={self.group_size} must be a positive integer here")
         if self.scheme not in SCHEMES:
             raise ValueError(f"scheme={self.scheme!r} is not one of {SCHEMES}")
+        if self.scheme.endswith("_dq"):
+            from auto_round.quant.kquant import spec_of
+
+            spec_of(self.bits, self.group_size, self.scheme)  # ValueError naming the K types
 
     @property
     def maxq(self) -> int:
@@ -55,7 +64,7 @@ class QuantParams:
 
     @property
     def sym(self) -> bool:
-        return self.scheme != "asym"
+        return self.scheme not in ("asym", "asym_dq")
 
 
 class _RoundSTE(torch.autograd.Function):
@@ -114,8 +123,12 @@ def scale_zero_from_range(
 
     Differentiable in ``alpha``/``beta`` (``[out, G]`` or None = 1). Returns ``scale [out, G, 1]``
     (already cast through ``scale_dtype``, as exported) and ``zero [out, G, 1]`` (float holding
-    integers).
+    integers; for ``asym_dq`` the float ``mn / s``, see :func:`auto_round.quant.kquant.scale_zero_k`).
     """
+    if params.scheme.endswith("_dq"):
+        from auto_round.quant.kquant import scale_zero_k
+
+        return scale_zero_k(lo, hi, params, alpha, beta)
     if alpha is not None:
         lo = lo * alpha
     if beta is not None:
@@ -253,6 +266,10 @@ def qdq_weight(
 
     ``v`` has the padded shape ``[out, G * group_size]`` (or is None = 0).
     """
+    if params.scheme.endswith("_dq"):
+        from auto_round.quant.kquant import qdq_weight_k
+
+        return qdq_weight_k(weight, params, v, alpha, beta)
     out, in_ = weight.shape
     wg = group_view(weight, params.group_size)
     s, z = scale_zero(wg, params, alpha, beta)
@@ -272,8 +289,14 @@ def quantize_weight(
 
     Returns ``codes`` uint8 ``[out, in_]``, ``scale [out, G]`` in ``params.scale_dtype`` and
     ``zero`` int32 ``[out, G]``, such that ``dequantize(codes, scale, zero)`` equals
-    ``qdq_weight(...)`` up to float rounding.
+    ``qdq_weight(...)`` up to float rounding. The K schemes (``*_dq``) give ``scale = d*sc`` float32 and
+    ``zero`` 0 (asym_dq, whose mins this tuple lacks) or ``2^(bits-1)``: their full record, with the
+    super-block scales, is :func:`auto_round.quant.kquant.kquant_record`.
     """
+    if params.scheme.endswith("_dq"):
+        from auto_round.quant.kquant import quantize_weight_k
+
+        return quantize_weight_k(weight, params, v, alpha, beta)[:3]
     out, in_ = weight.shape
     x, s, z = _scaled_groups(weight.float(), params, v, alpha, beta)
     q = (torch.round(x) + z).clamp(0, params.maxq)

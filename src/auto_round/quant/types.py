@@ -7,7 +7,7 @@ modules (which pack and consume it).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 
@@ -25,6 +25,12 @@ class QuantizedWeight:
     - ``bias``: the layer's bias ``[out]`` or None.
 
     The dequantized weight is ``scale[o, g] * (codes[o, i] - zero[o, g])`` with ``g = i // group_size``.
+
+    GGUF K-quant layers (schemes ``asym_dq``/``sym_dq``, :mod:`auto_round.quant.kquant`) also carry
+    ``kquant``: the super-block blocks ``{"d": fp16 [out, S], "sc": int16 [out, G]}`` plus
+    ``"dmin"`` fp16 ``[out, S]`` and ``"m"`` uint8 ``[out, G]`` for the float-min types; then
+    ``scale = d*sc`` (float32), ``zero`` is ``2^(bits-1)`` or 0, and the weight is
+    ``(d*sc) * codes - dmin*m`` (float mins: no integer zero point stores it).
     """
 
     codes: torch.Tensor
@@ -35,6 +41,7 @@ class QuantizedWeight:
     sym: bool
     bias: Optional[torch.Tensor] = None
     data_type: str = "int"
+    kquant: Optional[Dict[str, torch.Tensor]] = None
 
     @property
     def out_features(self) -> int:
@@ -48,4 +55,8 @@ class QuantizedWeight:
         """Return the dequantized weight ``[out, in_]`` in ``dtype``."""
         from auto_round.quant.qdq import dequantize
 
+        if self.kquant is not None:
+            from auto_round.quant.kquant import dequantize_k
+
+            return dequantize_k(self).to(dtype)
         return dequantize(self.codes, self.scale, self.zero, self.group_size).to(dtype)

@@ -7,6 +7,11 @@ No layer is stored with a padded last group (every engine reads ``in_features //
 groups): where the requested group size does not divide ``in_features`` it is halved until it
 does (at least 32; e.g. SmolLM2's 576-wide inputs at 128 take 64), else the layer stays in full
 precision. Both are reported in the plan and recorded per layer in ``extra_config``.
+
+An export format may decide each layer's scheme itself (``format_params``: GGUF K-quant mixes such as
+``gguf:q4_k_m``, whose llama.cpp rules give some tensors a higher type and rows that are not whole
+super-blocks a fallback type); then the settings' bits/group_size/sym are not used for those layers
+and every layer's choice is a note of the plan.
 """
 
 from __future__ import annotations
@@ -104,6 +109,25 @@ def _params(bits: int, group_size: int, in_features: int, sym: bool, s: Settings
     return QuantParams(bits=bits, group_size=gs, scheme=scheme, scale_dtype=s.torch_scale_dtype)
 
 
+def _format_choice(format_params, settings: Settings, cfg: Dict[str, Dict[str, Any]],
+                   linears: Mapping[str, nn.Linear]) -> Dict[str, Tuple[Optional[QuantParams], str]]:
+    """The export format's scheme per quantized layer (empty when the settings decide)."""
+    if format_params is None:
+        return {}
+    chosen = format_params({n: (linears[n].out_features, linears[n].in_features) for n in cfg})
+    if chosen is None:
+        return {}
+    for key, override in (settings.layer_config or {}).items():
+        if any(k in override for k in ("group_size", "sym", "data_type")) or int(override.get("bits", 16)) < 16:
+            raise ValueError(f"layer_config[{key!r}] = {override} sets a scheme, but the export format decides "
+                             "each layer's scheme (a GGUF K-quant mix); layer_config may only keep layers in full "
+                             "precision ({'bits': 16}), or choose another gguf type")
+    missing = [n for n in cfg if n not in chosen]
+    if missing:
+        raise ValueError(f"the export format chose no scheme for {missing[:4]}")
+    return chosen
+
+
 def _tied_lm_head(model: nn.Module) -> bool:
     cfg = getattr(model, "config", None)
     tied = bool(getattr(cfg, "tie_word_embeddings", False))
@@ -134,9 +158,13 @@ def resolve_plan(
     check_layer: Optional[Callable[[str, int, int, QuantParams], Optional[str]]] = None,
     extra_fp: Mapping[str, str] = {},
     outside_reasons: Mapping[str, str] = {},
+    format_params: Optional[Callable[[Dict[str, Tuple[int, int]]],
+                                     Optional[Dict[str, Tuple[Optional[QuantParams], str]]]]] = None,
 ) -> QuantPlan:
     """Build the plan. ``check_layer(name, out, in, params)`` returns why a format cannot store a
-    layer (collected and raised together); ``extra_fp`` maps layer names to forced-FP reasons."""
+    layer (collected and raised together); ``extra_fp`` maps layer names to forced-FP reasons;
+    ``format_params({name: (out, in)})`` (optional) returns ``{name: (params, note)}`` for formats that
+    choose each quantized layer's scheme (params None: kept FP, note = why), or None."""
     lists = []
     block_of: Dict[str, str] = {}
     for path in block_lists:
@@ -224,7 +252,16 @@ def resolve_plan(
         if n in cfg:
             cfg.pop(n)
             reason[n] = why
+    chosen = _format_choice(format_params, settings, cfg, linears)
+    for n, (chosen_params, note) in chosen.items():
+        if chosen_params is None:
+            cfg.pop(n, None)
+            reason[n] = note
+        else:
+            notes[n] = note
     for n in list(cfg):  # shapes the requested group size cannot store without a padded group
+        if n in chosen:
+            continue
         gs = int(cfg[n]["group_size"])
         fitted = fit_group_size(linears[n].in_features, gs)
         if fitted is None:
@@ -240,7 +277,8 @@ def resolve_plan(
         params = None
         if n in cfg:
             c = cfg[n]
-            params = _params(int(c["bits"]), int(c["group_size"]), lin.in_features, bool(c["sym"]), settings)
+            params = chosen[n][0] if n in chosen else _params(int(c["bits"]), int(c["group_size"]),
+                                                                lin.in_features, bool(c["sym"]), settings)
             if check_layer is not None:
                 why = check_layer(n, lin.out_features, lin.in_features, params)
                 if why:

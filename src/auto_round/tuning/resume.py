@@ -121,7 +121,7 @@ class ResumeStore:
     def save_unit(self, index: int, name: str, layers: Dict[str, QuantizedWeight], result: Dict[str, Any],
                   gen_state: torch.Tensor) -> None:
         records = {n: {"codes": q.codes, "scale": q.scale, "zero": q.zero, "bits": q.bits, "group_size": q.group_size,
-                       "sym": q.sym, "bias": q.bias, "data_type": q.data_type} for n, q in layers.items()}
+                       "sym": q.sym, "bias": q.bias, "data_type": q.data_type, "kquant": q.kquant} for n, q in layers.items()}
         tmp = self._path(index).with_suffix(".tmp")
         torch.save({"name": name, "layers": records, "result": result, "gen_state": gen_state}, tmp)
         os.replace(tmp, self._path(index))

@@ -1,4 +1,4 @@
-"""GGUF export for llama.cpp: formats ``gguf:q4_0``, ``gguf:q4_1``, ``gguf:q5_0``, ``gguf:q5_1``, ``gguf:q8_0``.
+"""GGUF export for llama.cpp: ``gguf:q4_0``, ``q4_1``, ``q5_0``, ``q5_1``, ``q8_0`` and the K-quant types.
 
 The file is written from the tuned integers and scales (nothing is re-quantized by llama.cpp's
 quantizer): one ggml block per SignRound group of 32 (layouts in :mod:`.blocks`).
@@ -16,7 +16,22 @@ gguf:q8_0   bits=8 group_size=32 sym=True              d*(q-128) as int8        
 Both sym styles map (``full_range`` and ``gptq`` differ only in how the scale is chosen, the grid
 ``scale*(q - 2^(bits-1))`` is the same); scales must be fp16 (``scale_dtype='fp16'``). For the
 ``_1`` types ``m`` is rounded once to fp16: ``|error| <= 2^-11 |scale*zero|``, under 0.75% (q4_1)
-/ 1.6% (q5_1) of one quantization step. K-quants (``q4_k_m``, ...) are not written.
+/ 1.6% (q5_1) of one quantization step.
+
+K-quant file types ``gguf:q2_k_s``, ``q3_k_m``, ``q4_k_s``, ``q4_k_m``, ``q5_k_s``, ``q5_k_m``,
+``q6_k`` (:mod:`.kmix`, :mod:`.kblocks`, :mod:`auto_round.quant.kquant`): the format chooses every
+layer's type in the plan, before tuning, by llama.cpp's own rules (e.g. ``q4_k_m``: Q4_K, with Q6_K
+for attn_v and ffn_down of the blocks ``use_more_bits`` picks, and for ``output``); the bits /
+group_size / sym settings are not used. A K-type layer is tuned on the K grid itself: its 6-bit
+(Q4_K/Q5_K/Q3_K), 8-bit (Q6_K) or 4-bit (Q2_K) sub-block scales and mins are quantized against the
+super-block's fp16 ``d``/``dmin`` inside the tuner's qdq, so the file holds the tuned codes,
+sub-block scales, mins and ``d``/``dmin`` bit for bit (ggml's dequantization equals our weights
+exactly). A row that is not whole super-blocks of 256 takes llama.cpp's fallback type (q2_k/q3_k
+-> q4_0, q4_k -> q5_0, q5_k -> q5_1, q6_k -> q8_0), is tuned as that type, and the plan lists it;
+a row that is not even a multiple of 32 stays F16 (kept in full precision, with the reason). The
+embeddings stay F16 (llama.cpp's quantizer would store ``token_embd`` at the base type). Other
+formats of the same run must store these layers: ``fake`` does; integer-zero formats
+(``auto_round``, ``auto_gptq``, ...) are refused before tuning.
 
 Checked before tuning (``check_model`` / ``check_layer`` / ``check_scale_dtype``): the model type
 (``llama``, ``mistral`` -> arch ``llama``; ``qwen2`` -> arch ``qwen2``), its rope type
@@ -68,15 +83,18 @@ rope.freq_base, vocab_size`` (+ ``rope.scaling.*`` for linear/yarn); the tokeniz
 unrecognised byte-level pre-tokenizers); and ``auto_round.quantization_config`` (JSON string).
 
 Limitations: text causal LMs of the families above only (VLMs would need a separate ``mmproj``
-file); one block type per file (mixed bits are refused; keep odd layers FP instead); Mistral's
+file); a legacy type is one block type per file (mixed bits are refused; keep odd layers FP instead; the K types mix by their rules); Mistral's
 sliding window is not represented (as in llama.cpp's own converter; a warning says so).
 """
 
 from auto_round.export.gguf.blocks import BLOCK_TYPES
-from auto_round.export.gguf.exporter import GGUFExporter, gguf_file_name
+from auto_round.export.gguf.exporter import GGUFExporter, GGUFKExporter, gguf_file_name
+from auto_round.export.gguf.kmix import KMIXES
 from auto_round.export.registry import register_format
 
 for _bt in BLOCK_TYPES.values():
     register_format(f"gguf:{_bt.name}", GGUFExporter(_bt))
+for _mix in KMIXES.values():
+    register_format(f"gguf:{_mix.name}", GGUFKExporter(_mix))
 
-__all__ = ["GGUFExporter", "gguf_file_name", "BLOCK_TYPES"]
+__all__ = ["GGUFExporter", "GGUFKExporter", "gguf_file_name", "BLOCK_TYPES", "KMIXES"]

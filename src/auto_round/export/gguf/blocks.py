@@ -139,5 +139,6 @@ def permute_rows(qw: QuantizedWeight, perm: torch.Tensor) -> QuantizedWeight:
     """``qw`` with its output rows reordered (row i of the result is row ``perm[i]``); a row's
     groups move with it, so the record stays exact."""
     perm = perm.to(qw.codes.device)
+    kq = None if qw.kquant is None else {k: t[perm] for k, t in qw.kquant.items()}  # K blocks are per row too
     return QuantizedWeight(qw.codes[perm], qw.scale[perm], qw.zero[perm], qw.bits, qw.group_size, qw.sym,
-                           None if qw.bias is None else qw.bias[perm], qw.data_type)
+                           None if qw.bias is None else qw.bias[perm], qw.data_type, kq)

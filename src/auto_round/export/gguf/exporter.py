@@ -14,9 +14,13 @@ import torch
 import torch.nn as nn
 
 from auto_round.export.gguf import arch as archmod
-from auto_round.export.gguf.blocks import BlockType, layer_problem, pack_blocks, permute_rows
+from auto_round.export.gguf import kmix
+from auto_round.export.gguf.blocks import BLOCK, BLOCK_TYPES, BlockType, layer_problem, pack_blocks, permute_rows
+from auto_round.export.gguf.kblocks import K_BLOCK_TYPES, pack_k_blocks
 from auto_round.export.gguf.vocab import build_vocab
 from auto_round.export.registry import Exporter
+from auto_round.quant.kquant import SUPER_BLOCK, is_kquant, kquant_params, kquant_type
+from auto_round.quant.qdq import QuantParams
 from auto_round.quant.types import QuantizedWeight
 
 logger = logging.getLogger(__name__)
@@ -47,8 +51,9 @@ class _Tensor:
     make: Callable[[], np.ndarray]
 
 
-def gguf_file_name(model: nn.Module, bt: BlockType) -> str:
-    """``<name>-<TYPE>.gguf``; ``<name>`` is the last part of ``config.name_or_path`` or ``model``."""
+def gguf_file_name(model: nn.Module, bt: Any) -> str:
+    """``<name>-<TYPE>.gguf``; ``<name>`` is the last part of ``config.name_or_path`` or ``model``;
+    ``bt`` is a :class:`BlockType` or a :class:`~auto_round.export.gguf.kmix.KMix` (its ``name``)."""
     source = str(getattr(getattr(model, "config", None), "name_or_path", "") or "").rstrip("/\\")
     base = re.sub(r"[^A-Za-z0-9._-]+", "-", re.split(r"[/\\]", source)[-1]).strip("-.") or "model"
     return f"{base}-{bt.name.upper()}.gguf"
@@ -57,9 +62,11 @@ def gguf_file_name(model: nn.Module, bt: BlockType) -> str:
 class GGUFExporter(Exporter):
     """Writes ``gguf:<type>`` files for llama.cpp (see :mod:`auto_round.export.gguf`)."""
 
-    def __init__(self, bt: BlockType) -> None:
+    mix: Optional[kmix.KMix] = None  # set by GGUFKExporter
+
+    def __init__(self, bt: Optional[BlockType]) -> None:
         self.bt = bt
-        self.name = f"gguf:{bt.name}"
+        self.name = f"gguf:{bt.name}" if bt is not None else ""
 
     # ------------------------------------------------------------------ checks (before tuning)
     def check_layer(self, name: str, out_features: int, in_features: int, bits: int, group_size: int,
@@ -133,14 +140,15 @@ class GGUFExporter(Exporter):
         tensors = self._plan_tensors(model, layers, family)
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
-        path = output_dir / gguf_file_name(model, self.bt)
+        path = output_dir / gguf_file_name(model, self.bt or self.mix)
         writer = gguf.GGUFWriter(path, family.arch)
         writer.add_name(path.stem)
-        writer.add_file_type(self.bt.file_type)
+        writer.add_file_type(self.file_type)
         writer.add_quantization_version(GGUF_QUANT_VERSION)
         archmod.add_hparams(writer, model, family)
         vocab.add_to(writer)
-        config = {**quantization_config, "gguf_type": self.bt.name, "gguf_file": path.name}
+        config = {**quantization_config, "gguf_type": (self.bt or self.mix).name, "gguf_file": path.name,
+                  **self._config_extra(layers)}
         writer.add_string("auto_round.quantization_config", json.dumps(config, sort_keys=True))
         for t in tensors:
             writer.add_tensor_info(t.name, t.shape, np.dtype(t.dtype), t.nbytes,
@@ -160,7 +168,7 @@ class GGUFExporter(Exporter):
         model.config.to_json_file(str(output_dir / "config.json"))
         n_fp = len(tensors) - len(layers)
         logger.info("wrote %s: %d %s tensors, %d F16/F32 tensors (%.1f MiB)", path, len(layers),
-                    self.bt.name.upper(), n_fp, path.stat().st_size / 2**20)
+                    self._types_label(layers), n_fp, path.stat().st_size / 2**20)
 
     def _plan_tensors(self, model: nn.Module, layers: Dict[str, QuantizedWeight],
                       family: archmod.GGUFFamily) -> List[_Tensor]:
@@ -181,16 +189,33 @@ class GGUFExporter(Exporter):
         planned += [_float_tensor(n, t, None) for n, t in archmod.extra_tensors(model).items()]
         return planned
 
+    @property
+    def file_type(self) -> int:
+        """``general.file_type`` (llama.h LLAMA_FTYPE_MOSTLY_*)."""
+        return self.bt.file_type
+
+    def _config_extra(self, layers: Dict[str, QuantizedWeight]) -> Dict[str, Any]:
+        return {}
+
+    def _types_label(self, layers: Dict[str, QuantizedWeight]) -> str:
+        return self.bt.name.upper()
+
     def _quantized(self, name: str, qw: QuantizedWeight, heads: Optional[int]) -> _Tensor:
-        bt = self.bt
-        nbytes = qw.out_features * (qw.in_features // 32) * bt.type_size
+        if qw.kquant is not None:
+            kb = K_BLOCK_TYPES[kquant_type(qw).name]
+            per_block, type_size, ggml_type, pack = SUPER_BLOCK, kb.type_size, kb.ggml_type, pack_k_blocks
+        else:
+            bt = legacy_type_of(qw) if self.bt is None else self.bt
+            per_block, type_size, ggml_type = BLOCK, bt.type_size, bt.ggml_type
+            pack = lambda q: pack_blocks(q, bt)  # noqa: E731
+        nbytes = qw.out_features * (qw.in_features // per_block) * type_size
 
         def make() -> np.ndarray:
             q = permute_rows(qw, archmod.rope_order(qw.out_features, heads)) if heads else qw
-            return pack_blocks(q, bt)
+            return pack(q)
 
         # numpy shape of the raw bytes; the writer turns it into the element shape [out, in].
-        return _Tensor(name, (qw.out_features, nbytes // qw.out_features), np.uint8, bt.ggml_type, nbytes, make)
+        return _Tensor(name, (qw.out_features, nbytes // qw.out_features), np.uint8, ggml_type, nbytes, make)
 
 
 def _float_tensor(name: str, value: torch.Tensor, heads: Optional[int]) -> _Tensor:
@@ -209,3 +234,96 @@ def _float_tensor(name: str, value: torch.Tensor, heads: Optional[int]) -> _Tens
 
     shape = tuple(value.shape)
     return _Tensor(name, shape, dtype, ggml_type, int(np.prod(shape)) * np.dtype(dtype).itemsize, make)
+
+
+def legacy_type_of(qw: Any) -> BlockType:
+    """The legacy block type storing a (non-K) record or scheme: by bits and sym, group 32."""
+    for bt in BLOCK_TYPES.values():
+        if (bt.bits, bt.sym) == (qw.bits, qw.sym) and qw.group_size == BLOCK:
+            return bt
+    raise ValueError(f"no GGUF legacy type stores bits={qw.bits} group_size={qw.group_size} sym={qw.sym}")
+
+
+def _legacy_params(bt: BlockType) -> QuantParams:
+    return QuantParams(bits=bt.bits, group_size=BLOCK, scheme="sym" if bt.sym else "asym", scale_dtype=torch.float16)
+
+
+class GGUFKExporter(GGUFExporter):
+    """Writes ``gguf:<mix>`` files (``q4_k_m``, ...): each layer's ggml type comes from llama.cpp's rules
+    (:mod:`.kmix`), decided in the plan before tuning (:meth:`layer_params`); K-type layers are tuned
+    on the K grid (:mod:`auto_round.quant.kquant`) and a row that is not whole super-blocks takes the
+    legacy fallback type, both listed in the plan."""
+
+    stores_kquant = True
+
+    def __init__(self, mix: kmix.KMix) -> None:
+        super().__init__(None)
+        self.mix = mix
+        self.name = f"gguf:{mix.name}"
+
+    @property
+    def file_type(self) -> int:
+        return self.mix.file_type
+
+    def layer_params(self, model: nn.Module, layers: Dict[str, Tuple[int, int]]
+                     ) -> Optional[Dict[str, Tuple[Optional[QuantParams], str]]]:
+        """``{layer: (params, note)}``: the ggml type llama.cpp's rules give each layer's tensor, after
+        the shape fallback; params None = F16 (a row not even a multiple of 32), note = why."""
+        family = archmod.family_of(model)
+        if family is None:
+            return None  # check_model refuses the model with the reason
+        cfg = archmod.text_config(model)
+        n_blocks = int(cfg.num_hidden_layers)
+        n_head = int(cfg.num_attention_heads)
+        n_kv = int(getattr(cfg, "num_key_value_heads", None) or n_head)
+        is_70b = n_blocks == 80 and (family.arch == "qwen2" or n_kv != n_head)
+        names = {hf[:-len(".weight")]: g for hf, g in self._tensor_names(model, family)
+                 if hf.endswith(".weight") and g is not None}
+        chosen: Dict[str, Tuple[Optional[QuantParams], str]] = {}
+        for name, (_out, in_) in layers.items():
+            gname = names.get(name)
+            if gname is None:
+                chosen[name] = (None, f"{self.name}: no llama.cpp tensor name")
+                continue
+            block = re.match(r"blk\.(\d+)\.", gname)
+            ktype, why = kmix.tensor_type(self.mix, gname, int(block.group(1)) if block else None, n_blocks,
+                                          n_head // max(n_kv, 1), is_70b)
+            final, fb = kmix.fallback(ktype, in_)
+            if final is None:
+                chosen[name] = (None, f"{self.name}: {fb}")
+                continue
+            params = kquant_params(final) if final in K_BLOCK_TYPES else _legacy_params(BLOCK_TYPES[final])
+            chosen[name] = (params, f"{self.name} {final}" + (f" ({fb or why})" if fb or why else ""))
+        return chosen
+
+    def check_params(self, name: str, out_features: int, in_features: int, params: Any) -> Optional[str]:
+        if is_kquant(params):
+            if in_features % SUPER_BLOCK:
+                return (f"in_features={in_features} is not a multiple of {SUPER_BLOCK}: K-type rows are whole "
+                        f"super-blocks (the plan gives such layers a fallback type)")
+            return None
+        return self.check_layer(name, out_features, in_features, params.bits, params.group_size, params.sym)
+
+    def check_layer(self, name: str, out_features: int, in_features: int, bits: int, group_size: int,
+                    sym: bool) -> Optional[str]:
+        """A non-K layer must be one of the fallback legacy types (bits 4/5/8, group 32)."""
+        fits = [bt for bt in BLOCK_TYPES.values() if bt.name in kmix.FALLBACK.values()
+                and layer_problem(bt, in_features, bits, group_size, sym) is None]
+        if fits:
+            return None
+        return (f"{self.name} stores its layers as the K types the plan gives them (tune with "
+                f"format='{self.name}' so the plan chooses them) or as a fallback type "
+                f"{sorted(set(kmix.FALLBACK.values()))}; bits={bits} group_size={group_size} sym={sym} is neither")
+
+    def _config_extra(self, layers: Dict[str, QuantizedWeight]) -> Dict[str, Any]:
+        return {"gguf_tensor_types": self._type_counts(layers)}
+
+    def _type_counts(self, layers: Dict[str, QuantizedWeight]) -> Dict[str, int]:
+        counts: Dict[str, int] = {}
+        for qw in layers.values():
+            t = kquant_type(qw).name if qw.kquant is not None else legacy_type_of(qw).name
+            counts[t] = counts.get(t, 0) + 1
+        return dict(sorted(counts.items()))
+
+    def _types_label(self, layers: Dict[str, QuantizedWeight]) -> str:
+        return "+".join(f"{n} {t.upper()}" for t, n in self._type_counts(layers).items())
