@@ -10,9 +10,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from auto_round import AutoRound
+from auto_round import AutoRound, quantize_model_free
 from auto_round.inference import load_quantized
-from auto_round.model_free import core, quantize_model_free
+from auto_round.model_free import core
 from tiny_models import tiny_llama, tiny_qwen2
 from tokenizer_fixture import make_tokenizer
 
@@ -96,10 +96,11 @@ def test_same_bytes_as_in_memory_rtn(case, tmp_path):
     assert (free / "tokenizer.json").read_bytes() == (src / "tokenizer.json").read_bytes()
 
 
-def test_chunked_rounding_changes_no_bit(tmp_path, monkeypatch):
-    """Weights are read and rounded in row chunks: with chunks of 3 rows (uneven, so the last chunk is short)
-    the output is still the in-memory path's bytes."""
+def test_chunked_rounding_and_copying_change_no_bit(tmp_path, monkeypatch):
+    """Weights are read and rounded in row chunks, other tensors copied in row chunks: with chunks of 3 rows
+    (uneven, so the last chunk is short) the output is still the in-memory path's bytes."""
     monkeypatch.setattr(core, "CHUNK_ELEMENTS", 3 * 64)
+    monkeypatch.setattr(core, "COPY_CHUNK_BYTES", 3 * 64 * 2)
     src = _save(tiny_llama(), tmp_path / "src", torch.bfloat16)
     mem, free = _both(src, tmp_path, bits=4, group_size=32)
     _assert_identical(mem, free)
@@ -195,10 +196,11 @@ def test_already_quantized_and_corrupt_inputs_are_refused(tmp_path):
         quantize_model_free(src, tmp_path / "q3")
 
 
-def test_nan_weight_is_refused_naming_the_layer_and_nothing_is_written(tmp_path):
+@pytest.mark.parametrize("bad", ["nan", "inf", "-inf"])
+def test_non_finite_weight_is_refused_naming_the_layer_and_nothing_is_written(bad, tmp_path):
     model = tiny_llama()
     with torch.no_grad():
-        model.model.layers[1].mlp.up_proj.weight[5, 7] = float("nan")
+        model.model.layers[1].mlp.up_proj.weight[5, 7] = float(bad)
     src = _save(model, tmp_path / "src")
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj holds NaN or Inf"):
         quantize_model_free(src, tmp_path / "out", group_size=32)
@@ -235,3 +237,65 @@ def test_output_folder_rules(tmp_path):
     quantize_model_free(src, user, group_size=64)
     assert json.loads((user / "config.json").read_text())["quantization_config"]["group_size"] == 64
     assert (user / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_vlm_keeps_the_vision_tower_and_matches_in_memory(family, tmp_path):
+    """A VLM folder is planned by AutoRoundMLLM's hooks on the skeleton: the language model's blocks are quantized,
+    the vision tower and projector copied. transformers saves these models under their legacy tensor names (LLaVA:
+    language_model.model.layers.*, loaded into model.language_model.layers.*); the renaming is transformers' own,
+    so the output has the in-memory path's bytes and names, and reloads to its logits."""
+    from auto_round import AutoRoundMLLM
+    from tiny_vlms import FAMILIES, make_image, skip_on_upstream_break
+
+    skip_on_upstream_break(family)
+    vlm = FAMILIES[family]()
+    src = tmp_path / "src"
+    vlm.model.save_pretrained(src, max_shard_size="100KB")
+    vlm.processor.save_pretrained(src)
+    mem = AutoRoundMLLM(str(src), **RTN, bits=4, group_size=32).quantize_and_save(tmp_path / "mem")[0]
+    free = quantize_model_free(src, tmp_path / "free", bits=4, group_size=32)
+    tensors = _assert_identical(mem, free)
+    packed = {k[: -len(".qweight")] for k in tensors if k.endswith(".qweight")}
+    assert len(packed) == 14 and all(".layers." in k and "vision" not in k and "visual" not in k for k in packed)
+    assert any(("vision" in k or "visual" in k) and k.endswith(".weight") for k in tensors)
+    cfg = json.loads((free / "config.json").read_text())["quantization_config"]
+    assert cfg["block_name_to_quantize"] == "model.language_model.layers"
+    inputs = vlm.inputs("What is shown?", images=[make_image(vlm.image_size)])
+    with torch.no_grad():
+        got_mem = load_quantized(str(mem), backend="torch")(**inputs).logits
+        got_free = load_quantized(str(free), backend="torch")(**inputs).logits
+    assert torch.equal(got_free, got_mem)
+
+
+def test_streamed_shards_read_back_with_safetensors(tmp_path):
+    """write_shard's files (header first, tensors produced one by one, some in chunks) are what safe_open reads, for
+    every dtype and odd sizes; ShardReader reads safetensors' own files, whole or by rows."""
+    from safetensors.torch import save_file
+
+    from auto_round.model_free.shards import OutSpec, ShardReader, write_shard
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.bool": torch.rand(3, 5, generator=g) > 0.5, "b.u8": torch.randint(0, 255, (7,), dtype=torch.uint8),
+               "c.f16": torch.randn(5, 3, generator=g).half(), "d.i64": torch.arange(5), "e.bf16": torch.randn(
+                   9, 2, generator=g).bfloat16(), "f.f32": torch.randn(2, 2, 2, generator=g), "g.scalar": torch.tensor(1.5),
+               "h.empty": torch.zeros(0, 4)}
+    specs = [OutSpec(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    chunked = {"e.bf16", "c.f16"}
+    path = tmp_path / "s.safetensors"
+    write_shard(path, specs, lambda n: iter(tensors[n].split(2)) if n in chunked else tensors[n], {"format": "pt"})
+    with safe_open(str(path), "pt") as fh:
+        assert fh.metadata() == {"format": "pt"}
+        assert sorted(fh.keys()) == sorted(tensors)
+        for k, v in tensors.items():
+            assert torch.equal(fh.get_tensor(k), v), k
+    theirs = tmp_path / "t.safetensors"
+    save_file(tensors, str(theirs))
+    reader = ShardReader(theirs)
+    for k, v in tensors.items():
+        assert torch.equal(reader.get(k), v), k
+    assert torch.equal(reader.get_rows("e.bf16", 2, 7), tensors["e.bf16"][2:7])
+    assert torch.equal(torch.cat(list(reader.iter_rows("e.bf16", 8))), tensors["e.bf16"])
+    reader.close()
+    with pytest.raises(RuntimeError, match="'c.f16'.*planned"):
+        write_shard(tmp_path / "bad.safetensors", specs, lambda n: tensors[n].float() if n == "c.f16" else tensors[n], {})

@@ -20,9 +20,10 @@ Lifecycle of a run (:func:`quantize_model_free`):
    tensor is produced just before it is written: a quantized weight is read in row chunks,
    quantized with :func:`~auto_round.quant.qdq.quantize_weight` (what ``rtn_quantize`` runs) and
    packed with ``QuantLinear.from_quantized``, so the tensors are byte-identical to
-   ``AutoRound(model, iters=0, disable_opt_rtn=True).quantize_and_save(format=...)``. Peak memory is
-   about the largest single layer's codes (1 byte per weight) plus one chunk, whatever the model or
-   shard size.
+   ``AutoRound(model, iters=0, disable_opt_rtn=True).quantize_and_save(format=...)``; tensors kept as
+   they are are copied in 64 MiB row chunks. Peak memory is one layer's packing (its codes, 1 byte per
+   weight, and the packer's int32 temporaries: about 9 bytes per weight of the largest quantized layer)
+   plus one chunk, whatever the model or shard size.
 5. ``config.json`` (with ``quantization_config``), ``quantization_config.json``, an index and the
    tokenizer and other small files, all inside :func:`~auto_round.export.folder.write_atomically`.
 """
@@ -35,7 +36,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -54,6 +55,7 @@ SINGLE = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
 REWRITTEN = ("config.json", "quantization_config.json", INDEX, MANIFEST)
 CHUNK_ELEMENTS = 1 << 22  # weights quantized in row chunks of about 4M elements (16 MiB as float32)
+COPY_CHUNK_BYTES = 64 << 20  # tensors kept as they are are copied in chunks of 64 MiB
 
 
 # ----------------------------------------------------------------------------------------- checkpoint
@@ -64,6 +66,11 @@ class Checkpoint:
     folder: Path
     readers: Dict[str, ShardReader]
     where: Dict[str, str]
+    stored_as: Dict[str, str] = field(default_factory=dict)  # model tensor name -> checkpoint name (renamed)
+
+    def stored_name(self, model_name: str) -> Optional[str]:
+        """The checkpoint's name of the model's tensor ``model_name`` (None: not in the checkpoint)."""
+        return self.stored_as.get(model_name, model_name if model_name in self.where else None)
 
     def info(self, name: str) -> TensorInfo:
         return self.readers[self.where[name]].tensors[name]
@@ -158,6 +165,39 @@ def build_skeleton(folder: Path, trust_remote_code: bool = False, mllm: Optional
     return model.eval(), is_vlm
 
 
+def map_names(skeleton: nn.Module, ckpt: Checkpoint) -> None:
+    """Fill ``ckpt.stored_as`` with the renamings transformers applies when it loads this checkpoint into
+    this model (e.g. a LLaVA saved as ``language_model.model.layers.*`` is loaded into
+    ``model.language_model.layers.*``), as ``convert_and_load_state_dict_in_model`` renames keys. Only
+    one-to-one renamings are used: a tensor that transformers fuses or splits at load (a
+    ``WeightConverter``) keeps no model name, so a Linear fed by one is reported missing, not skipped."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    except ImportError as e:  # announced: names must then match the model's module names as they are
+        logger.warning("this transformers has no checkpoint key renaming API (%s): checkpoint tensor names are taken "
+                       "as the model's", e)
+        return
+    mapping = get_model_conversion_mapping(skeleton)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    meta = skeleton.state_dict()
+    prefix = getattr(skeleton, "base_model_prefix", None)
+    for key in sorted(ckpt.where, key=dot_natural_key):  # the order transformers renames in (some renamings hold state)
+        new, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+        if new not in meta and key in meta:
+            new, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta)
+        if pattern is None and new != key and new in meta:
+            if new in ckpt.stored_as or new in ckpt.where:
+                other = ckpt.stored_as.get(new, new)
+                raise ValueError(f"checkpoint tensors {other!r} and {key!r} both load into the model's {new!r}; the "
+                                 "checkpoint is inconsistent: re-export it")
+            ckpt.stored_as[new] = key
+    if ckpt.stored_as:
+        logger.info("%d checkpoint tensor names differ from the model's (renamed as transformers loads them), e.g. "
+                    "%s -> %s", len(ckpt.stored_as), *next((v, k) for k, v in ckpt.stored_as.items()))
+
+
 def _planner(skeleton: nn.Module, is_vlm: bool, settings: Dict[str, Any], mllm_options: Dict[str, Any]) -> Any:
     """The facade the in-memory path would use for this model, holding the skeleton: its hooks decide
     the block lists and the FP reasons, its ``quantization_config`` writes the config."""
@@ -202,6 +242,12 @@ class _Layer:
     bias_dtype: Optional[torch.dtype]
     outputs: List[OutSpec] = field(default_factory=list)
 
+    @property
+    def stored_prefix(self) -> str:
+        """The layer's packed tensors are named as its weight is in the checkpoint (``<prefix>.qweight``, ...),
+        as ``save_pretrained`` names them after reverting the renamings of the load."""
+        return self.weight[: -len("weight")]
+
 
 def _meta_record(lp: LayerPlan, has_bias: bool) -> QuantizedWeight:
     """A shape-only record (meta tensors) for the exporter's checks and ``final_config``."""
@@ -231,13 +277,16 @@ def _layers(skeleton: nn.Module, plan: QuantPlan, ckpt: Checkpoint, exporter: An
     problems, layers, records = [], {}, {}
     for lp in plan.quantized:
         lin = skeleton.get_submodule(lp.name)
-        w, b = f"{lp.name}.weight", f"{lp.name}.bias" if lin.bias is not None else None
-        for t, shape in ((w, (lp.out_features, lp.in_features)), *(((b, (lp.out_features,)),) if b else ())):
-            if t not in ckpt.where:
+        wanted = [(f"{lp.name}.weight", (lp.out_features, lp.in_features))]
+        wanted += [(f"{lp.name}.bias", (lp.out_features,))] if lin.bias is not None else []
+        stored = [ckpt.stored_name(t) for t, _ in wanted]
+        for (t, shape), st in zip(wanted, stored):
+            if st is None or not st.endswith(t.rpartition(".")[2]):
                 problems.append(f"{t} is missing")
-            elif ckpt.info(t).shape != shape:
-                problems.append(f"{t} is {list(ckpt.info(t).shape)}, the model's layer needs {list(shape)}")
-        layers[lp.name] = _Layer(lp, w, b, lin.weight.dtype, None if b is None else lin.bias.dtype)
+            elif ckpt.info(st).shape != shape:
+                problems.append(f"{st} is {list(ckpt.info(st).shape)}, the model's layer {lp.name} needs {list(shape)}")
+        w, b = stored[0], stored[1] if len(stored) > 1 else None
+        layers[lp.name] = _Layer(lp, w or "", b, lin.weight.dtype, None if b is None else lin.bias.dtype)
         records[lp.name] = _meta_record(lp, b is not None)
     if problems:
         sample = ", ".join(list(ckpt.where)[:3])
@@ -251,7 +300,7 @@ def _layers(skeleton: nn.Module, plan: QuantPlan, ckpt: Checkpoint, exporter: An
     for name, layer in layers.items():
         module = _meta_quant_linear(records[name], style)
         exporter.prepare_module(module)
-        layer.outputs = [OutSpec(f"{name}.{k}", v.dtype, tuple(v.shape)) for k, v in module.state_dict().items()]
+        layer.outputs = [OutSpec(layer.stored_prefix + k, v.dtype, tuple(v.shape)) for k, v in module.state_dict().items()]
         set_module(skeleton, name, module)
     return layers, style, records
 
@@ -335,14 +384,16 @@ def _quantize_layer(layer: _Layer, ckpt: Checkpoint, style: str, exporter: Any, 
         w = reader.get_rows(layer.weight, r0, r1)
         stats.read_bytes += w.numel() * w.element_size()
         w = w.to(device=device, dtype=layer.weight_dtype)
-        if not bool(torch.isfinite(w).all()):
-            raise ValueError(f"the weight of {lp.name} holds NaN or Inf (rows {r0}-{r1}); the model is damaged (check "
-                             f"the checkpoint), or keep it FP with fp_layers='{lp.name}'")
         c, s, z = quantize_weight(w.float(), p)
+        # A NaN/Inf weight makes its group's range, hence its scale, non-finite: the scales (1/group_size
+        # of the weight) are checked, the weight only to word the error.
+        if not bool(torch.isfinite(s).all()):
+            if not bool(torch.isfinite(w).all()):
+                raise ValueError(f"the weight of {lp.name} holds NaN or Inf (rows {r0}-{r1}); the model is damaged "
+                                 f"(check the checkpoint), or keep it FP with fp_layers='{lp.name}'")
+            raise RuntimeError(f"non-finite scales in {lp.name}: its weights overflow scale_dtype {p.scale_dtype}; use "
+                               f"scale_dtype='fp32' with format 'auto_round', or keep it FP with fp_layers='{lp.name}'")
         codes[r0:r1], scale[r0:r1], zero[r0:r1] = c.cpu(), s.cpu(), z.cpu()
-    if not bool(torch.isfinite(scale).all()):
-        raise RuntimeError(f"non-finite scales in {lp.name}: its weights overflow scale_dtype {p.scale_dtype}; use "
-                           f"scale_dtype='fp32' with format 'auto_round', or keep it FP with fp_layers='{lp.name}'")
     bias = None
     if layer.bias is not None:
         bias = ckpt.readers[ckpt.where[layer.bias]].get(layer.bias).to(layer.bias_dtype)
@@ -350,21 +401,20 @@ def _quantize_layer(layer: _Layer, ckpt: Checkpoint, style: str, exporter: Any, 
     qw = QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=p.bits, group_size=p.group_size, sym=p.sym, bias=bias)
     module = QuantLinear.from_quantized(qw, packing_format=style)
     exporter.prepare_module(module)
-    return {f"{lp.name}.{k}": v for k, v in module.state_dict().items()}
+    return {layer.stored_prefix + k: v for k, v in module.state_dict().items()}
 
 
 def _write_shard(path: Path, shard: _Shard, ckpt: Checkpoint, layers: Dict[str, _Layer], style: str, exporter: Any,
                  device: torch.device, stats: _Stats) -> None:
     pending: Dict[str, torch.Tensor] = {}  # tensors of a packed layer not yet reached in the shard's order
 
-    def produce(name: str) -> torch.Tensor:
+    def produce(name: str) -> Union[torch.Tensor, Iterator[torch.Tensor]]:
         if name in pending:
             return pending.pop(name)
         kind, what = shard.source[name]
         if kind == "copy":
-            t = ckpt.readers[ckpt.where[what]].get(what)
-            stats.read_bytes += t.numel() * t.element_size()
-            return t
+            stats.read_bytes += ckpt.info(what).nbytes
+            return ckpt.readers[ckpt.where[what]].iter_rows(what, COPY_CHUNK_BYTES)
         pending.update(_quantize_layer(layers[what], ckpt, style, exporter, device, stats))
         return pending.pop(name)
 
@@ -443,6 +493,7 @@ def quantize_model_free(
     ckpt = find_checkpoint(model_dir)
     try:
         skeleton, is_vlm = build_skeleton(ckpt.folder, trust_remote_code, mllm)
+        map_names(skeleton, ckpt)
         planner = _planner(skeleton, is_vlm, settings, mllm_options)
         plan = plan_model(planner, format)
         qconfig = planner.quantization_config()

@@ -19,7 +19,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from typing import Any, BinaryIO, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple, Union
 
 import torch
 
@@ -127,6 +127,17 @@ class ShardReader:
         info = self.tensors[name]
         return self._read(info.begin, info.nbytes).view(info.dtype).reshape(info.shape)
 
+    def iter_rows(self, name: str, max_bytes: int) -> Iterator[torch.Tensor]:
+        """Tensor ``name`` as consecutive chunks of whole rows of at most ``max_bytes`` (at least one row);
+        a 0-d or empty tensor comes whole."""
+        info = self.tensors[name]
+        if not info.shape or info.shape[0] == 0 or info.nbytes == 0:
+            yield self.get(name)
+            return
+        rows = max(1, max_bytes // (info.nbytes // info.shape[0]))
+        for r0 in range(0, info.shape[0], rows):
+            yield self.get_rows(name, r0, min(info.shape[0], r0 + rows))
+
     def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``[start, stop)`` of the first dimension of tensor ``name``."""
         info = self.tensors[name]
@@ -154,11 +165,12 @@ def shard_order(specs: Iterable[OutSpec]) -> List[OutSpec]:
     return sorted(specs, key=lambda s: (-torch.empty((), dtype=s.dtype).element_size(), s.name))
 
 
-def write_shard(path: Path, specs: List[OutSpec], produce: Callable[[str], torch.Tensor],
+def write_shard(path: Path, specs: List[OutSpec], produce: Callable[[str], Union[torch.Tensor, Iterator[torch.Tensor]]],
                 metadata: Mapping[str, str]) -> int:
     """Write a shard of ``specs`` (in :func:`shard_order`) to ``path``, asking ``produce(name)`` for each
-    tensor's data just before it is written; returns the file's size. A produced tensor whose dtype or
-    shape differs from its spec is an error (the header is already written)."""
+    tensor's data just before it is written: the tensor, or an iterator of consecutive row chunks of it;
+    returns the file's size. Data whose dtype, shape or size differs from its spec is an error (the
+    header is already written)."""
     specs = shard_order(specs)
     header: Dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
@@ -171,10 +183,20 @@ def write_shard(path: Path, specs: List[OutSpec], produce: Callable[[str], torch
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for s in specs:
-            t = produce(s.name)
-            if t.dtype != s.dtype or tuple(t.shape) != s.shape:
-                raise RuntimeError(f"tensor {s.name!r} came out {t.dtype}{list(t.shape)}, planned {s.dtype}{list(s.shape)}")
-            f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            data = produce(s.name)
+            if isinstance(data, torch.Tensor):
+                if data.dtype != s.dtype or tuple(data.shape) != s.shape:
+                    raise RuntimeError(f"tensor {s.name!r} came out {data.dtype}{list(data.shape)}, planned "
+                                       f"{s.dtype}{list(s.shape)}")
+                data = iter((data,))
+            start = f.tell()
+            for chunk in data:
+                if chunk.dtype != s.dtype or tuple(chunk.shape[1:]) != s.shape[1:]:
+                    raise RuntimeError(f"a chunk of {s.name!r} is {chunk.dtype}{list(chunk.shape)}, planned "
+                                       f"{s.dtype}{list(s.shape)}")
+                f.write(memoryview(chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            if f.tell() - start != s.nbytes:
+                raise RuntimeError(f"tensor {s.name!r}: wrote {f.tell() - start} bytes, planned {s.nbytes}")
         size = f.tell()
     if size != 8 + len(raw) + offset:
         raise RuntimeError(f"{path}: wrote {size} bytes, expected {8 + len(raw) + offset}")
