@@ -16,6 +16,14 @@ compiles llama.cpp, ~15 min on 2 cores), else it stops with that hint.
 
     .venv/bin/python bench/bench_gguf.py                      # tiny llama/qwen2, every type
     .venv/bin/python bench/bench_gguf.py --model smollm2 --types q4_0 q8_0 --iters 0
+    .venv/bin/python bench/bench_gguf.py --model tiny-llama-256 --types q4_k_m q6_k   # K-quants (rows of 256)
+
+``--quality`` (SmolLM2 only): perplexity, from llama.cpp's own logits, of our tuned files against
+llama.cpp's quantizer (``llama_model_quantize`` on an F16 file we write of the FP model) at the
+same type, on held-out BBC windows; llama.cpp's quantizer is told to keep ``token_embd``/``output``
+in F16 as our files do, so the comparison is of the quantized layers only (no importance matrix).
+
+    .venv/bin/python bench/bench_gguf.py --model smollm2 --quality --types q4_k_m q2_k_s --iters 32
 """
 
 from __future__ import annotations
@@ -33,6 +41,11 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "gguf.json"
 DEFAULT_LLAMACPP_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
 TYPES = {"q4_0": (4, True), "q4_1": (4, False), "q5_0": (5, True), "q5_1": (5, False), "q8_0": (8, True)}
+# K-quant mixes: the format picks every layer's scheme (no bits/sym settings); numbers are llama.h's
+# LLAMA_FTYPE_MOSTLY_* for llama_model_quantize (the worker has no auto_round to look them up).
+K_TYPES = {"q2_k_s": 21, "q3_k_m": 12, "q4_k_s": 14, "q4_k_m": 15, "q5_k_s": 16, "q5_k_m": 17, "q6_k": 18}
+LEGACY_FTYPES = {"q4_0": 2, "q4_1": 3, "q5_0": 8, "q5_1": 9, "q8_0": 7}
+GGML_F16 = 1
 PROMPT = ("The history of the river begins in the mountains, where snow melts each spring. "
           "In 1848, 25 settlers arrived; by 1900 the town had 3,417 people.")
 
@@ -54,6 +67,41 @@ def llamacpp_worker(gguf_path: str, request_path: str, out_path: str) -> None:
     tokens = llm.tokenize(req["prompt"].encode("utf-8"), add_bos=True, special=False)
     np.save(out_path, logits)
     Path(out_path + ".json").write_text(json.dumps({"tokens": list(map(int, tokens)), "eval_s": eval_s}))
+
+
+def llamacpp_quantize_worker(src: str, dst: str, ftype: str) -> None:
+    """llama.cpp's own quantizer at ``ftype`` (no importance matrix), embeddings and output kept F16."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = int(ftype)
+    params.nthread = 2
+    params.token_embedding_type = GGML_F16
+    params.output_tensor_type = GGML_F16
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), params)
+    if rc != 0:
+        raise SystemExit(f"llama_model_quantize returned {rc}")
+
+
+def llamacpp_ppl_worker(gguf_path: str, windows_path: str, out_path: str) -> None:
+    """Perplexity of each window (ids in a .npy ``[n, seqlen]``) from llama.cpp's logits."""
+    import numpy as np
+    from llama_cpp import Llama
+
+    windows = np.load(windows_path)
+    llm = Llama(model_path=gguf_path, n_ctx=int(windows.shape[1]) + 8, logits_all=True, verbose=False,
+                n_threads=2, seed=0)
+    nll, count = 0.0, 0
+    for row in windows:
+        ids = [int(t) for t in row]
+        llm.reset()
+        llm.eval(ids)
+        logits = np.array(llm.scores[: len(ids) - 1], dtype=np.float64)
+        logp = logits - logits.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        nll -= float(logp[np.arange(len(ids) - 1), ids[1:]].sum())
+        count += len(ids) - 1
+    Path(out_path).write_text(json.dumps({"ppl": float(np.exp(nll / count)), "tokens": count}))
 
 
 def _llamacpp_python(requested: Optional[Path]) -> Optional[str]:
@@ -96,11 +144,28 @@ def _load(name: str):
 
         return (lambda: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval(),
                 AutoTokenizer.from_pretrained(folder))
-    from tiny_models import tiny_llama, tiny_qwen2
+    from tiny_models import VOCAB, tiny_llama, tiny_qwen2
     from tokenizer_fixture import make_tokenizer
 
-    factory = {"tiny-llama": tiny_llama, "tiny-qwen2": tiny_qwen2}[name]
+    def tiny_llama_256():  # rows of 256: the K types store every layer without a fallback
+        import torch
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=VOCAB, hidden_size=256, intermediate_size=512,
+                                            num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                            max_position_embeddings=512, tie_word_embeddings=False)).eval()
+
+    factory = {"tiny-llama": tiny_llama, "tiny-qwen2": tiny_qwen2, "tiny-llama-256": tiny_llama_256}[name]
     return factory, make_tokenizer()
+
+
+def _scheme(qtype: str) -> Dict[str, Any]:
+    """AutoRound keywords for a type: the legacy types need their scheme, K mixes choose their own."""
+    if qtype in K_TYPES:
+        return {}
+    bits, sym = TYPES[qtype]
+    return {"bits": bits, "sym": sym, "group_size": 32}
 
 
 def _compare(ours, theirs) -> Dict[str, float]:
@@ -118,9 +183,8 @@ def bench_one(model_name: str, qtype: str, args, python: str, work: Path) -> Dic
     from auto_round import AutoRound
 
     make_model, tokenizer = _load(model_name)
-    bits, sym = TYPES[qtype]
     t0 = time.perf_counter()
-    ar = AutoRound(make_model(), tokenizer, bits=bits, sym=sym, group_size=32, iters=args.iters,
+    ar = AutoRound(make_model(), tokenizer, **_scheme(qtype), iters=args.iters,
                    nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
                    dataset="auto_round:offline_corpus", device="cpu")
     folder = work / f"{model_name}-{qtype}"
@@ -152,8 +216,11 @@ def bench_one(model_name: str, qtype: str, args, python: str, work: Path) -> Dic
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", nargs="+", default=["tiny-llama", "tiny-qwen2"],
-                   choices=["tiny-llama", "tiny-qwen2", "smollm2"])
-    p.add_argument("--types", nargs="+", default=list(TYPES), choices=list(TYPES))
+                   choices=["tiny-llama", "tiny-qwen2", "tiny-llama-256", "smollm2"])
+    p.add_argument("--types", nargs="+", default=list(TYPES), choices=list(TYPES) + list(K_TYPES))
+    p.add_argument("--quality", action="store_true", help="perplexity vs llama.cpp's quantizer (smollm2)")
+    p.add_argument("--ppl-windows", type=int, default=8)
+    p.add_argument("--ppl-seqlen", type=int, default=256)
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=64)
@@ -161,9 +228,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--llamacpp-python", type=Path, default=None)
     p.add_argument("--json", type=Path, default=RESULTS)
     p.add_argument("--llamacpp-worker", nargs=3, metavar=("GGUF", "REQUEST", "OUT"), help=argparse.SUPPRESS)
+    p.add_argument("--quantize-worker", nargs=3, help=argparse.SUPPRESS)
+    p.add_argument("--ppl-worker", nargs=3, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.llamacpp_worker:
         llamacpp_worker(*args.llamacpp_worker)
+        return 0
+    if args.quantize_worker:
+        llamacpp_quantize_worker(*args.quantize_worker)
+        return 0
+    if args.ppl_worker:
+        llamacpp_ppl_worker(*args.ppl_worker)
         return 0
     python = _llamacpp_python(args.llamacpp_python)
     if python is None:
@@ -171,6 +246,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{args.llamacpp_python or DEFAULT_LLAMACPP_PYTHON}. Build it in its own venv (not .venv): "
               "python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install llama-cpp-python numpy")
         return 0
+    if args.quality:
+        return quality(args, python)
     records = []
     with tempfile.TemporaryDirectory(prefix="bench_gguf_") as tmp:
         for model_name in args.model:
@@ -187,6 +264,75 @@ def main(argv: Optional[List[str]] = None) -> int:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"prompt": PROMPT, "iters": args.iters, "records": records}, indent=2))
     print(f"wrote {args.json}")
+    return 0
+
+
+# ------------------------------------------------------------------ quality vs llama.cpp's quantizer
+def _worker(python: str, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([python, str(Path(__file__).resolve()), *argv], capture_output=True, text=True)
+
+
+def _ppl(python: str, gguf_path: Path, windows: Path) -> Dict[str, Any]:
+    out = gguf_path.with_suffix(".ppl.json")
+    proc = _worker(python, "--ppl-worker", str(gguf_path), str(windows), str(out))
+    if proc.returncode != 0:
+        return {"error": proc.stderr[-2000:]}
+    return json.loads(out.read_text())
+
+
+def quality(args, python: str) -> int:
+    """Perplexity (llama.cpp's logits) of our tuned files vs llama.cpp's quantizer, SmolLM2, held-out BBC."""
+    import numpy as np
+
+    from auto_round import AutoRound
+    from auto_round.assets import bbc_split, perplexity_of_windows, token_windows
+    from auto_round.export import get_format
+
+    make_model, tokenizer = _load("smollm2")
+    calib, heldout = bbc_split(ROOT / ".cache" / "assets")
+    windows = token_windows(tokenizer, heldout, args.ppl_seqlen, args.ppl_windows)
+    out_json = args.json if args.json != RESULTS else RESULTS.with_name("gguf_quality.json")
+    records: List[Dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench_gguf_q_") as tmp:
+        work = Path(tmp)
+        np.save(work / "windows.npy", windows.numpy())
+        data = work / "calib.txt"
+        data.write_text("\n\n".join(calib), encoding="utf-8")
+        model = make_model()
+        fp_ppl = perplexity_of_windows(model, windows)
+        f16 = work / "f16"
+        get_format("gguf:q8_0").export(model, {}, f16, {}, False, tokenizer=tokenizer)  # every tensor F16/F32
+        f16_file = next(f16.glob("*.gguf"))
+        base = {"fp32_torch": fp_ppl, "f16_llamacpp": _ppl(python, f16_file, work / "windows.npy").get("ppl")}
+        print(f"SmolLM2 held-out ppl ({windows.shape[0]}x{windows.shape[1]} tokens): fp32 torch {fp_ppl:.3f}, "
+              f"F16 in llama.cpp {base['f16_llamacpp']}")
+        for qtype in args.types:
+            ftype = K_TYPES.get(qtype, LEGACY_FTYPES.get(qtype))
+            theirs = work / f"llamacpp-{qtype}.gguf"
+            proc = _worker(python, "--quantize-worker", str(f16_file), str(theirs), str(ftype))
+            rec: Dict[str, Any] = {"type": qtype}
+            rec["llamacpp_quantizer"] = _ppl(python, theirs, work / "windows.npy") if proc.returncode == 0 \
+                else {"error": proc.stderr[-2000:]}
+            t0 = time.perf_counter()
+            ar = AutoRound(make_model(), tokenizer, **_scheme(qtype), iters=args.iters, nsamples=args.nsamples,
+                           seqlen=args.seqlen, batch_size=args.batch_size, dataset=str(data), device="cpu")
+            ours = work / f"ours-{qtype}"
+            ar.quantize_and_save(ours, format=f"gguf:{qtype}", inplace=False, overwrite=True)
+            rec["ours_quantize_s"] = round(time.perf_counter() - t0, 1)
+            ours_file = next(ours.glob("*.gguf"))
+            rec["ours"] = _ppl(python, ours_file, work / "windows.npy")
+            rec["ours_torch"] = perplexity_of_windows(ar.model, windows)
+            rec["file_mib"] = {"ours": round(ours_file.stat().st_size / 2**20, 1),
+                               "llamacpp": round(theirs.stat().st_size / 2**20, 1) if theirs.exists() else None}
+            rec["plan"] = ar.summary["plan"]
+            records.append(rec)
+            print(f"{qtype}: ppl ours {rec['ours'].get('ppl')} (torch {rec['ours_torch']:.3f}, iters {args.iters}) vs "
+                  f"llama.cpp's quantizer {rec['llamacpp_quantizer'].get('ppl')}; files {rec['file_mib']} MiB")
+    out_json.parent.mkdir(parents=True, exist_ok=True)
+    out_json.write_text(json.dumps({"base": base, "iters": args.iters, "nsamples": args.nsamples,
+                                    "seqlen": args.seqlen, "windows": list(windows.shape), "records": records},
+                                   indent=2, default=str))
+    print(f"wrote {out_json}")
     return 0
 
 

@@ -167,7 +167,7 @@ class GGUFExporter(Exporter):
         # lets a later export replace this folder as an earlier checkpoint.
         model.config.to_json_file(str(output_dir / "config.json"))
         n_fp = len(tensors) - len(layers)
-        logger.info("wrote %s: %d %s tensors, %d F16/F32 tensors (%.1f MiB)", path, len(layers),
+        logger.info("wrote %s: %d quantized tensors (%s), %d F16/F32 tensors (%.1f MiB)", path, len(layers),
                     self._types_label(layers), n_fp, path.stat().st_size / 2**20)
 
     def _plan_tensors(self, model: nn.Module, layers: Dict[str, QuantizedWeight],
@@ -326,4 +326,4 @@ class GGUFKExporter(GGUFExporter):
         return dict(sorted(counts.items()))
 
     def _types_label(self, layers: Dict[str, QuantizedWeight]) -> str:
-        return "+".join(f"{n} {t.upper()}" for t, n in self._type_counts(layers).items())
+        return ", ".join(f"{n} {t.upper()}" for t, n in self._type_counts(layers).items())
