@@ -56,17 +56,18 @@ def parse_tasks(text: Union[str, Sequence[str]]) -> List[Task]:
 
 
 def check_tasks(tasks: Sequence[Task]) -> None:
-    """Fail before any work when a task cannot run: a ``ppl`` file that is missing or not text, or lm-eval
-    tasks without lm-eval installed (ImportError with the install command)."""
+    """Fail before any work when a task cannot run: a ``ppl`` file that is missing or not text, lm-eval
+    tasks without lm-eval installed (ImportError with the install command), or a task lm-eval does not know."""
     from auto_round.evaluation.ppl import read_text
 
     for task in tasks:
         if task.kind == "ppl":
             read_text(task.target)
-    if any(t.kind == "lm_eval" for t in tasks):
-        from auto_round.evaluation.harness import import_lm_eval
+    harness = [t.target for t in tasks if t.kind == "lm_eval"]
+    if harness:
+        from auto_round.evaluation.harness import check_lm_eval_tasks
 
-        import_lm_eval()
+        check_lm_eval_tasks(harness)
 
 
 def _position_limit(model: nn.Module) -> Optional[int]:

@@ -9,6 +9,7 @@ download fails with an error naming the tasks and the fix.
 
 from __future__ import annotations
 
+import functools
 import numbers
 from pathlib import Path
 from typing import Any, Dict, List, Sequence
@@ -50,6 +51,30 @@ def split_task_files(tasks: Sequence[str]) -> tuple:
     return names, sorted(set(folders))
 
 
+@functools.lru_cache(maxsize=4)
+def _task_manager(folders: tuple) -> Any:
+    """lm-eval's task index (slow to build: it reads every task YAML), once per search path."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=list(folders) or None)
+
+
+def check_lm_eval_tasks(tasks: Sequence[str]) -> None:
+    """ImportError without lm-eval; ValueError naming each task lm-eval does not know (with the closest
+    names), so a typo fails before any tuning."""
+    import difflib
+
+    import_lm_eval()
+    names, folders = split_task_files(tasks)
+    known = set(_task_manager(tuple(folders)).all_tasks)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        hints = [n + (f" (did you mean {', '.join(c)}?)" if (c := difflib.get_close_matches(n, known, n=3)) else "")
+                 for n in unknown]
+        raise ValueError(f"lm-eval has no task {'; '.join(hints)}; list them with 'lm-eval ls tasks', or give a "
+                         "task YAML path")
+
+
 def _numeric_metrics(metrics: Dict[str, Any]) -> Dict[str, float]:
     return {k: float(v) for k, v in metrics.items()
             if isinstance(v, numbers.Real) and not isinstance(v, bool)}
@@ -60,10 +85,9 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], batch_size: in
     """Evaluate ``model`` on lm-eval ``tasks``; ``{task: {metric: value}}`` (numeric metrics only)."""
     lm_eval = import_lm_eval()
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     names, folders = split_task_files(tasks)
-    manager = TaskManager(include_path=folders or None)
+    manager = _task_manager(tuple(folders))
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit)
