@@ -62,6 +62,7 @@ def test_a_custom_lm_eval_task_on_a_local_file_runs_on_the_quantized_model(quant
     assert again["local_choice"]["acc,none"] == saved["acc,none"]
 
 
+@pytest.mark.slow  # indexes all of lm-eval's own tasks (about 40 s)
 def test_an_unknown_lm_eval_task_is_refused_before_tuning(tmp_path, capsys, monkeypatch):
     from auto_round import autoround
 

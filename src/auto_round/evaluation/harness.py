@@ -52,11 +52,18 @@ def split_task_files(tasks: Sequence[str]) -> tuple:
 
 
 @functools.lru_cache(maxsize=4)
-def _task_manager(folders: tuple) -> Any:
-    """lm-eval's task index (slow to build: it reads every task YAML), once per search path."""
+def _task_manager(folders: tuple, defaults: bool = True) -> Any:
+    """lm-eval's task index, once per search path; its own tasks (slow to index: it reads every task YAML)
+    only when ``defaults``."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(folders) or None)
+    return TaskManager(include_path=list(folders) or None, include_defaults=defaults)
+
+
+def _manager_for(tasks: Sequence[str]) -> tuple:
+    """``(task names, task manager)``; lm-eval's own task index is skipped when every task is a YAML file."""
+    names, folders = split_task_files(tasks)
+    return names, _task_manager(tuple(folders), defaults=not all(t.endswith((".yaml", ".yml")) for t in tasks))
 
 
 def check_lm_eval_tasks(tasks: Sequence[str]) -> None:
@@ -65,8 +72,8 @@ def check_lm_eval_tasks(tasks: Sequence[str]) -> None:
     import difflib
 
     import_lm_eval()
-    names, folders = split_task_files(tasks)
-    known = set(_task_manager(tuple(folders)).all_tasks)
+    names, manager = _manager_for(tasks)
+    known = set(manager.all_tasks)
     unknown = [n for n in names if n not in known]
     if unknown:
         hints = [n + (f" (did you mean {', '.join(c)}?)" if (c := difflib.get_close_matches(n, known, n=3)) else "")
@@ -86,8 +93,7 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], batch_size: in
     lm_eval = import_lm_eval()
     from lm_eval.models.huggingface import HFLM
 
-    names, folders = split_task_files(tasks)
-    manager = _task_manager(tuple(folders))
+    names, manager = _manager_for(tasks)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit)
