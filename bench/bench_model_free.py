@@ -13,7 +13,9 @@ Each measured run is its own process (``bench/_common.py``: peak RSS per run):
 - ``compare``: every tensor of the two outputs byte for byte, and both configs.
 
 "GB/s" is the input checkpoint's safetensors bytes over the run's wall time (the files are in the page
-cache for both runs after the model is written, so this is the quantization's speed, not the disk's).
+cache for both runs after the model is written, so this is the quantization's speed, not the disk's);
+"GB per CPU-s" divides by the process's CPU time instead, which the other jobs on a shared machine
+disturb less ("load before": the 1-minute load average when the run started).
 "peak RSS" is ``ru_maxrss`` of the run's process; "after imports" is its RSS before the call (torch,
 transformers and the model classes imported, which is also left out of the wall time), so the difference
 is what the run itself holds.
@@ -45,6 +47,11 @@ QUICK_SHAPE = dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=4,
 
 def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 def _preload() -> float:
@@ -92,11 +99,11 @@ def job_model_free(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     imports = _preload()
-    before = _rss_mb()
+    before, cpu0 = _rss_mb(), _cpu_s()
     t0 = time.perf_counter()
     quantize_model_free(spec["src"], spec["out"], bits=spec["bits"], group_size=spec["group_size"])
-    return {"seconds": time.perf_counter() - t0, "imports_s": imports, "rss_after_imports_mb": before,
-            "peak_rss_mb": _rss_mb()}
+    return {"seconds": time.perf_counter() - t0, "cpu_s": _cpu_s() - cpu0, "imports_s": imports,
+            "rss_after_imports_mb": before, "peak_rss_mb": _rss_mb()}
 
 
 def job_in_memory(spec: dict) -> dict:
@@ -106,12 +113,12 @@ def job_in_memory(spec: dict) -> dict:
 
     torch.set_num_threads(spec["threads"])
     imports = _preload()
-    before = _rss_mb()
+    before, cpu0 = _rss_mb(), _cpu_s()
     t0 = time.perf_counter()
     ar = AutoRound(spec["src"], iters=0, disable_opt_rtn=True, bits=spec["bits"], group_size=spec["group_size"])
     ar.quantize_and_save(spec["out"], format="auto_round")
-    return {"seconds": time.perf_counter() - t0, "imports_s": imports, "rss_after_imports_mb": before,
-            "peak_rss_mb": _rss_mb()}
+    return {"seconds": time.perf_counter() - t0, "cpu_s": _cpu_s() - cpu0, "imports_s": imports,
+            "rss_after_imports_mb": before, "peak_rss_mb": _rss_mb()}
 
 
 def job_compare(spec: dict) -> dict:
@@ -207,10 +214,12 @@ def main(argv=None) -> int:
     cmp = run_job({"job": "compare", "a": str(outs["model_free"]), "b": str(outs["in_memory"])}, work, "compare")
     rows = []
     for kind, r in runs.items():
-        rows.append([kind, fmt(r["seconds"], ".1f"), fmt(gb / r["seconds"], ".3f"), fmt(r["peak_rss_mb"], ".0f"),
+        rows.append([kind, fmt(r["seconds"], ".1f"), fmt(gb / r["seconds"], ".3f"), fmt(r["cpu_s"], ".1f"),
+                     fmt(gb / r["cpu_s"], ".3f"), fmt(r["load_avg_1min_before"], ".1f"), fmt(r["peak_rss_mb"], ".0f"),
                      fmt(r["rss_after_imports_mb"], ".0f"), fmt(r["peak_rss_mb"] - r["rss_after_imports_mb"], ".0f")])
     out_gb = _input_bytes(outs["model_free"]) / 1e9
-    table = print_table(["run", "wall s", "GB/s read", "peak RSS MiB", "after imports MiB", "held by the run MiB"],
+    table = print_table(["run", "wall s", "GB/s read", "CPU s", "GB per CPU-s", "load before", "peak RSS MiB",
+                         "after imports MiB", "held by the run MiB"],
                         rows, title=f"W{args.bits}G{args.group_size} RTN of {src.name} ({gb:.2f} GB bf16, {shards} "
                                     f"shards -> {out_gb:.2f} GB); byte-identical outputs: {cmp.get('identical')}")
     write_json(NAME, {"machine": machine_info(), "model": {"folder": str(src), "shape": shape, "input_gb": gb,

@@ -299,3 +299,24 @@ def test_streamed_shards_read_back_with_safetensors(tmp_path):
     reader.close()
     with pytest.raises(RuntimeError, match="'c.f16'.*planned"):
         write_shard(tmp_path / "bad.safetensors", specs, lambda n: tensors[n].float() if n == "c.f16" else tensors[n], {})
+
+
+def test_vlm_quant_nontext_module_quantizes_the_vision_blocks_too(tmp_path):
+    """quant_nontext_module=True plans the vision tower's blocks and the projector as AutoRoundMLLM does (their
+    Linear layers are packed under the checkpoint's names), same bytes as the in-memory path."""
+    from auto_round import AutoRoundMLLM
+    from tiny_vlms import FAMILIES, skip_on_upstream_break
+
+    skip_on_upstream_break("llava")
+    vlm = FAMILIES["llava"]()
+    src = tmp_path / "src"
+    vlm.model.save_pretrained(src)
+    vlm.processor.save_pretrained(src)
+    opts = dict(bits=4, group_size=32, quant_nontext_module=True)
+    mem = AutoRoundMLLM(str(src), **RTN, **opts).quantize_and_save(tmp_path / "mem")[0]
+    free = quantize_model_free(src, tmp_path / "free", **opts)
+    tensors = _assert_identical(mem, free)
+    packed = [k for k in tensors if k.endswith(".qweight")]
+    assert any(k.startswith("vision_tower.") for k in packed) and any(k.startswith("language_model.") for k in packed)
+    with pytest.raises(TypeError, match=r"\['quant_nontext_module'\] apply to vision-language models only"):
+        quantize_model_free(_save(tiny_llama(), tmp_path / "llm"), tmp_path / "o", quant_nontext_module=True)
