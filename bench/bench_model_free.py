@@ -36,7 +36,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import WORK, _timed_job, _tests_on_path, fmt, log, machine_info, parse_bench_args, print_table, write_json  # noqa: E402
+from _common import (WORK, _tests_on_path, _timed_job, fmt, log, machine_info, parse_bench_args,  # noqa: E402
+                     print_table, write_json)
 
 NAME = "model_free"
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,

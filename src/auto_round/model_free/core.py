@@ -7,8 +7,10 @@ Lifecycle of a run (:func:`quantize_model_free`):
 2. **resolve the plan** on a weightless skeleton: ``AutoModelForCausalLM.from_config(config)`` (or
    ``AutoModelForImageTextToText`` for a vision-language model) built on the meta device, handed to
    the same facade the in-memory path uses (:class:`~auto_round.AutoRound` /
-   :class:`~auto_round.AutoRoundMLLM`), so the block lists, what stays FP and why (lm_head,
-   embeddings, norms, vision tower, ``fp_layers``, ``layer_config``) and the group-size fitting are
+   :class:`~auto_round.AutoRoundMLLM`; checkpoint tensor names are mapped to the model's with
+   transformers' own load-time renaming, :func:`map_names`), so the block lists, what stays FP and
+   why (lm_head, embeddings, norms, vision tower, ``fp_layers``, ``layer_config``) and the group-size
+   fitting are
    :func:`auto_round.tuning.plan.resolve_plan`'s, and the format's capability checks run before any
    weight is read.
 3. **lay out the output** before computing anything: each quantized Linear becomes the tensors its
@@ -22,8 +24,9 @@ Lifecycle of a run (:func:`quantize_model_free`):
    packed with ``QuantLinear.from_quantized``, so the tensors are byte-identical to
    ``AutoRound(model, iters=0, disable_opt_rtn=True).quantize_and_save(format=...)``; tensors kept as
    they are are copied in 64 MiB row chunks. Peak memory is one layer's packing (its codes, 1 byte per
-   weight, and the packer's int32 temporaries: about 9 bytes per weight of the largest quantized layer)
-   plus one chunk, whatever the model or shard size.
+   weight, and the packer's int32 temporaries: measured 7.2 more bytes per weight for a 14336x4096
+   layer, so about 2 GB for a Llama-70B MLP projection) plus one chunk, whatever the model's depth or
+   shard size.
 5. ``config.json`` (with ``quantization_config``), ``quantization_config.json``, an index and the
    tokenizer and other small files, all inside :func:`~auto_round.export.folder.write_atomically`.
 """
@@ -138,7 +141,8 @@ def find_checkpoint(model_dir: Union[str, Path]) -> Checkpoint:
 
 
 # ----------------------------------------------------------------------------------------- plan
-def build_skeleton(folder: Path, trust_remote_code: bool = False, mllm: Optional[bool] = None) -> Tuple[nn.Module, bool]:
+def build_skeleton(folder: Path, trust_remote_code: bool = False,
+                   mllm: Optional[bool] = None) -> Tuple[nn.Module, bool]:
     """The model built from ``folder``'s config on the meta device (no weights, no memory) and whether
     it is handled as a vision-language model: as the in-memory loaders decide, a model
     ``AutoModelForCausalLM`` cannot build but ``AutoModelForImageTextToText`` can (``mllm`` forces it)."""
@@ -159,7 +163,8 @@ def build_skeleton(folder: Path, trust_remote_code: bool = False, mllm: Optional
     auto = AutoModelForImageTextToText if is_vlm else AutoModelForCausalLM
     if not builds(auto):
         raise ValueError(f"{str(folder)!r} holds a {type(config).__name__} (model_type {config.model_type!r}), which "
-                         f"{auto.__name__} cannot build; model-free mode quantizes causal LMs and vision-language models")
+                         f"{auto.__name__} cannot build; model-free mode quantizes causal LMs and "
+                         "vision-language models")
     with torch.device("meta"):
         model = auto.from_config(config, trust_remote_code=trust_remote_code)
     return model.eval(), is_vlm
@@ -269,7 +274,8 @@ def _meta_quant_linear(qw: QuantizedWeight, style: str) -> nn.Module:
                        packing_format=style, device=torch.device("meta"), scale_dtype=qw.scale.dtype)
 
 
-def _layers(skeleton: nn.Module, plan: QuantPlan, ckpt: Checkpoint, exporter: Any) -> Tuple[Dict[str, _Layer], str, Dict[str, QuantizedWeight]]:
+def _layers(skeleton: nn.Module, plan: QuantPlan, ckpt: Checkpoint,
+            exporter: Any) -> Tuple[Dict[str, _Layer], str, Dict[str, QuantizedWeight]]:
     """Every quantized layer's tensors in the checkpoint and on disk; the packing style; the meta records.
     The skeleton's quantized Linears are replaced by meta QuantLinears (``final_config`` reads them)."""
     from auto_round.tuning.wrapper import set_module
@@ -300,7 +306,8 @@ def _layers(skeleton: nn.Module, plan: QuantPlan, ckpt: Checkpoint, exporter: An
     for name, layer in layers.items():
         module = _meta_quant_linear(records[name], style)
         exporter.prepare_module(module)
-        layer.outputs = [OutSpec(layer.stored_prefix + k, v.dtype, tuple(v.shape)) for k, v in module.state_dict().items()]
+        layer.outputs = [OutSpec(layer.stored_prefix + k, v.dtype, tuple(v.shape))
+                         for k, v in module.state_dict().items()]
         set_module(skeleton, name, module)
     return layers, style, records
 
@@ -350,7 +357,8 @@ def _small_files(folder: Path) -> Tuple[List[str], List[str]]:
     rewritten, hidden files, sub-folders)."""
     copied, skipped = [], []
     for p in sorted(folder.iterdir()):
-        if p.is_file() and not p.name.startswith(".") and p.name not in REWRITTEN and not p.name.endswith(WEIGHT_SUFFIXES):
+        weights = p.name.endswith(WEIGHT_SUFFIXES)
+        if p.is_file() and not p.name.startswith(".") and p.name not in REWRITTEN and not weights:
             copied.append(p.name)
         else:
             skipped.append(p.name + ("/" if p.is_dir() else ""))
@@ -398,7 +406,8 @@ def _quantize_layer(layer: _Layer, ckpt: Checkpoint, style: str, exporter: Any, 
     if layer.bias is not None:
         bias = ckpt.readers[ckpt.where[layer.bias]].get(layer.bias).to(layer.bias_dtype)
         stats.read_bytes += bias.numel() * bias.element_size()
-    qw = QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=p.bits, group_size=p.group_size, sym=p.sym, bias=bias)
+    qw = QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=p.bits, group_size=p.group_size, sym=p.sym,
+                         bias=bias)
     module = QuantLinear.from_quantized(qw, packing_format=style)
     exporter.prepare_module(module)
     return {layer.stored_prefix + k: v for k, v in module.state_dict().items()}
@@ -430,7 +439,8 @@ def _settings(options: Mapping[str, Any]) -> Dict[str, Any]:
                          "tune with AutoRound(model_dir, iters=...) instead")
     if options.get("disable_opt_rtn", True) is not True:
         raise ValueError("disable_opt_rtn=False: optimized RTN needs calibration activations, hence the model; "
-                         "model-free mode is plain RTN (leave disable_opt_rtn out, or use AutoRound(model_dir, iters=0))")
+                         "model-free mode is plain RTN (leave disable_opt_rtn out, or use "
+                         "AutoRound(model_dir, iters=0))")
     return {**options, "iters": 0, "disable_opt_rtn": True}
 
 

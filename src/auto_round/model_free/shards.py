@@ -175,7 +175,8 @@ def write_shard(path: Path, specs: List[OutSpec], produce: Callable[[str], Union
     header: Dict[str, Any] = {"__metadata__": dict(metadata)}
     offset = 0
     for s in specs:
-        header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape),
+                          "data_offsets": [offset, offset + s.nbytes]}
         offset += s.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)
