@@ -486,7 +486,7 @@ def quantize_model_free(
     every other tensor is copied unchanged.
     """
     from auto_round.export import get_format
-    from auto_round.export.auto_round_format import CONFIG_FILE, AutoRoundExporter
+    from auto_round.export.auto_round_format import AutoRoundExporter
     from auto_round.export.registry import available_formats
 
     t0 = time.perf_counter()
@@ -502,46 +502,78 @@ def quantize_model_free(
     mllm_options["quant_nontext_module"] = quant_nontext_module
     ckpt = find_checkpoint(model_dir)
     try:
-        skeleton, is_vlm = build_skeleton(ckpt.folder, trust_remote_code, mllm)
-        map_names(skeleton, ckpt)
-        planner = _planner(skeleton, is_vlm, settings, mllm_options)
-        plan = plan_model(planner, format)
-        qconfig = planner.quantization_config()
-        layers, style, records = _layers(skeleton, plan, ckpt, exporter)
-        final = exporter.final_config(dict(qconfig), style, skeleton, records)
-        shards = _shards(ckpt, layers)
-        names = shard_names(len(shards))
-        copied, skipped = _small_files(ckpt.folder)
-        skipped = [f for f in skipped if f not in ckpt.readers and f not in REWRITTEN]
-        total = sum(s.nbytes for sh in shards for s in sh.specs)
-        will_write = [*names, *([INDEX] if len(names) > 1 else []), "config.json", CONFIG_FILE, *copied]
-        check_output_dir(output_dir, str(ckpt.folder), overwrite, will_write=will_write, estimated_bytes=total)
-        if skipped:
-            logger.info("not copied from %s: %s", ckpt.folder, ", ".join(skipped[:10]))
-        device_ = torch.device(device) if device is not None else torch.device("cpu")
-        stats = _Stats()
-
-        def write(tmp: Path) -> None:
-            for name, shard in zip(names, shards):
-                _write_shard(tmp / name, shard, ckpt, layers, style, exporter, device_, stats)
-            if len(names) > 1:
-                weight_map = {s.name: n for n, sh in zip(names, shards) for s in sh.specs}
-                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-                (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
-            skeleton.config.quantization_config = final
-            skeleton.config.save_pretrained(str(tmp))
-            with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:  # as AutoRoundExporter.save writes it
-                json.dump(final, f, indent=2, sort_keys=True)
-            for name in copied:
-                shutil.copy2(ckpt.folder / name, tmp / name)
-            if "generation_config.json" not in copied and getattr(skeleton, "can_generate", lambda: False)():
-                skeleton.generation_config.save_pretrained(str(tmp))  # as save_pretrained writes it
-
-        target = write_atomically(output_dir, str(ckpt.folder), overwrite, write)
+        run = _prepare(ckpt, exporter, format, settings, mllm_options, trust_remote_code, mllm, device is not None)
+        check_output_dir(output_dir, str(ckpt.folder), overwrite, will_write=run.will_write(),
+                         estimated_bytes=run.total_bytes)
+        target = write_atomically(output_dir, str(ckpt.folder), overwrite, run.write)
     finally:
         ckpt.close()
     seconds = time.perf_counter() - t0
     logger.info("model-free RTN: %d layers quantized (packing %r), %d shard(s); read %.2f GB, wrote %.2f GB in %.1f s "
-                "(%.3f GB/s read) to %s", len(layers), style, len(names), stats.read_bytes / 1e9,
-                stats.written_bytes / 1e9, seconds, stats.read_bytes / 1e9 / max(seconds, 1e-9), target)
+                "(%.3f GB/s read) to %s", len(run.layers), run.style, len(run.names), run.stats.read_bytes / 1e9,
+                run.stats.written_bytes / 1e9, seconds, run.stats.read_bytes / 1e9 / max(seconds, 1e-9), target)
     return target
+
+
+@dataclass
+class _Run:
+    """Everything a model-free run writes, decided before any weight is read."""
+
+    ckpt: Checkpoint
+    skeleton: nn.Module
+    exporter: Any
+    layers: Dict[str, _Layer]
+    style: str
+    shards: List[_Shard]
+    names: List[str]
+    config: Dict[str, Any]  # the quantization_config written
+    copied: List[str]
+    device: torch.device
+    stats: _Stats = field(default_factory=lambda: _Stats())
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.nbytes for sh in self.shards for s in sh.specs)
+
+    def will_write(self) -> List[str]:
+        from auto_round.export.auto_round_format import CONFIG_FILE
+
+        return [*self.names, *([INDEX] if len(self.names) > 1 else []), "config.json", CONFIG_FILE, *self.copied]
+
+    def write(self, tmp: Path) -> None:
+        """Shards, index, config.json, quantization_config.json and the small files, into ``tmp``."""
+        from auto_round.export.auto_round_format import CONFIG_FILE
+
+        for name, shard in zip(self.names, self.shards):
+            _write_shard(tmp / name, shard, self.ckpt, self.layers, self.style, self.exporter, self.device, self.stats)
+        if len(self.names) > 1:
+            weight_map = {s.name: n for n, sh in zip(self.names, self.shards) for s in sh.specs}
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        self.skeleton.config.quantization_config = self.config
+        self.skeleton.config.save_pretrained(str(tmp))
+        with open(tmp / CONFIG_FILE, "w", encoding="utf-8") as f:  # as AutoRoundExporter.save writes it
+            json.dump(self.config, f, indent=2, sort_keys=True)
+        for name in self.copied:
+            shutil.copy2(self.ckpt.folder / name, tmp / name)
+        if "generation_config.json" not in self.copied and getattr(self.skeleton, "can_generate", lambda: False)():
+            self.skeleton.generation_config.save_pretrained(str(tmp))  # as save_pretrained writes it
+
+
+def _prepare(ckpt: Checkpoint, exporter: Any, fmt: str, settings: Dict[str, Any], mllm_options: Dict[str, Any],
+             trust_remote_code: bool, mllm: Optional[bool], on_device: bool) -> _Run:
+    """Phases 2 and 3 of the module docstring: skeleton, plan, each layer's tensors, the shards."""
+    skeleton, is_vlm = build_skeleton(ckpt.folder, trust_remote_code, mllm)
+    map_names(skeleton, ckpt)
+    planner = _planner(skeleton, is_vlm, settings, mllm_options)
+    plan = plan_model(planner, fmt)
+    qconfig = planner.quantization_config()
+    layers, style, records = _layers(skeleton, plan, ckpt, exporter)
+    final = exporter.final_config(dict(qconfig), style, skeleton, records)
+    shards = _shards(ckpt, layers)
+    copied, skipped = _small_files(ckpt.folder)
+    skipped = [f for f in skipped if f not in ckpt.readers and f not in REWRITTEN]
+    if skipped:
+        logger.info("not copied from %s: %s", ckpt.folder, ", ".join(skipped[:10]))
+    device = planner.device if on_device else torch.device("cpu")
+    return _Run(ckpt, skeleton, exporter, layers, style, shards, shard_names(len(shards)), final, copied, device)
