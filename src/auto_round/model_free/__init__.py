@@ -7,6 +7,7 @@ fits in about one layer's memory. See :mod:`auto_round.model_free.core` for the 
 >>> quantize_model_free("path/to/model", "path/to/out", bits=4, group_size=128)  # doctest: +SKIP
 """
 
-from auto_round.model_free.core import find_checkpoint, quantize_model_free
+from auto_round.model_free.checkpoint import find_checkpoint
+from auto_round.model_free.core import quantize_model_free
 
 __all__ = ["find_checkpoint", "quantize_model_free"]
