@@ -10,7 +10,9 @@ Each measured run is its own process (``bench/_common.py``: peak RSS per run):
 - ``in_memory``: ``AutoRound(src, iters=0, disable_opt_rtn=True, bits=4, group_size=128)
   .quantize_and_save(out, format="auto_round")`` (loading included: the model-free run reads the
   files too);
-- ``compare``: every tensor of the two outputs byte for byte, and both configs.
+- ``compare``: every tensor of the two outputs byte for byte, and both configs;
+- ``model_free`` again on the same model at half the depth (11 layers, 1.2 GB): its peak should not
+  move, since model-free holds one layer at a time.
 
 "GB/s" is the input checkpoint's safetensors bytes over the run's wall time (the files are in the page
 cache for both runs after the model is written, so this is the quantization's speed, not the disk's);
@@ -33,6 +35,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -189,42 +192,59 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    shape = QUICK_SHAPE if args.shape == "quick" else SHAPE
-    work = WORK / NAME
-    src = WORK / "models" / f"llama-{shape['hidden_size']}x{shape['num_hidden_layers']}-bf16-{args.shard}"
+def _model(shape: dict, shard: str, work: Path) -> Optional[Path]:
+    """The random model folder of ``shape`` (written once, by its own process); None if that failed."""
+    src = WORK / "models" / f"llama-{shape['hidden_size']}x{shape['num_hidden_layers']}-bf16-{shard}"
     if not (src / ".complete").is_file():
         shutil.rmtree(src, ignore_errors=True)
         log(f"writing the random model to {src}")
-        made = run_job({"job": "make", "folder": str(src), "shape": shape, "shard": args.shard}, work, "make")
+        made = run_job({"job": "make", "folder": str(src), "shape": shape, "shard": shard}, work,
+                       f"make-{shape['num_hidden_layers']}")
         if "error" in made:
-            return 1
+            return None
+    return src
+
+
+def _row(name: str, src: Path, r: dict) -> list:
+    gb = _input_bytes(src) / 1e9
+    return [name, fmt(gb, ".2f"), fmt(r["seconds"], ".1f"), fmt(gb / r["seconds"], ".3f"), fmt(r["cpu_s"], ".1f"),
+            fmt(gb / r["cpu_s"], ".3f"), fmt(r["load_avg_1min_before"], ".1f"), fmt(r["peak_rss_mb"], ".0f"),
+            fmt(r["rss_after_imports_mb"], ".0f"), fmt(r["peak_rss_mb"] - r["rss_after_imports_mb"], ".0f")]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    shape = QUICK_SHAPE if args.shape == "quick" else SHAPE
+    half = {**shape, "num_hidden_layers": shape["num_hidden_layers"] // 2}
+    work = WORK / NAME
+    src, src_half = _model(shape, args.shard, work), _model(half, args.shard, work)
+    if src is None or src_half is None:
+        return 1
     gb = _input_bytes(src) / 1e9
     shards = len(list(src.glob("*.safetensors")))
     log(f"model {src.name}: {gb:.2f} GB in {shards} shard(s)")
-    runs = {}
-    outs = {k: work / f"out-{k}" for k in ("model_free", "in_memory")}
-    for kind in ("model_free", "in_memory"):
-        shutil.rmtree(outs[kind], ignore_errors=True)
-        log(f"{kind} ...")
-        runs[kind] = run_job({"job": kind, "src": str(src), "out": str(outs[kind]), "bits": args.bits,
-                              "group_size": args.group_size, "threads": args.threads}, work, kind)
-        if "error" in runs[kind]:
+    jobs = {"model_free": ("model_free", src), "in_memory": ("in_memory", src),
+            f"model_free_{half['num_hidden_layers']}_layers": ("model_free", src_half)}
+    runs, outs = {}, {}
+    for name, (kind, folder) in jobs.items():
+        outs[name] = work / f"out-{name}"
+        shutil.rmtree(outs[name], ignore_errors=True)
+        log(f"{name} ...")
+        runs[name] = run_job({"job": kind, "src": str(folder), "out": str(outs[name]), "bits": args.bits,
+                              "group_size": args.group_size, "threads": args.threads}, work, name)
+        if "error" in runs[name]:
             return 1
     cmp = run_job({"job": "compare", "a": str(outs["model_free"]), "b": str(outs["in_memory"])}, work, "compare")
-    rows = []
-    for kind, r in runs.items():
-        rows.append([kind, fmt(r["seconds"], ".1f"), fmt(gb / r["seconds"], ".3f"), fmt(r["cpu_s"], ".1f"),
-                     fmt(gb / r["cpu_s"], ".3f"), fmt(r["load_avg_1min_before"], ".1f"), fmt(r["peak_rss_mb"], ".0f"),
-                     fmt(r["rss_after_imports_mb"], ".0f"), fmt(r["peak_rss_mb"] - r["rss_after_imports_mb"], ".0f")])
+    rows = [_row(f"{name} ({jobs[name][1].name})", jobs[name][1], r) for name, r in runs.items()]
     out_gb = _input_bytes(outs["model_free"]) / 1e9
-    table = print_table(["run", "wall s", "GB/s read", "CPU s", "GB per CPU-s", "load before", "peak RSS MiB",
-                         "after imports MiB", "held by the run MiB"],
-                        rows, title=f"W{args.bits}G{args.group_size} RTN of {src.name} ({gb:.2f} GB bf16, {shards} "
-                                    f"shards -> {out_gb:.2f} GB); byte-identical outputs: {cmp.get('identical')}")
+    table = print_table(["run (model)", "input GB", "wall s", "GB/s read", "CPU s", "GB per CPU-s", "load before",
+                         "peak RSS MiB", "after imports MiB", "held by the run MiB"], rows,
+                        title=f"W{args.bits}G{args.group_size} RTN, bf16 in {args.shard} shards ({src.name}: "
+                              f"{gb:.2f} GB -> {out_gb:.2f} GB); model_free and in_memory outputs byte-identical: "
+                              f"{cmp.get('identical')}")
     write_json(NAME, {"machine": machine_info(), "model": {"folder": str(src), "shape": shape, "input_gb": gb,
-                                                           "shards": shards, "output_gb": out_gb},
+                                                           "shards": shards, "output_gb": out_gb,
+                                                           "half_depth_folder": str(src_half)},
                       "settings": {"bits": args.bits, "group_size": args.group_size, "threads": args.threads},
                       "runs": runs, "compare": cmp, "table": table}, args.json)
     if not args.keep:
