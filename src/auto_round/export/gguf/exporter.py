@@ -293,7 +293,8 @@ class GGUFKExporter(GGUFExporter):
                 chosen[name] = (None, f"{self.name}: {fb}")
                 continue
             params = kquant_params(final) if final in K_BLOCK_TYPES else _legacy_params(BLOCK_TYPES[final])
-            chosen[name] = (params, f"{self.name} {final}" + (f" ({fb or why})" if fb or why else ""))
+            because = "; ".join(x for x in (why, fb) if x)
+            chosen[name] = (params, f"{self.name} {final}" + (f" ({because})" if because else ""))
         return chosen
 
     def check_params(self, name: str, out_features: int, in_features: int, params: Any) -> Optional[str]:
