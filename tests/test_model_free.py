@@ -321,3 +321,30 @@ def test_vlm_quant_nontext_module_quantizes_the_vision_blocks_too(tmp_path):
     assert any(k.startswith("vision_tower.") for k in packed) and any(k.startswith("language_model.") for k in packed)
     with pytest.raises(TypeError, match=r"\['quant_nontext_module'\] apply to vision-language models only"):
         quantize_model_free(_save(tiny_llama(), tmp_path / "llm"), tmp_path / "o", quant_nontext_module=True)
+
+
+def test_incomplete_or_ambiguous_shard_sets_are_refused(tmp_path):
+    src = _save(tiny_llama(), tmp_path / "src", None, "60KB")
+    shards = sorted(src.glob("model-*.safetensors"))
+    assert len(shards) > 1
+    shards[-1].rename(tmp_path / "away.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"names shard\(s\) that are missing.*fetch those files"):
+        quantize_model_free(src, tmp_path / "out")
+    (tmp_path / "away.safetensors").rename(shards[-1])
+    (src / core.INDEX).unlink()
+    with pytest.raises(ValueError, match=r"several .safetensors files .* but no model.safetensors.index.json"):
+        quantize_model_free(src, tmp_path / "out")
+
+
+def test_cli_mllm_model_free(tmp_path):
+    from auto_round.cli import main_mllm
+    from tiny_vlms import FAMILIES, skip_on_upstream_break
+
+    skip_on_upstream_break("llava")
+    vlm = FAMILIES["llava"]()
+    src = tmp_path / "vlm"
+    vlm.model.save_pretrained(src)
+    vlm.processor.save_pretrained(src)
+    assert main_mllm(["--model", str(src), "--model_free", "--group_size", "32", "--output_dir", str(tmp_path / "o")]) == 0
+    cfg = json.loads((tmp_path / "o" / "vlm-w4g32" / "config.json").read_text())["quantization_config"]
+    assert cfg["block_name_to_quantize"] == "model.language_model.layers" and cfg["iters"] == 0

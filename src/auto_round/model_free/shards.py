@@ -28,6 +28,8 @@ DTYPES: Dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
 }
+DTYPES.update({k: getattr(torch, name) for k, name in (("U16", "uint16"), ("U32", "uint32"), ("U64", "uint64"),
+                                                          ("C64", "complex64")) if hasattr(torch, name)})
 DTYPE_NAMES: Dict[torch.dtype, str] = {v: k for k, v in DTYPES.items()}
 _MAX_HEADER = 100 * 2**20  # safetensors' own limit
 
