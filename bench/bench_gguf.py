@@ -221,6 +221,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quality", action="store_true", help="perplexity vs llama.cpp's quantizer (smollm2)")
     p.add_argument("--ppl-windows", type=int, default=8)
     p.add_argument("--ppl-seqlen", type=int, default=256)
+    p.add_argument("--work", type=Path, default=None,
+                   help="--quality: keep the files here and reuse our tuned files found there (default: a temp folder)")
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=64)
@@ -241,13 +243,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         llamacpp_ppl_worker(*args.ppl_worker)
         return 0
     python = _llamacpp_python(args.llamacpp_python)
+    if args.quality:
+        return quality(args, python)
     if python is None:
         print("SKIPPED: llama_cpp (llama-cpp-python) is not importable here nor in "
               f"{args.llamacpp_python or DEFAULT_LLAMACPP_PYTHON}. Build it in its own venv (not .venv): "
               "python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install llama-cpp-python numpy")
         return 0
-    if args.quality:
-        return quality(args, python)
     records = []
     with tempfile.TemporaryDirectory(prefix="bench_gguf_") as tmp:
         for model_name in args.model:
@@ -280,11 +282,30 @@ def _ppl(python: str, gguf_path: Path, windows: Path) -> Dict[str, Any]:
     return json.loads(out.read_text())
 
 
-def quality(args, python: str) -> int:
-    """Perplexity (llama.cpp's logits) of our tuned files vs llama.cpp's quantizer, SmolLM2, held-out BBC."""
+def _ours(args, qtype: str, make_model, tokenizer, data: Path, windows, work: Path) -> Dict[str, Any]:
+    """Tune and export our file (or reuse the one a previous run left in ``work``)."""
+    from auto_round import AutoRound
+    from auto_round.assets import perplexity_of_windows
+
+    folder, record = work / f"ours-{qtype}", work / f"ours-{qtype}.json"
+    if record.is_file() and list(folder.glob("*.gguf")):
+        return json.loads(record.read_text())
+    t0 = time.perf_counter()
+    ar = AutoRound(make_model(), tokenizer, **_scheme(qtype), iters=args.iters, nsamples=args.nsamples,
+                   seqlen=args.seqlen, batch_size=args.batch_size, dataset=str(data), device="cpu")
+    ar.quantize_and_save(folder, format=f"gguf:{qtype}", inplace=False, overwrite=True)
+    rec = {"quantize_s": round(time.perf_counter() - t0, 1), "torch_ppl": perplexity_of_windows(ar.model, windows),
+           "iters": args.iters, "nsamples": args.nsamples, "seqlen": args.seqlen, "plan": ar.summary["plan"],
+           "file": str(next(folder.glob("*.gguf")))}
+    record.write_text(json.dumps(rec, indent=1))
+    return rec
+
+
+def quality(args, python: Optional[str]) -> int:
+    """Perplexity (llama.cpp's logits) of our tuned files vs llama.cpp's quantizer, SmolLM2, held-out BBC.
+    Without llama_cpp only our side runs (kept in ``--work`` for a later run)."""
     import numpy as np
 
-    from auto_round import AutoRound
     from auto_round.assets import bbc_split, perplexity_of_windows, token_windows
     from auto_round.export import get_format
 
@@ -294,43 +315,41 @@ def quality(args, python: str) -> int:
     out_json = args.json if args.json != RESULTS else RESULTS.with_name("gguf_quality.json")
     records: List[Dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench_gguf_q_") as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         np.save(work / "windows.npy", windows.numpy())
         data = work / "calib.txt"
         data.write_text("\n\n".join(calib), encoding="utf-8")
+        ours = {qtype: _ours(args, qtype, make_model, tokenizer, data, windows, work) for qtype in args.types}
+        if python is None:
+            print("our files are in", work, "; llama_cpp is not importable: the comparison needs it "
+                  "(python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install llama-cpp-python numpy)")
+            return 0
         model = make_model()
-        fp_ppl = perplexity_of_windows(model, windows)
         f16 = work / "f16"
-        get_format("gguf:q8_0").export(model, {}, f16, {}, False, tokenizer=tokenizer)  # every tensor F16/F32
+        if not list(f16.glob("*.gguf")):
+            get_format("gguf:q8_0").export(model, {}, f16, {}, False, tokenizer=tokenizer)  # every tensor F16/F32
         f16_file = next(f16.glob("*.gguf"))
-        base = {"fp32_torch": fp_ppl, "f16_llamacpp": _ppl(python, f16_file, work / "windows.npy").get("ppl")}
-        print(f"SmolLM2 held-out ppl ({windows.shape[0]}x{windows.shape[1]} tokens): fp32 torch {fp_ppl:.3f}, "
-              f"F16 in llama.cpp {base['f16_llamacpp']}")
+        base = {"fp32_torch": perplexity_of_windows(model, windows),
+                "f16_llamacpp": _ppl(python, f16_file, work / "windows.npy").get("ppl")}
+        print(f"SmolLM2 held-out ppl ({windows.shape[0]}x{windows.shape[1]} tokens): fp32 torch "
+              f"{base['fp32_torch']:.3f}, F16 file in llama.cpp {base['f16_llamacpp']}")
         for qtype in args.types:
             ftype = K_TYPES.get(qtype, LEGACY_FTYPES.get(qtype))
             theirs = work / f"llamacpp-{qtype}.gguf"
             proc = _worker(python, "--quantize-worker", str(f16_file), str(theirs), str(ftype))
-            rec: Dict[str, Any] = {"type": qtype}
+            rec: Dict[str, Any] = {"type": qtype, "ours": {**ours[qtype], **_ppl(python, Path(ours[qtype]["file"]),
+                                                                                    work / "windows.npy")}}
             rec["llamacpp_quantizer"] = _ppl(python, theirs, work / "windows.npy") if proc.returncode == 0 \
                 else {"error": proc.stderr[-2000:]}
-            t0 = time.perf_counter()
-            ar = AutoRound(make_model(), tokenizer, **_scheme(qtype), iters=args.iters, nsamples=args.nsamples,
-                           seqlen=args.seqlen, batch_size=args.batch_size, dataset=str(data), device="cpu")
-            ours = work / f"ours-{qtype}"
-            ar.quantize_and_save(ours, format=f"gguf:{qtype}", inplace=False, overwrite=True)
-            rec["ours_quantize_s"] = round(time.perf_counter() - t0, 1)
-            ours_file = next(ours.glob("*.gguf"))
-            rec["ours"] = _ppl(python, ours_file, work / "windows.npy")
-            rec["ours_torch"] = perplexity_of_windows(ar.model, windows)
-            rec["file_mib"] = {"ours": round(ours_file.stat().st_size / 2**20, 1),
+            rec["file_mib"] = {"ours": round(Path(ours[qtype]["file"]).stat().st_size / 2**20, 1),
                                "llamacpp": round(theirs.stat().st_size / 2**20, 1) if theirs.exists() else None}
-            rec["plan"] = ar.summary["plan"]
             records.append(rec)
-            print(f"{qtype}: ppl ours {rec['ours'].get('ppl')} (torch {rec['ours_torch']:.3f}, iters {args.iters}) vs "
-                  f"llama.cpp's quantizer {rec['llamacpp_quantizer'].get('ppl')}; files {rec['file_mib']} MiB")
+            print(f"{qtype}: ppl ours {rec['ours'].get('ppl')} (torch {rec['ours']['torch_ppl']:.3f}, iters "
+                  f"{rec['ours']['iters']}) vs llama.cpp's quantizer {rec['llamacpp_quantizer'].get('ppl')}; "
+                  f"files {rec['file_mib']} MiB")
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"base": base, "iters": args.iters, "nsamples": args.nsamples,
-                                    "seqlen": args.seqlen, "windows": list(windows.shape), "records": records},
+    out_json.write_text(json.dumps({"base": base, "windows": list(windows.shape), "records": records},
                                    indent=2, default=str))
     print(f"wrote {out_json}")
     return 0
