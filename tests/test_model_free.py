@@ -180,6 +180,8 @@ def test_unsupported_format_and_iters_are_refused_before_reading(tmp_path):
         quantize_model_free(src, tmp_path / "out", format="nope")
     with pytest.raises(ValueError, match="iters=5: model-free mode is round-to-nearest"):
         quantize_model_free(src, tmp_path / "out", iters=5)
+    with pytest.raises(ValueError, match="avg_bits=2.5.*mixed bits .* calibration data"):
+        quantize_model_free(src, tmp_path / "out", avg_bits=2.5, scheme_options="W2G64,W4G128")
     with pytest.raises(TypeError, match="did you mean 'group_size'"):
         quantize_model_free(src, tmp_path / "out", group_sise=32)
     assert not (tmp_path / "out").exists()
@@ -345,6 +347,7 @@ def test_cli_mllm_model_free(tmp_path):
     src = tmp_path / "vlm"
     vlm.model.save_pretrained(src)
     vlm.processor.save_pretrained(src)
-    assert main_mllm(["--model", str(src), "--model_free", "--group_size", "32", "--output_dir", str(tmp_path / "o")]) == 0
+    argv = ["--model", str(src), "--model_free", "--group_size", "32", "--output_dir", str(tmp_path / "o")]
+    assert main_mllm(argv) == 0
     cfg = json.loads((tmp_path / "o" / "vlm-w4g32" / "config.json").read_text())["quantization_config"]
     assert cfg["block_name_to_quantize"] == "model.language_model.layers" and cfg["iters"] == 0

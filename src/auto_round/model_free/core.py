@@ -327,6 +327,11 @@ def _settings(options: Mapping[str, Any]) -> Dict[str, Any]:
         raise ValueError("disable_opt_rtn=False: optimized RTN needs calibration activations, hence the model; "
                          "model-free mode is plain RTN (leave disable_opt_rtn out, or use "
                          "AutoRound(model_dir, iters=0))")
+    mixed = [k for k in ("avg_bits", "scheme_options") if options.get(k) is not None]
+    if mixed:
+        raise ValueError(f"{', '.join(f'{k}={options[k]!r}' for k in mixed)}: mixed bits choose each layer's scheme by "
+                         "its sensitivity on calibration data, which model-free mode has none of; pass per-layer "
+                         "schemes with layer_config, or use AutoRound(model_dir, avg_bits=..., scheme_options=...)")
     return {**options, "iters": 0, "disable_opt_rtn": True}
 
 
