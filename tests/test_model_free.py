@@ -351,3 +351,20 @@ def test_cli_mllm_model_free(tmp_path):
     assert main_mllm(argv) == 0
     cfg = json.loads((tmp_path / "o" / "vlm-w4g32" / "config.json").read_text())["quantization_config"]
     assert cfg["block_name_to_quantize"] == "model.language_model.layers" and cfg["iters"] == 0
+
+
+def test_moe_experts_fused_at_load_are_copied_as_stored(tmp_path):
+    """Mixtral: transformers 5 fuses the per-expert checkpoint tensors into 3-D parameters at load (a WeightConverter,
+    not a Linear, so neither path quantizes them) and splits them back at save. Model-free copies them as stored and
+    packs the attention Linears: the in-memory path's bytes."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1,
+                        max_position_embeddings=512)
+    src = _save(MixtralForCausalLM(cfg).eval(), tmp_path / "src", None, "60KB")
+    mem, free = _both(src, tmp_path, bits=4, group_size=32)
+    tensors = _assert_identical(mem, free)
+    assert sum(k.endswith(".qweight") for k in tensors) == 8
+    assert "model.layers.0.block_sparse_moe.experts.1.w2.weight" in tensors
