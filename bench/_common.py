@@ -131,8 +131,11 @@ def run_ppl(model: str, windows: Path, work: Path, name: str, kind: str = "llm",
 def run_reference(model: str, dataset: Path, out_dir: Path, work: Path, name: str, *, bits: int,
                   group_size: int, sym: bool, iters: int, nsamples: int, seqlen: int, batch_size: int,
                   seed: int = 42, dtype: str = "float32", fmt: str = "fake",
-                  timeout: Optional[float] = None) -> Dict[str, Any]:
-    """Quantize with the reference runner (``--calib-mode windows``) and return its JSON record."""
+                  timeout: Optional[float] = None, enable_alg_ext: bool = False,
+                  disable_opt_rtn: bool = False) -> Dict[str, Any]:
+    """Quantize with the reference runner (``--calib-mode windows``) and return its JSON record.
+
+    ``enable_alg_ext``: the reference's SignRoundV2 path; ``disable_opt_rtn``: plain RTN at iters 0."""
     if not REF_PYTHON.exists():
         return {"error": f"{REF_PYTHON} is missing: run `make ref-venv`"}
     work.mkdir(parents=True, exist_ok=True)
@@ -143,6 +146,8 @@ def run_reference(model: str, dataset: Path, out_dir: Path, work: Path, name: st
            "--nsamples", str(nsamples), "--seqlen", str(seqlen), "--batch-size", str(batch_size),
            "--seed", str(seed), "--format", fmt, "--calib-mode", "windows", "--dtype", dtype,
            "--device", "cpu"]
+    cmd += ["--enable-alg-ext"] if enable_alg_ext else []
+    cmd += ["--disable-opt-rtn"] if disable_opt_rtn else []
     rec = _timed_job(cmd, json_path, log_path, timeout, failed="reference runner")
     if "error" in rec:
         log(f"  {name}: reference FAILED (rc={rec['rc']}); see {log_path}: {rec['error']}")

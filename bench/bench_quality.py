@@ -1,9 +1,10 @@
 """Quality: SmolLM2-135M-Instruct perplexity on held-out BBC news, FP vs RTN vs tuned (ours).
 
-Schemes (all sym, full-range): W4G128, W3G128, W2G64. For each: round-to-nearest (``iters=0``)
-and SignRound tuning with the same settings for every scheme. Calibration: the BBC calibration
-split (articles whose number is not divisible by 5), written to a temporary ``.jsonl`` (one
-article per line) and read by our normal data path. Evaluation: the first ``--eval-windows``
+Schemes (all sym, full-range): W4G128, W3G128, W2G64. For each: plain round-to-nearest
+(``iters=0, disable_opt_rtn``), optimized RTN (``iters=0``) and SignRound tuning with the same
+settings for every scheme. Calibration: the BBC calibration split (articles whose number is not
+divisible by 5), written to a temporary ``.jsonl`` (one article per line) and read by our normal
+data path. Evaluation: the first ``--eval-windows``
 non-overlapping 512-token windows of the held-out split (articles numbered 5, 10, ...), fp32.
 
 Note (shared/assets/ASSETS.md): SmolLM2's weights come from a Q4_1 (group 32, asym) GGUF, so
@@ -79,10 +80,11 @@ def main(argv=None) -> int:
     for scheme in args.schemes:
         bits, gs = SCHEMES[scheme]
         res = {}
-        for method, iters in (("rtn", 0), ("tuned", args.iters)):
+        for method, iters, extra in (("rtn", 0, {"disable_opt_rtn": True}), ("opt-rtn", 0, {}),
+                                     ("tuned", args.iters, {})):
             tag = f"{scheme}-{method}"
             log(f"run {tag}")
-            opts = {**common, "bits": bits, "group_size": gs, "sym": True, "iters": iters}
+            opts = {**common, "bits": bits, "group_size": gs, "sym": True, "iters": iters, **extra}
             rec = run_ours({"job": "quantize", "kind": "llm", "model": str(model_dir), "model_dtype": "fp32",
                             "options": opts, "ppl_windows": str(windows_file)}, work, tag)
             record["runs"][tag] = rec
@@ -98,13 +100,15 @@ def main(argv=None) -> int:
         first = mean([b["first"] for b in blocks])
         best = mean(ours_block_losses(res["tuned"]))
         record.setdefault("summary", {})[scheme] = {
-            "fp_ppl": fpp, "rtn_ppl": rtn, "tuned_ppl": tuned,
+            "fp_ppl": fpp, "rtn_ppl": rtn, "opt_rtn_ppl": res["opt-rtn"].get("ppl"), "tuned_ppl": tuned,
             "tuned_over_rtn": (tuned / rtn) if rtn and tuned else None,
             "log_gap_closed_pct": closed, "tuned_quantize_s": res["tuned"].get("quantize_s"),
             "rtn_quantize_s": res["rtn"].get("quantize_s"), "tuned_peak_rss_mb": res["tuned"].get("peak_rss_mb"),
             "mean_block_loss_iter0": first, "mean_block_loss_best": best}
         rows.append([f"{scheme} sym", "RTN", fmt(rtn, ".3f"), "", "", fmt(res["rtn"].get("quantize_s"), ".1f"),
                      fmt(res["rtn"].get("peak_rss_mb"), ".0f"), ""])
+        rows.append([f"{scheme} sym", "optimized RTN", fmt(res["opt-rtn"].get("ppl"), ".3f"), "", "",
+                     fmt(res["opt-rtn"].get("quantize_s"), ".1f"), fmt(res["opt-rtn"].get("peak_rss_mb"), ".0f"), ""])
         rows.append([f"{scheme} sym", f"tuned ({args.iters} it)", fmt(tuned, ".3f"),
                      fmt(tuned / rtn, ".3f") if rtn and tuned else "-", fmt(closed, ".0f") + "%" if closed else "-",
                      fmt(res["tuned"].get("quantize_s"), ".1f"), fmt(res["tuned"].get("peak_rss_mb"), ".0f"),

@@ -133,6 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dtype the model is loaded in before quantization")
     p.add_argument("--device", default="cpu", help="device_map for the reference (cpu, cuda:0, ...)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--enable-alg-ext", action="store_true", help="the reference's enable_alg_ext (SignRoundV2 path)")
+    p.add_argument("--disable-opt-rtn", action="store_true",
+                   help="with --iters 0: plain round-to-nearest instead of the reference's optimized RTN (its default)")
     return p.parse_args(argv)
 
 
@@ -167,6 +170,8 @@ def run(args: argparse.Namespace, record: dict, capture: _LossCapture) -> None:
             model, tokenizer, bits=args.bits, group_size=args.group_size, sym=args.sym,
             iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
             dataset=dataset, seed=args.seed, device_map=args.device, enable_torch_compile=False,
+            **({"enable_alg_ext": True} if args.enable_alg_ext else {}),
+            **({"disable_opt_rtn": True} if args.disable_opt_rtn else {}),
         )
         ar.quantize_and_save(str(args.output_dir), format=args.format)
         record["quantize_and_save_s"] = time.perf_counter() - t1
@@ -185,7 +190,8 @@ def main(argv=None) -> int:
         "runner": "reference", "model": str(args.model), "dataset": str(args.dataset),
         "settings": {k: getattr(args, k) for k in ("bits", "group_size", "sym", "iters", "nsamples",
                                                    "seqlen", "batch_size", "seed", "format",
-                                                   "calib_mode", "dtype", "device")},
+                                                   "calib_mode", "dtype", "device", "enable_alg_ext",
+                                                   "disable_opt_rtn")},
         "output_dir": str(args.output_dir),
     }
     capture = _LossCapture()

@@ -10,7 +10,7 @@ from tiny_models import tiny_llama
 from tiny_vlms import FAMILIES, make_image, skip_on_upstream_break
 from tokenizer_fixture import make_tokenizer
 
-RTN = dict(bits=4, group_size=32, iters=0)
+RTN = dict(bits=4, group_size=32, iters=0, disable_opt_rtn=True)
 
 
 @pytest.mark.parametrize("name", ["qwen2_vl", "llava", "gemma3"])

@@ -26,14 +26,14 @@ def test_non_finite_weights_are_refused_before_tuning_naming_the_layer(value):
 
 
 def test_a_loss_that_turns_non_finite_keeps_the_best_finite_iteration(monkeypatch, caplog):
-    real, calls = block._sq_error, []
+    real, calls = block.squared_error, []
 
-    def flaky(out, target, mask):
-        sq, n = real(out, target, mask)
+    def flaky(out, target, mask, *rest):
+        sq, n = real(out, target, mask, *rest)
         calls.append(1)
         return (sq * float("nan"), n) if len(calls) == 4 else (sq, n)  # one call per iteration: block 0, iteration 3
 
-    monkeypatch.setattr(block, "_sq_error", flaky)
+    monkeypatch.setattr(block, "squared_error", flaky)
     with caplog.at_level(logging.WARNING, logger="auto_round.tuning.block"):
         ar = AutoRound(tiny_llama(), make_tokenizer(), **FAST).quantize()
     assert "model.layers.0: the tuning loss became nan at iteration 3" in caplog.text
@@ -43,7 +43,7 @@ def test_a_loss_that_turns_non_finite_keeps_the_best_finite_iteration(monkeypatc
 
 
 def test_a_loss_non_finite_from_the_start_is_an_error_naming_the_block(monkeypatch):
-    monkeypatch.setattr(block, "_sq_error", lambda out, target, mask: (out.sum() * float("nan"), 1))
+    monkeypatch.setattr(block, "squared_error", lambda out, target, mask, *rest: (out.sum() * float("nan"), 1))
     with pytest.raises(RuntimeError, match=r"model\.layers\.0: the tuning loss is nan at iteration 0"):
         AutoRound(tiny_llama(), make_tokenizer(), **FAST).quantize()
 

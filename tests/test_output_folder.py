@@ -11,7 +11,7 @@ from auto_round.export.folder import MANIFEST, ForeignFilesError, OutputDirError
 from tiny_models import tiny_llama
 from tokenizer_fixture import make_tokenizer
 
-RTN = dict(bits=4, group_size=32, iters=0)
+RTN = dict(bits=4, group_size=32, iters=0, disable_opt_rtn=True)
 TUNE = dict(bits=4, group_size=32, iters=1, nsamples=2, seqlen=16, batch_size=2, dataset="auto_round:offline_corpus")
 
 

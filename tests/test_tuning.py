@@ -48,7 +48,7 @@ def _output_mse(ref, model, data):
 def test_tuned_beats_round_to_nearest(factory):
     fp = factory()
     rtn, tuned = copy.deepcopy(fp), copy.deepcopy(fp)
-    _run(rtn, bits=2, iters=0)
+    _run(rtn, bits=2, iters=0, disable_opt_rtn=True)
     _, results = _run(tuned, bits=2, iters=30)
     assert len(results) == 2
     for r in results:
@@ -278,9 +278,9 @@ def test_low_gpu_mem_usage_is_bit_identical_on_cpu():
                                                                         for r in rb]
 
 
-def test_rtn_needs_no_data():
+def test_plain_rtn_needs_no_data():
     model = tiny_llama()
-    s = build_settings(iters=0, group_size=32)
+    s = build_settings(iters=0, disable_opt_rtn=True, group_size=32)
     plan = resolve_plan(model, s, ["model.layers"])
 
     def no_data():

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -26,9 +27,11 @@ from auto_round.device import peak_gpu_mb, peak_rss_mb, resolve_device
 from auto_round.export.folder import check_output_dir, write_atomically
 from auto_round.models.blocks import resolve_block_names
 from auto_round.models.loading import load_causal_lm
+from auto_round.quant.qdq import QuantParams
 from auto_round.quant.types import QuantizedWeight
+from auto_round.report import build_report, count_tokens, write_report
 from auto_round.tuning.block import BlockResult
-from auto_round.tuning.loop import quantize_model
+from auto_round.tuning.loop import opt_rtn_active, quantize_model
 from auto_round.tuning.plan import QuantPlan, resolve_plan
 
 logger = logging.getLogger(__name__)
@@ -54,12 +57,29 @@ def _capability_checker(formats: Sequence[str]):
 
     def check(name: str, out: int, in_: int, params) -> Optional[str]:
         for fmt, ex in zip(formats, exporters):
-            why = ex.check_layer(name, out, in_, params.bits, params.group_size, params.sym)
+            why = ex.check_params(name, out, in_, params)
             if why:
                 return f"{fmt}: {why}"
         return None
 
     return check
+
+
+def _format_params(formats: Sequence[str], model: nn.Module):
+    """The plan's ``format_params``: the scheme per layer of the one format that decides it (a GGUF
+    K-quant mix); None when the settings decide. Two formats deciding differently are refused."""
+    from auto_round.export import get_format
+
+    def choose(layers):
+        picks = [(f, c) for f in formats if (c := get_format(f).layer_params(model, layers)) is not None]
+        first = {n: p for n, (p, _) in picks[0][1].items()} if picks else {}
+        for f, c in picks[1:]:
+            if {n: p for n, (p, _) in c.items()} != first:
+                raise ValueError(f"formats {picks[0][0]!r} and {f!r} choose different schemes for the same layers; "
+                                 "one tuning run has one scheme per layer: export them from separate runs")
+        return picks[0][1] if picks else None
+
+    return choose
 
 
 def _check_whole_plan(plan: QuantPlan, formats: Sequence[str], scale_dtype: torch.dtype) -> None:
@@ -94,7 +114,7 @@ def _check_finite_weights(model: nn.Module, plan: QuantPlan) -> None:
 def _check_seqlen(model: nn.Module, settings: Settings) -> None:
     """Calibration windows longer than the model's positions: refused before tuning (some families index
     past their position table, others extrapolate silently)."""
-    if settings.iters == 0:
+    if settings.iters == 0 and settings.disable_opt_rtn:
         return
     cfg = getattr(model, "config", None)
     text = cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
@@ -167,6 +187,9 @@ class AutoRound:
         self.summary: Dict[str, Any] = {}
         self.dataset_used: str = "none (round-to-nearest)"
         self.samples_used: Optional[int] = None  # calibration samples really used (recorded in the config)
+        self.mixed_bits: Optional[Dict[str, Any]] = None  # the avg_bits choice and its report, when asked
+        self.tokens_used: Optional[int] = None  # their tokens (padding excluded), for the run report
+        self.phase_seconds: Dict[str, float] = {}  # plan, calibration_data, tuning, export:<format>
         self._packed = False
 
     # ------------------------------------------------------------------ hooks for subclasses
@@ -204,13 +227,41 @@ class AutoRound:
         _check_models(formats, self.model, self.tokenizer)
         check = _capability_checker(formats) if formats else None
         self.plan = resolve_plan(self.model, self.settings, self.block_list_names(), check,
-                                 self.forced_fp_layers(), self.outside_reasons())
+                                 self.forced_fp_layers(), self.outside_reasons(),
+                                 _format_params(formats, self.model) if formats else None)
         _check_whole_plan(self.plan, formats, self.settings.torch_scale_dtype)
         _check_finite_weights(self.model, self.plan)
         _check_seqlen(self.model, self.settings)
         for line in self.plan.summary_lines():
             logger.info("plan: %s", line)
         return self.plan
+
+    def choose_mixed_bits(self, batches: Callable[[], Iterable[Mapping[str, Any]]]) -> Dict[str, Any]:
+        """With ``avg_bits``: one of ``scheme_options`` per layer under the budget, by sensitivity
+        (:mod:`auto_round.tuning.autoscheme`), merged into ``layer_config`` under your own entries (which
+        win, outside the budget). Returns the report (also ``self.mixed_bits``)."""
+        from auto_round.tuning.autoscheme import choose_schemes, parse_options
+        from auto_round.tuning.plan import fit_group_size
+
+        s = self.settings
+        options = parse_options(s.scheme_options)
+        base = resolve_plan(self.model, s, self.block_list_names(), None, self.forced_fp_layers(),
+                            self.outside_reasons())
+        layers = {lp.name: (lp.out_features, lp.in_features) for lp in base.quantized}
+
+        def fit(name: str, o) -> Optional[QuantParams]:
+            in_ = layers[name][1]
+            gs = fit_group_size(in_, o.group_size)
+            if gs is None:
+                return None
+            scheme = "asym" if not o.sym else ("sym" if s.sym_style == "full_range" else "sym_gptq")
+            return QuantParams(o.bits, in_ if gs == -1 else gs, scheme, s.torch_scale_dtype)
+
+        scale_bits = 32 if s.torch_scale_dtype == torch.float32 else 16
+        config, self.mixed_bits = choose_schemes(self.model, layers, options, float(s.avg_bits), list(batches()),
+                                                 fit, scale_bits)
+        self.settings = replace(s, layer_config={**config, **dict(s.layer_config or {})})
+        return self.mixed_bits
 
     def quantize(self, format: Union[None, str, Sequence[str]] = None, resume_dir: Optional[str] = None) -> "AutoRound":
         """Run the whole tuning; ``format`` (optional) is checked against every layer first.
@@ -221,17 +272,30 @@ class AutoRound:
             raise RuntimeError("this AutoRound has already quantized its model; create a new one to re-run")
         t0 = time.perf_counter()
         formats = parse_formats(format) if format else []
-        plan = self.resolve_plan(formats)
+        if opt_rtn_active(self.settings) and self.tokenizer is None:
+            logger.info("iters=0 without a tokenizer: plain round-to-nearest (optimized RTN needs calibration data)")
+            self.settings = replace(self.settings, disable_opt_rtn=True)
         batches: Optional[List[Dict[str, torch.Tensor]]] = None
 
         def factory() -> Iterable[Mapping[str, Any]]:
             nonlocal batches
             if batches is None:
+                t_data = time.perf_counter()
                 batches = self.calibration_batches()
+                self.tokens_used = count_tokens(batches)
+                self.phase_seconds["calibration_data"] = time.perf_counter() - t_data
             return batches
+
+        if self.settings.avg_bits is not None:
+            t_mixed = time.perf_counter()
+            self.choose_mixed_bits(factory)
+            self.phase_seconds["mixed_bits"] = time.perf_counter() - t_mixed
+        plan = self.resolve_plan(formats)
+        self.phase_seconds["plan"] = time.perf_counter() - t0 - sum(self.phase_seconds.values())
 
         self.quantized_layers, self.block_results = quantize_model(
             self.model, plan, self.settings, factory, self.device, resume_dir=resume_dir or self.settings.resume_dir)
+        self.phase_seconds["tuning"] = time.perf_counter() - t0 - sum(self.phase_seconds.values())
         self.summary = self._summarize(time.perf_counter() - t0)
         logger.info("quantized %d layers in %.1fs; peak RSS %.0f MiB", len(self.quantized_layers),
                     self.summary["seconds"], self.summary["peak_rss_mb"])
@@ -247,10 +311,24 @@ class AutoRound:
             "plan": self.plan.summary_lines(),
             "quantized_layers": len(self.quantized_layers),
             "kept_fp": {lp.name: lp.reason for lp in self.plan.kept_fp},
+            "mixed_bits": None if self.mixed_bits is None else {k: v for k, v in self.mixed_bits.items()
+                                                                if k != "scores"},
             "blocks": [{"name": r.name, "first": r.first_loss, "last": r.last_loss, "best": r.best_loss,
                         "best_iter": r.best_iter, "seconds": round(r.seconds, 3),
                         "peak_activation": r.peak_activation} for r in self.block_results],
         }
+
+    def run_report(self, fmt: str) -> Dict[str, Any]:
+        """The run report of the checkpoint in format ``fmt`` (:mod:`auto_round.report`), as JSON data."""
+        if self.plan is None:
+            raise RuntimeError("call quantize() first")
+        cfg = getattr(self.model, "config", None)
+        family = getattr(self, "family", None)  # AutoRoundMLLM's family record
+        model = {"source": self.source, "class": type(self.model).__name__,
+                 "model_type": getattr(cfg, "model_type", None), "family": getattr(family, "name", None)}
+        data = {"dataset": self.dataset_used, "samples": self.samples_used, "tokens": self.tokens_used}
+        return build_report(settings=self.settings, plan=self.plan, summary=self.summary, phases=self.phase_seconds,
+                            data=data, model=model, fmt=fmt, peak_rss_mb=peak_rss_mb(), peak_gpu_mb=peak_gpu_mb())
 
     def quantization_config(self) -> Dict[str, Any]:
         from auto_round.export.qconfig import build_quantization_config
@@ -311,10 +389,16 @@ class AutoRound:
         written = []
         for i, (fmt, target) in enumerate(zip(formats, targets)):
             pack_inplace = inplace and i == len(formats) - 1
-            write_atomically(target, self.source, overwrite, lambda tmp: (
+
+            def write(tmp: Path) -> None:
+                t0 = time.perf_counter()
                 get_format(fmt).export(self.model, self.quantized_layers, tmp, dict(qconfig), pack_inplace,
-                                       tokenizer=self.tokenizer),
-                self.save_extra_files(tmp)))
+                                       tokenizer=self.tokenizer)
+                self.save_extra_files(tmp)
+                self.phase_seconds[f"export:{fmt}"] = time.perf_counter() - t0
+                write_report(tmp, self.run_report(fmt))
+
+            write_atomically(target, self.source, overwrite, write)
             self._packed = self._packed or pack_inplace
             logger.info("saved %s checkpoint to %s", fmt, target)
             written.append(target)

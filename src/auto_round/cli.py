@@ -65,7 +65,7 @@ GROUPS = {
 SETTING_GROUP = {
     "bits": "scheme", "group_size": "scheme", "sym": "scheme", "sym_style": "scheme", "data_type": "scheme",
     "scale_dtype": "scheme", "layer_config": "scheme", "fp_layers": "scheme", "quant_lm_head": "scheme",
-    "to_quant_block_names": "scheme",
+    "to_quant_block_names": "scheme", "avg_bits": "scheme", "scheme_options": "scheme",
     "iters": "tuning", "disable_opt_rtn": "tuning", "lr": "tuning", "minmax_lr": "tuning",
     "enable_minmax_tuning": "tuning", "enable_quanted_input": "tuning", "nblocks": "tuning",
     "not_use_best_mse": "tuning", "seed": "tuning", "amp": "tuning", "gradient_accumulate_steps": "tuning",
@@ -77,7 +77,7 @@ SETTING_GROUP = {
 }
 INT_SETTINGS = ("bits", "group_size", "iters", "nsamples", "seqlen", "batch_size", "gradient_accumulate_steps",
                 "nblocks", "seed")
-FLOAT_SETTINGS = ("lr", "minmax_lr")
+FLOAT_SETTINGS = ("lr", "minmax_lr", "avg_bits")
 
 
 def _parse_layer_config(text: str) -> Dict[str, Any]:

@@ -45,7 +45,13 @@ class Settings:
     data_type: str = _opt("int", "weight data type; only 'int' is implemented")
     scale_dtype: str = _opt("fp16", "dtype the scales are tuned and stored in: fp16 (what every engine reads), or bf16/fp32 "
                                        "(format auto_round only; our loader reads them back)")
-    iters: int = _opt(200, "tuning iterations per block; 0 = round-to-nearest without calibration", ("--iter",))
+    iters: int = _opt(200, "tuning iterations per block; 0 = no tuning: optimized round-to-nearest (a clip search "
+                           "weighted by the calibration activations), or plain round-to-nearest with disable_opt_rtn",
+                      ("--iter",))
+    enable_alg_ext: bool = _opt(False, "extended tuner: start the clip factors from the optimized-RTN search "
+                                       "(importance-weighted) instead of the full range")
+    disable_opt_rtn: bool = _opt(False, "with iters=0, plain round-to-nearest without calibration data instead of the "
+                                        "importance-weighted clip search")
     lr: Optional[float] = _opt(None, "learning rate of the rounding offsets (default 1/iters)")
     minmax_lr: Optional[float] = _opt(None, "learning rate of the clip factors (default lr)")
     nsamples: int = _opt(128, "number of calibration samples")
@@ -68,6 +74,11 @@ class Settings:
         None, "per-layer overrides {name or regex: {bits, group_size, sym}}; bits >= 16 keeps FP", api=True)
     fp_layers: str = _opt("", "comma list of layer-name fragments kept in full precision")
     quant_lm_head: bool = _opt(False, "also quantize lm_head (refused with tied embeddings)")
+    avg_bits: Optional[float] = _opt(None, "mixed bits: the average stored bits per quantized weight (scales and "
+                                           "zeros included); each layer gets one of scheme_options, chosen by "
+                                           "sensitivity (needs calibration data)")
+    scheme_options: Optional[str] = _opt(None, "mixed bits: the candidate schemes, comma separated, e.g. "
+                                               "'W2G64,W4G128' (or the reference's W2A16,W4A16)", ("--options",))
     resume_dir: Optional[str] = _opt(None, "checkpoint each tuned block here; rerun with the same value (and the "
                                            "same model, data, settings) to continue an interrupted run. "
                                            "quantize_and_save uses a hidden folder beside the output by default")
@@ -98,11 +109,21 @@ class Settings:
 
 OPTION_NAMES = tuple(f.name for f in fields(Settings))
 
-# Recipes (reference: auto-round-best / auto-round-light).
+# Recipes (reference: auto-round-best / auto-round-light; CLI --recipe NAME, API build_settings(recipe=...)):
+# setting overrides on top of the defaults; explicit options still win.
 RECIPES: Dict[str, Dict[str, Any]] = {
     "default": {},
     "best": {"iters": 1000, "nsamples": 512, "low_gpu_mem_usage": True},
     "light": {"iters": 50, "lr": 5e-3},
+    "rtn": {"iters": 0, "disable_opt_rtn": True},
+    "opt-rtn": {"iters": 0},
+}
+RECIPE_NOTES: Dict[str, str] = {
+    "default": "SignRound, 200 iterations per block on 128 samples (the reference defaults)",
+    "best": "best accuracy, about 5x the default's time: 1000 iterations on 512 samples, block inputs kept on CPU",
+    "light": "about 4x faster than the default: 50 iterations at lr 5e-3",
+    "rtn": "plain round-to-nearest: no calibration data, no tuning (seconds)",
+    "opt-rtn": "optimized round-to-nearest: no tuning, a clip search weighted by the calibration activations",
 }
 
 
@@ -156,11 +177,20 @@ def validate(s: Settings) -> Settings:
     _check(s.data_type == "int", "data_type", s.data_type, "only 'int' is implemented")
     _check(s.scale_dtype in SCALE_DTYPES, "scale_dtype", s.scale_dtype, f"use one of {sorted(SCALE_DTYPES)}")
     _check(s.iters >= 0, "iters", s.iters, "use 0 (round-to-nearest) or a positive count")
+    _check(not (s.enable_alg_ext and not s.enable_minmax_tuning), "enable_alg_ext", s.enable_alg_ext,
+           "the extended tuner starts the clip factors from a search, which needs enable_minmax_tuning=True")
     for name in ("nsamples", "seqlen", "batch_size", "gradient_accumulate_steps", "nblocks"):
         _check(getattr(s, name) >= 1, name, getattr(s, name), "must be at least 1")
     for name in ("lr", "minmax_lr"):
         v = getattr(s, name)
         _check(v is None or v > 0, name, v, "must be positive (or None for 1/iters)")
+    if s.avg_bits is not None or s.scheme_options is not None:
+        from auto_round.tuning.autoscheme import parse_options
+
+        _check(s.avg_bits is not None and s.scheme_options is not None, "avg_bits", s.avg_bits,
+               "mixed bits needs both avg_bits and scheme_options (e.g. avg_bits=2.5, scheme_options='W2G64,W4G128')")
+        _check(s.avg_bits > 0, "avg_bits", s.avg_bits, "must be a positive number of bits")
+        parse_options(s.scheme_options)  # raises naming the bad entry
     return s
 
 

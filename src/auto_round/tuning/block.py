@@ -14,13 +14,14 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from auto_round.calib.cache import to_device
 from auto_round.config import Settings
+from auto_round.quant.opt_rtn import search_clip
 from auto_round.quant.types import QuantizedWeight
 from auto_round.tuning.plan import LayerPlan
 from auto_round.tuning.wrapper import TunableLinear, set_module
@@ -119,8 +120,46 @@ def run_unit_amp(blocks: Sequence[nn.Module], hidden: Any, extra: UnitInputs, de
         return run_unit(blocks, hidden, extra), None
 
 
-def _sq_error(out: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor]) -> Tuple[torch.Tensor, int]:
+@dataclass(frozen=True)
+class ExtendedTuner:
+    """What ``enable_alg_ext`` changes in the tuning of a unit (each piece measured in bench_frontier.py).
+
+    - ``clip_init``: the clip factors start from the optimized-RTN search (:mod:`auto_round.quant.opt_rtn`)
+      weighted by the unit's input-channel importance, instead of the full range;
+    - ``clip_max``: upper bound of the clip factors (1 = never beyond the group's range);
+    - ``outlier_fraction`` / ``outlier_bits``: below ``outlier_bits`` bits, the largest ``outlier_fraction``
+      of the squared errors of a batch are left out of the loss (a few outliers otherwise dominate the
+      sign of every gradient).
+    """
+
+    clip_init: bool = True
+    clip_max: float = 1.0
+    outlier_fraction: float = 0.0
+    outlier_bits: int = 4
+
+
+PLAIN_TUNER = ExtendedTuner(clip_init=False)
+EXTENDED_TUNER = ExtendedTuner()
+
+
+def tuner_of(settings: Settings) -> ExtendedTuner:
+    return EXTENDED_TUNER if settings.enable_alg_ext else PLAIN_TUNER
+
+
+def _drop_outliers(err: torch.Tensor, fraction: float) -> torch.Tensor:
+    """``err`` with its largest ``fraction`` of elements set to 0 (at least one when fraction > 0)."""
+    k = max(1, int(err.numel() * fraction))
+    top = torch.topk(err.detach().reshape(-1), k).indices
+    keep = torch.ones(err.numel(), device=err.device, dtype=err.dtype)
+    keep[top] = 0.0
+    return err * keep.view_as(err)
+
+
+def squared_error(out: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor],
+              outlier_fraction: float = 0.0) -> Tuple[torch.Tensor, int]:
     err = (out.float() - target.float()).pow(2)
+    if outlier_fraction > 0:
+        err = _drop_outliers(err, outlier_fraction)
     if mask is None:
         return err.sum(), err.numel()
     m = mask.to(err.device, err.dtype).reshape(*mask.shape, *([1] * (err.dim() - mask.dim())))
@@ -143,11 +182,12 @@ class _BatchOrder:
 
 
 @torch.no_grad()
-def _sign_step(wrappers: Sequence[TunableLinear], lr: float, minmax_lr: float) -> None:
+def _sign_step(wrappers: Sequence[TunableLinear], lr: float, minmax_lr: float, clip_max: float = 1.0) -> None:
     """``p -= lr * sign(grad)``, clamped; gradients are zeroed in place, not dropped: the next
     backward accumulates into the same storage instead of allocating weight-sized tensors."""
     for w in wrappers:
-        for p, step, lo, hi in ((w.v, lr, -0.5, 0.5), (w.alpha, minmax_lr, 0.0, 1.0), (w.beta, minmax_lr, 0.0, 1.0)):
+        for p, step, lo, hi in ((w.v, lr, -0.5, 0.5), (w.alpha, minmax_lr, 0.0, clip_max),
+                                (w.beta, minmax_lr, 0.0, clip_max)):
             if p is None or p.grad is None:
                 continue
             g = p.grad.sign_()
@@ -168,13 +208,21 @@ def tune_unit(
     generator: torch.Generator,
     compute_dtype: torch.dtype,
     autocast_dtype: Optional[torch.dtype] = None,
+    clip_init: Optional[Mapping[str, Optional[torch.Tensor]]] = None,
 ) -> BlockResult:
-    """Tune every planned layer of ``blocks`` (already on ``device``); leaves qdq weights in place."""
+    """Tune every planned layer of ``blocks`` (already on ``device``); leaves qdq weights in place.
+
+    ``clip_init``: layer name -> input-channel importance (None: unweighted); those layers' clip factors
+    start from the optimized-RTN search (:func:`auto_round.quant.opt_rtn.search_clip`) instead of 1."""
     t0 = time.perf_counter()
+    tuner = tuner_of(settings)
+    outliers = tuner.outlier_fraction if layers and max(lp.params.bits for lp in layers) < tuner.outlier_bits else 0.0
     wrappers: Dict[str, TunableLinear] = {}
     for lp in layers:
         lin = root.get_submodule(lp.name)
         wrappers[lp.name] = TunableLinear(lin, lp.params, settings.enable_minmax_tuning, torch.float32)
+        if clip_init is not None and lp.name in clip_init:
+            wrappers[lp.name].init_clip(*search_clip(lin.weight, lp.params, clip_init[lp.name]), tuner.clip_max)
         set_module(root, lp.name, wrappers[lp.name])
     # A unit that is itself a Linear (Llama-3.2-Vision's projector) must run through its wrapper.
     blocks = [wrappers.get(n, b) for n, b in zip(name.split(","), blocks)]
@@ -190,7 +238,8 @@ def tune_unit(
                 ex = extras[i]
                 x = cast_input(inputs[i], device, compute_dtype)
                 out, autocast_dtype = run_unit_amp(blocks, x, ex, device, autocast_dtype, name)
-                sq, n = _sq_error(out, targets[i].to(device), None if ex.mask is None else ex.mask.to(device))
+                sq, n = squared_error(out, targets[i].to(device), None if ex.mask is None else ex.mask.to(device),
+                                  outliers)
                 # One backward per micro-batch keeps a single graph alive. Summed squared errors make
                 # every token weigh equally; dividing by the token count would not change any sign.
                 sq.mul(LOSS_SCALE).backward()
@@ -212,7 +261,7 @@ def tune_unit(
                 if not settings.not_use_best_mse:
                     snap = {k: w.snapshot() for k, w in wrappers.items()}
             decay = 1.0 - it / iters
-            _sign_step(list(wrappers.values()), lr0 * decay, mlr0 * decay)
+            _sign_step(list(wrappers.values()), lr0 * decay, mlr0 * decay, tuner.clip_max)
         if snap is not None:
             for k, w in wrappers.items():
                 w.restore(snap[k])

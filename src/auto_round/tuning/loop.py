@@ -10,6 +10,7 @@ activations live on the device, on CPU (``low_gpu_mem_usage``) or in files (``of
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -21,7 +22,10 @@ from auto_round.calib.cache import CapturedBatch, capture_block_inputs, to_devic
 from auto_round.calib.store import TensorStore
 from auto_round.config import Settings
 from auto_round.quant.types import QuantizedWeight
-from auto_round.tuning.block import BlockResult, UnitInputs, amp_dtype, cast_input, run_unit_amp, tune_unit
+from auto_round.quant.opt_rtn import SEARCHABLE, search_clip
+from auto_round.tuning.block import (BlockResult, UnitInputs, squared_error, amp_dtype, cast_input, run_unit_amp,
+                                     tune_unit, tuner_of)
+from auto_round.tuning.importance import ImportanceCollector, watch_inputs
 from auto_round.tuning.plan import QuantPlan
 from auto_round.tuning.resume import ResumeStore, data_fingerprint, run_fingerprint
 from auto_round.tuning.wrapper import rtn_quantize
@@ -57,12 +61,16 @@ def _progress(total: int, desc: str, enabled: bool):
 
 @torch.no_grad()
 def _forward_all(blocks, inputs: Sequence[Any], extras: Sequence[UnitInputs], device, store: TensorStore,
-                 autocast: Optional[torch.dtype], name: str) -> Tuple[List[Any], Optional[torch.dtype], float]:
+                 autocast: Optional[torch.dtype], name: str, collector: Optional[ImportanceCollector] = None
+                 ) -> Tuple[List[Any], Optional[torch.dtype], float]:
     """Outputs of ``blocks`` for every batch (stored), under ``autocast`` like the tuning forward, the autocast
-    dtype to keep using, and the largest output magnitude."""
+    dtype to keep using, and the largest output magnitude. ``collector``: told each batch's loss mask (its
+    hooks, when installed, record the layers' inputs)."""
     outs = []
     peak = 0.0
     for x, ex in zip(inputs, extras):
+        if collector is not None:
+            collector.mask = ex.mask
         out, autocast = run_unit_amp(blocks, cast_input(x, device, torch.float32), ex, device, autocast, name)
         peak = max(peak, float(out.detach().abs().max())) if out.numel() else peak
         outs.append(store.put(out.float()))
@@ -111,8 +119,14 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
     # tuned one (as the reference's bf16 model does): bf16 rounding of the matmul inputs then hits
     # both sides of the loss alike, and these forwards cost half as much on bf16 hardware.
     ac = amp_dtype(run.device, run.settings, orig_dtype)
-    targets, ac, peak = _forward_all(unit, fp_in, extras, run.device, store, ac, name)
     layers = [lp for n in names for lp in run.plan.in_block(n)]
+    if run.settings.iters == 0:  # optimized RTN: no targets, no loss; the importance of what the layers will see
+        return _opt_rtn_unit(run, unit, name, layers, extras, q_in, store, ac, home, orig_dtype)
+    collector = ImportanceCollector()
+    searchable = [lp.name for lp in layers if lp.params.scheme in SEARCHABLE]
+    watched = searchable if tuner_of(run.settings).clip_init else []
+    with watch_inputs(run.model, watched, collector):
+        targets, ac, peak = _forward_all(unit, fp_in, extras, run.device, store, ac, name, collector)
     if layers:
         index, run.unit_index = run.unit_index, run.unit_index + 1
         saved = run.store.load_unit(index, name) if run.store is not None else None
@@ -126,8 +140,9 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
             res = BlockResult(**result, layers=qlayers)
             logger.info("%s: resumed from %s", name, run.resume_dir)
         else:
+            init = {n: collector.importance(n) for n in watched}
             res = tune_unit(run.model, name, unit, layers, q_in, targets, extras, run.settings, run.device,
-                            run.gen, torch.float32, ac)
+                            run.gen, torch.float32, ac, clip_init=init)
             if run.store is not None:
                 result = {k: getattr(res, k) for k in ("name", "first_loss", "last_loss", "best_loss", "best_iter",
                                                         "seconds")}
@@ -144,6 +159,74 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
     return targets, q_out
 
 
+def _output_error(outs: Sequence[Any], targets: Sequence[Any], extras: Sequence[UnitInputs], device) -> float:
+    """Mean squared error of a unit's outputs against its targets over the loss-mask tokens (as the tuner's)."""
+    total, count = 0.0, 0
+    for o, t, ex in zip(outs, targets, extras):
+        sq, n = squared_error(o.to(device), t.to(device), None if ex.mask is None else ex.mask.to(device))
+        total, count = total + float(sq), count + n
+    return total / max(count, 1)
+
+
+def _opt_rtn_unit(run: _Run, unit: Sequence[nn.Module], name: str, layers: Sequence[Any], extras: List[UnitInputs],
+                  q_in: List[Any], store: TensorStore, ac: Optional[torch.dtype], home: torch.device,
+                  orig_dtype: torch.dtype) -> Tuple[List[Any], List[Any]]:
+    """Optimized RTN of one unit.
+
+    The activation importance of its layers comes from a forward of the quantized chain's input (the
+    FP chain's without ``enable_quanted_input``, the same thing at iters=0 since nothing upstream
+    changes then); each layer gets its clip search; then the unit's output error over the calibration
+    tokens is compared with plain RTN's and the better of the two is kept (one more forward): the
+    search minimises a per-layer proxy, this makes the unit never worse than plain RTN on the data."""
+    t0 = time.perf_counter()
+    collector = ImportanceCollector()
+    with watch_inputs(run.model, [lp.name for lp in layers], collector):
+        fp_out, ac, peak = _forward_all(unit, q_in, extras, run.device, store, ac, name, collector)
+    if not layers:
+        for b in unit:
+            b.to(device=home, dtype=orig_dtype)
+        return fp_out, fp_out
+    lins = {lp.name: run.model.get_submodule(lp.name) for lp in layers}
+    originals = {n: lin.weight.detach().clone() for n, lin in lins.items()}
+    searched = {}
+    for lp in layers:
+        if lp.params.scheme in SEARCHABLE:
+            alpha, beta = search_clip(lins[lp.name].weight, lp.params, collector.importance(lp.name))
+        else:  # a GGUF K-quant grid: its own sub-block scale quantization, no range search
+            alpha = beta = None
+        searched[lp.name] = rtn_quantize(lins[lp.name], lp.params, alpha, beta)
+    out_searched = _forward_all(unit, q_in, extras, run.device, store, ac, name)[0]
+    err_searched = _output_error(out_searched, fp_out, extras, run.device)
+    with torch.no_grad():
+        for n, lin in lins.items():
+            lin.weight.copy_(originals[n])
+    plain = {lp.name: rtn_quantize(lins[lp.name], lp.params) for lp in layers}
+    out_plain = _forward_all(unit, q_in, extras, run.device, store, ac, name)[0]
+    err_plain = _output_error(out_plain, fp_out, extras, run.device)
+    keep_searched = err_searched <= err_plain
+    chosen, q_out = (searched, out_searched) if keep_searched else (plain, out_plain)
+    if keep_searched:
+        with torch.no_grad():
+            for n, lin in lins.items():
+                lin.weight.copy_(chosen[n].dequantize(lin.weight.dtype).to(lin.weight.device))
+    else:
+        logger.info("%s: plain round-to-nearest kept (output error %.6g vs %.6g for the clip search)", name,
+                    err_plain, err_searched)
+    run.layers.update(chosen)
+    run.results.append(BlockResult(name, err_plain, err_searched, min(err_plain, err_searched),
+                                   0 if not keep_searched else 1, time.perf_counter() - t0, {}, peak))
+    if not run.settings.enable_quanted_input:
+        q_out = fp_out
+    for b in unit:
+        b.to(device=home, dtype=orig_dtype)
+    return q_out, q_out
+
+
+def opt_rtn_active(settings: Settings) -> bool:
+    """True when ``iters=0`` runs optimized RTN (calibration data needed) rather than plain RTN."""
+    return settings.iters == 0 and not settings.disable_opt_rtn
+
+
 def quantize_model(
     model: nn.Module,
     plan: QuantPlan,
@@ -156,13 +239,14 @@ def quantize_model(
     """Quantize ``model`` in place following ``plan``; returns integer records and block losses.
 
     ``batches()`` yields model-input dicts on the model's device (called once per block list).
-    With ``settings.iters == 0`` no data is used: every planned layer is rounded to nearest.
+    With ``settings.iters == 0`` the layers of the blocks get optimized RTN (:func:`_opt_rtn_unit`), or plain
+    round-to-nearest without any data with ``disable_opt_rtn``.
     ``resume_dir``: checkpoint each tuned unit there and reuse the units found (:mod:`auto_round.tuning.resume`).
     """
     torch.manual_seed(settings.seed)
     run = _Run(model, plan, settings, batches, device, progress, torch.Generator().manual_seed(settings.seed),
                resume_dir=resume_dir)
-    if settings.iters > 0:
+    if settings.iters > 0 or opt_rtn_active(settings):
         for path, names in plan.block_lists:
             _tune_list(run, path, names)
     for lp in plan.quantized:

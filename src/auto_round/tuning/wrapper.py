@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from auto_round.quant.kquant import is_kquant, kquant_record, qdq_groups_k
 from auto_round.quant.qdq import (QDQWorkspace, QuantParams, group_range, group_view, n_groups, qdq_groups,
                                   quantize_weight, scale_zero_from_range)
 from auto_round.quant.types import QuantizedWeight
@@ -55,14 +56,28 @@ class TunableLinear(nn.Module):
                -1 if self.beta is None else self.beta._version, torch.is_grad_enabled())
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        s, z = scale_zero_from_range(self.lo, self.hi, self.params, self.alpha, self.beta)
         out, in_ = self.weight.shape
-        w = qdq_groups(self.wg, s, z, self.v.view(self.wg.shape), self.params.maxq, self._work)
+        if is_kquant(self.params):  # GGUF K-quant: sub-block scales/mins quantized per super-block
+            w = qdq_groups_k(self.wg, self.lo, self.hi, self.params, self.v.view(self.wg.shape), self.alpha,
+                             self.beta, self._work)
+        else:
+            s, z = scale_zero_from_range(self.lo, self.hi, self.params, self.alpha, self.beta)
+            w = qdq_groups(self.wg, s, z, self.v.view(self.wg.shape), self.params.maxq, self._work)
         w = w.reshape(out, -1)[:, :in_]
         self._cache = (key, w)
         if w.requires_grad:
             w.register_hook(self._drop_cache)
         return w
+
+    @torch.no_grad()
+    def init_clip(self, alpha: torch.Tensor, beta: torch.Tensor, clip_max: float = 1.0) -> None:
+        """Start the clip factors at ``alpha``/``beta`` ``[out, G]`` (e.g. the optimized-RTN search), clamped
+        to the tuner's ``[0, clip_max]`` box."""
+        if self.alpha is None or self.beta is None:
+            raise ValueError("clip factors can only be initialised with min-max tuning on (enable_minmax_tuning)")
+        self.alpha.copy_(alpha.to(self.alpha).clamp(0.0, clip_max))
+        self.beta.copy_(beta.to(self.beta).clamp(0.0, clip_max))
+        self._cache = None
 
     def _drop_cache(self, grad: torch.Tensor) -> None:
         self._cache = None  # its graph is being consumed by this backward
@@ -83,6 +98,11 @@ class TunableLinear(nn.Module):
     def finalize(self) -> QuantizedWeight:
         """Integer codes with the current parameters; writes the qdq weight into the Linear."""
         self._cache, self._work = None, None
+        if is_kquant(self.params):
+            qw = kquant_record(self.weight, self.params, self.v, self.alpha, self.beta, self.linear.bias)
+            w = self.linear.weight
+            w.copy_(qw.dequantize(w.dtype).to(w.device))
+            return qw
         codes, scale, zero = quantize_weight(self.weight, self.params, self.v, self.alpha, self.beta)
         qw = QuantizedWeight(codes=codes.cpu(), scale=scale.cpu(), zero=zero.cpu(), bits=self.params.bits,
                              group_size=self.params.group_size, sym=self.params.sym,
@@ -92,10 +112,18 @@ class TunableLinear(nn.Module):
         return qw
 
 
-def rtn_quantize(linear: nn.Linear, params: QuantParams) -> QuantizedWeight:
-    """Round-to-nearest: quantize ``linear`` in place (qdq weight) and return its integer record."""
+def rtn_quantize(linear: nn.Linear, params: QuantParams, alpha: Optional[torch.Tensor] = None,
+                 beta: Optional[torch.Tensor] = None) -> QuantizedWeight:
+    """Round-to-nearest: quantize ``linear`` in place (qdq weight) and return its integer record.
+
+    ``alpha``/``beta`` ``[out, G]``: clip factors of the group ranges (optimized RTN), None = full range."""
+    if is_kquant(params):
+        with torch.no_grad():
+            qw = kquant_record(linear.weight.float(), params, None, alpha, beta, linear.bias)
+            linear.weight.copy_(qw.dequantize(linear.weight.dtype).to(linear.weight.device))
+        return qw
     with torch.no_grad():
-        codes, scale, zero = quantize_weight(linear.weight.float(), params)
+        codes, scale, zero = quantize_weight(linear.weight.float(), params, None, alpha, beta)
         qw = QuantizedWeight(codes=codes.cpu(), scale=scale.cpu(), zero=zero.cpu(), bits=params.bits,
                              group_size=params.group_size, sym=params.sym,
                              bias=None if linear.bias is None else linear.bias.detach().cpu())

@@ -1,0 +1,168 @@
+"""The accuracy-cost frontier: held-out perplexity against quantize time, ours vs the reference.
+
+SmolLM2-135M-Instruct (fp32), sym, on identical BBC calibration windows (the reference runner's
+``--calib-mode windows`` ids, handed to our worker as they are; see bench_vs_reference.py for the
+remaining by-design differences). For each scheme and each iteration count, one process per run,
+the sides interleaved:
+
+- iters 0: ours plain RTN (``disable_opt_rtn``), ours optimized RTN (the iters-0 default), the
+  reference's plain RTN (``disable_opt_rtn``) and the reference's optimized RTN (its default);
+- iters > 0: ours (default), ours extended (``enable_alg_ext``), the reference plain and the
+  reference with ``enable_alg_ext``.
+
+Perplexity: the first ``--eval-windows`` 512-token windows of the BBC held-out split, fp32; ours on
+the in-memory fake-quantized model, the reference on its saved ``fake`` folder. Writes
+bench/results/frontier.json and, with matplotlib installed, frontier.png beside it.
+
+    .venv/bin/python bench/bench_frontier.py                                  # everything (hours here)
+    .venv/bin/python bench/bench_frontier.py --schemes W3G128 --iters 0       # optimized RTN only
+    .venv/bin/python bench/bench_frontier.py --sides ours ref --iters 50      # one point per side
+    .venv/bin/python bench/bench_frontier.py --quick                          # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (RESULTS, WORK, bbc_texts, fmt, log, machine_info, parse_bench_args, print_table,  # noqa: E402
+                     reference_windows, run_ours, run_ppl, run_reference, smollm2_dir, write_json,
+                     write_text_for_windows)
+
+NAME = "frontier"
+SCHEMES = {"W4G128": (4, 128), "W3G128": (3, 128), "W2G64": (2, 64)}
+SIDES = ("ours", "ours_ext", "ref", "ref_ext")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
+    p.add_argument("--iters", nargs="+", type=int, default=[0, 25, 50, 100, 200])
+    p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    p.add_argument("--nsamples", type=int, default=32)
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--eval-windows", type=int, default=16)
+    p.add_argument("--eval-seqlen", type=int, default=512)
+    return parse_bench_args(p, argv, NAME, "W4G128, iters 0 and 2, 4 samples of 64, ours only",
+                            {"schemes": ["W4G128"], "iters": [0, 2], "nsamples": 4, "seqlen": 64,
+                             "batch_size": 2, "eval_windows": 2, "sides": ["ours", "ours_ext"]})
+
+
+def _variants(side: str, iters: int) -> List[Dict[str, Any]]:
+    """The runs of one side at one iteration count: (label, options)."""
+    if iters == 0:
+        if side == "ours":
+            return [{"label": "ours RTN", "opts": {"disable_opt_rtn": True}},
+                    {"label": "ours opt-RTN", "opts": {}}]
+        if side == "ref":
+            return [{"label": "ref RTN", "opts": {"disable_opt_rtn": True}},
+                    {"label": "ref opt-RTN", "opts": {}}]
+        return []  # the extended tuners are tuners: nothing to add at iters 0
+    return [{"label": {"ours": "ours", "ours_ext": "ours ext", "ref": "ref", "ref_ext": "ref alg_ext"}[side],
+             "opts": {"enable_alg_ext": True} if side.endswith("_ext") else {}}]
+
+
+def _plot(points: List[Dict[str, Any]], fp_ppl: float, path: Path) -> str:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot (pip install matplotlib)"
+    schemes = sorted({p["scheme"] for p in points})
+    fig, axes = plt.subplots(1, len(schemes), figsize=(5 * len(schemes), 4), squeeze=False)
+    for ax, scheme in zip(axes[0], schemes):
+        for label in sorted({p["curve"] for p in points if p["scheme"] == scheme}):
+            pts = sorted((p["seconds"], p["ppl"], p["iters"]) for p in points
+                         if p["scheme"] == scheme and p["curve"] == label and p["ppl"] and p["seconds"])
+            if pts:
+                ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o", label=label)
+                for x, y, it in pts:
+                    ax.annotate(str(it), (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
+        ax.axhline(fp_ppl, color="gray", linestyle=":", label="FP")
+        ax.set_title(f"SmolLM2-135M {scheme} sym")
+        ax.set_xlabel("quantize seconds (CPU)")
+        ax.set_ylabel("held-out BBC perplexity")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return str(path)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+    from transformers import AutoTokenizer
+
+    from auto_round.assets import token_windows
+
+    work = WORK / NAME
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = smollm2_dir()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    calib, heldout = bbc_texts()
+    text_file = work / "calib.txt"
+    write_text_for_windows(tok, calib, text_file, args.nsamples * args.seqlen)
+    win_file, eval_file = work / "calib_windows.pt", work / "heldout_windows.pt"
+    torch.save(reference_windows(tok, text_file, args.seqlen, args.nsamples), win_file)
+    torch.save(token_windows(tok, heldout, args.eval_seqlen, args.eval_windows), eval_file)
+    settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size, "seed": 42,
+                "sym": True, "calibration": "identical BBC windows", "eval_windows": args.eval_windows,
+                "eval_seqlen": args.eval_seqlen}
+    record: Dict[str, Any] = {"benchmark": NAME, "model": str(model_dir), "settings": settings,
+                              "machine": machine_info(), "runs": {}, "points": []}
+    fp = run_ppl(str(model_dir), eval_file, work, "fp")
+    fp_ppl = fp.get("ppl")
+    record["fp_ppl"] = fp_ppl
+    log(f"FP ppl {fmt(fp_ppl, '.3f')}")
+    failed = bool(fp.get("error"))
+    rows = []
+    for scheme in args.schemes:
+        bits, gs = SCHEMES[scheme]
+        for iters in args.iters:
+            for side in args.sides:
+                for v in _variants(side, iters):
+                    tag = f"{scheme}-it{iters}-{v['label'].replace(' ', '_')}"
+                    log(f"run {tag}")
+                    if side.startswith("ours"):
+                        opts = {"bits": bits, "group_size": gs, "sym": True, "iters": iters,
+                                "nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size,
+                                "seed": 42, "device": "cpu", **v["opts"]}
+                        rec = run_ours({"job": "quantize", "kind": "llm", "model": str(model_dir),
+                                        "model_dtype": "fp32", "options": opts, "calib_windows": str(win_file),
+                                        "ppl_windows": str(eval_file)}, work, tag)
+                        ppl, seconds = rec.get("ppl"), rec.get("quantize_s")
+                    else:
+                        out_dir = work / f"{tag}-out"
+                        rec = run_reference(str(model_dir), text_file, out_dir, work, tag, bits=bits, group_size=gs,
+                                            sym=True, iters=iters, nsamples=args.nsamples, seqlen=args.seqlen,
+                                            batch_size=args.batch_size, **{k: True for k in v["opts"]})
+                        ppl_rec = run_ppl(str(out_dir), eval_file, work, f"{tag}-ppl") if "error" not in rec else rec
+                        rec["ppl"] = ppl_rec.get("ppl")
+                        ppl, seconds = rec.get("ppl"), rec.get("quantize_and_save_s")
+                    failed |= bool(rec.get("error"))
+                    record["runs"][tag] = rec
+                    point = {"scheme": scheme, "iters": iters, "label": v["label"], "curve": v["label"], "ppl": ppl,
+                             "seconds": seconds, "increase": (ppl - fp_ppl) if ppl and fp_ppl else None}
+                    record["points"].append(point)
+                    log(f"  ppl {fmt(ppl, '.3f')} (+{fmt(point['increase'], '.2f')}), {fmt(seconds, '.1f')} s")
+                    rows.append([scheme, iters, v["label"], fmt(ppl, ".3f"), fmt(point["increase"], ".2f"),
+                                 fmt(seconds, ".1f")])
+    title = (f"SmolLM2-135M-Instruct sym, BBC held-out ppl ({args.eval_windows} x {args.eval_seqlen}); FP "
+             f"{fmt(fp_ppl, '.3f')}; calibration {args.nsamples} x {args.seqlen}, batch {args.batch_size}, seed 42")
+    record["table"] = print_table(["scheme", "iters", "run", "ppl", "+ over FP", "quantize s"], rows, title)
+    if fp_ppl:
+        record["plot"] = _plot(record["points"], fp_ppl, (args.json or RESULTS / f"{NAME}.json").with_suffix(".png"))
+        log(f"plot: {record['plot']}")
+    write_json(NAME, record, args.json)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

