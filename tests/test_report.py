@@ -137,3 +137,18 @@ def test_plot_draws_rtn_and_tuned_loss_per_block(tmp_path, monkeypatch):
     assert calls["backend"] == "Agg" and (tmp_path / PLOT_FILE).read_bytes() == b"\x89PNG"
     assert calls["plots"] == [([0, 1], [2.0, 4.0], "round-to-nearest (first)"), ([0, 1], [1.0, 1.0], "tuned (best)")]
     assert calls["set_yscale"] == ("log",)
+
+
+def test_a_vlm_report_names_its_family_and_why_the_vision_tower_stays_fp(tmp_path):
+    from auto_round import AutoRoundMLLM
+    from tiny_vlms import FAMILIES
+
+    vlm = FAMILIES["qwen2_vl"]()
+    ar = AutoRoundMLLM(vlm.model, vlm.tokenizer, vlm.processor, bits=4, group_size=32, iters=1, nsamples=2,
+                       seqlen=48, batch_size=2)
+    folder = ar.quantize_and_save(tmp_path / "q", inplace=False)[0]
+    report = json.loads((folder / REPORT_FILE).read_text())
+    assert report["model"]["family"] == "qwen2_vl" and report["data"]["samples"] == 2
+    reasons = set(report["plan"]["kept_fp"].values())
+    assert "vision tower (quant_nontext_module=False)" in reasons
+    assert list(report["plan"]["block_lists"]) == ["model.language_model.layers"]
