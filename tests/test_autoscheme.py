@@ -102,3 +102,16 @@ def test_mixed_bits_run_meets_the_budget_and_beats_uniform_low_bits():
                     layer_config={"model.layers.0.mlp.down_proj": {"bits": 8}}, **kw)
     ar2.quantize()
     assert ar2.quantized_layers["model.layers.0.mlp.down_proj"].bits == 8
+
+
+def test_mixed_bits_on_a_vlm_keeps_the_vision_tower_fp():
+    from auto_round import AutoRoundMLLM
+    from tiny_vlms import FAMILIES
+
+    vlm = FAMILIES["qwen2_vl"]()
+    ar = AutoRoundMLLM(vlm.model, vlm.tokenizer, vlm.processor, bits=4, group_size=32, iters=0, nsamples=4,
+                       seqlen=48, batch_size=2, avg_bits=3.0, scheme_options="W2G32,W4G32")
+    ar.quantize()
+    assert ar.mixed_bits["avg_bits"] <= 3.0 + 1e-9
+    assert {q.bits for q in ar.quantized_layers.values()} == {2, 4}
+    assert not any("visual" in n for n in ar.quantized_layers)
