@@ -368,3 +368,18 @@ def test_moe_experts_fused_at_load_are_copied_as_stored(tmp_path):
     tensors = _assert_identical(mem, free)
     assert sum(k.endswith(".qweight") for k in tensors) == 8
     assert "model.layers.0.block_sparse_moe.experts.1.w2.weight" in tensors
+
+
+def test_a_stored_tied_lm_head_is_not_written_as_save_pretrained_drops_it(tmp_path):
+    """Qwen2 ties lm_head to the embeddings; a checkpoint that stores lm_head.weight as well (some hub ones do) gives
+    a checkpoint without it, as the in-memory path's save_pretrained writes it."""
+    from safetensors.torch import load_file, save_file
+
+    src = _save(tiny_qwen2(), tmp_path / "src")
+    state = load_file(str(src / "model.safetensors"))
+    assert "lm_head.weight" not in state
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    mem, free = _both(src, tmp_path, bits=4, group_size=32)
+    tensors = _assert_identical(mem, free)
+    assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors

@@ -38,7 +38,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -206,10 +206,24 @@ class _Shard:
     source: Dict[str, Tuple[str, str]]  # output tensor -> ("layer", layer name) | ("copy", checkpoint tensor)
 
 
-def _shards(ckpt: Checkpoint, layers: Dict[str, _Layer]) -> List[_Shard]:
+def tied_copies(skeleton: nn.Module, ckpt: Checkpoint) -> List[str]:
+    """Checkpoint tensors that are tied copies of another stored tensor (a tied ``lm_head.weight`` stored beside
+    the embeddings): ``save_pretrained`` writes only the source, and so does model-free mode."""
+    tied = getattr(skeleton, "all_tied_weights_keys", None) or {}
+    out = []
+    for target, source in tied.items():
+        stored_target, stored_source = ckpt.stored_name(target), ckpt.stored_name(source)
+        if stored_target is not None and stored_source is not None and stored_target != stored_source:
+            out.append(stored_target)
+    if out:
+        logger.info("not written (tied to another tensor, as save_pretrained drops them): %s", ", ".join(out[:6]))
+    return out
+
+
+def _shards(ckpt: Checkpoint, layers: Dict[str, _Layer], dropped: Sequence[str] = ()) -> List[_Shard]:
     """Input shard ``i`` -> output shard ``i`` (a layer goes where its weight is; empty shards dropped)."""
     by_weight = {layer.weight: layer for layer in layers.values()}
-    biases = {layer.bias for layer in layers.values() if layer.bias}
+    biases = {layer.bias for layer in layers.values() if layer.bias} | set(dropped)
     shards = []
     for reader in ckpt.readers.values():
         specs: List[OutSpec] = []
@@ -461,7 +475,7 @@ def _prepare(ckpt: Checkpoint, exporter: Any, fmt: str, settings: Dict[str, Any]
     qconfig = planner.quantization_config()
     layers, style, records = _layers(skeleton, plan, ckpt, exporter)
     final = exporter.final_config(dict(qconfig), style, skeleton, records)
-    shards = _shards(ckpt, layers)
+    shards = _shards(ckpt, layers, tied_copies(skeleton, ckpt))
     copied, skipped = _small_files(ckpt.folder)
     skipped = [f for f in skipped if f not in ckpt.readers and f not in REWRITTEN]
     if skipped:
