@@ -30,6 +30,7 @@ from auto_round.models.loading import load_causal_lm
 from auto_round.quant.qdq import QuantParams
 from auto_round.quant.types import QuantizedWeight
 from auto_round.report import build_report, count_tokens, write_report
+from auto_round.threads import apply_threads
 from auto_round.tuning.block import BlockResult
 from auto_round.tuning.loop import opt_rtn_active, quantize_model
 from auto_round.tuning.plan import QuantPlan, resolve_plan
@@ -178,6 +179,7 @@ class AutoRound:
                  **options: Any) -> None:
         self.settings: Settings = build_settings(**options)
         self.device = resolve_device(self.settings.device)
+        self.threads = apply_threads(self.settings.threads) if self.device.type == "cpu" else None
         self.model, self.tokenizer, self.source = load_causal_lm(
             model, tokenizer, model_dtype=model_dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
         self.model.eval()

@@ -71,12 +71,12 @@ SETTING_GROUP = {
     "not_use_best_mse": "tuning", "seed": "tuning", "amp": "tuning", "gradient_accumulate_steps": "tuning",
     "resume_dir": "tuning", "enable_alg_ext": "tuning",
     "nsamples": "data", "seqlen": "data", "batch_size": "data", "dataset": "data",
-    "device": "device", "low_gpu_mem_usage": "device", "offload_dir": "device",
+    "device": "device", "threads": "device", "low_gpu_mem_usage": "device", "offload_dir": "device",
     "quant_nontext_module": "multimodal", "extra_data_dir": "multimodal", "template": "multimodal",
     "truncation": "multimodal",
 }
 INT_SETTINGS = ("bits", "group_size", "iters", "nsamples", "seqlen", "batch_size", "gradient_accumulate_steps",
-                "nblocks", "seed")
+                "nblocks", "seed", "threads")
 FLOAT_SETTINGS = ("lr", "minmax_lr", "avg_bits")
 
 

@@ -68,6 +68,8 @@ class Settings:
     offload_dir: Optional[str] = _opt(None, "keep cached block inputs/outputs in files under this folder")
     not_use_best_mse: bool = _opt(False, "keep the last iteration's parameters instead of the best")
     seed: int = _opt(42, "random seed: same seed, data and settings give identical output")
+    threads: Optional[int] = _opt(None, "CPU threads (default: the cores this process may use, from its affinity "
+                                        "and cgroup quota; 1 is fastest beside other busy processes)")
     device: Optional[str] = _opt(None, "tuning device: cpu, cuda, cuda:N or N (default: cuda if present)", ("--devices",))
     dataset: str = _opt(DEFAULT_DATASET, "calibration data: hub name, local file/dir, or comma list")
     layer_config: Optional[Mapping[str, Mapping[str, Any]]] = _opt(
@@ -136,6 +138,9 @@ def _type_problem(name: str, kind: str, value: Any) -> Optional[str]:
     """Why ``value`` is not of the declared ``kind`` of field ``name`` (as a message), or None."""
     if kind == "int" and not (isinstance(value, numbers.Integral) and not isinstance(value, (bool, np_bool))):
         return f"{name}={value!r} ({type(value).__name__}) must be an int, e.g. {name}={Settings.__dataclass_fields__[name].default}"
+    if kind == "Optional[int]" and value is not None and not (isinstance(value, numbers.Integral)
+                                                              and not isinstance(value, (bool, np_bool))):
+        return f"{name}={value!r} ({type(value).__name__}) must be an int or None"
     if kind == "bool" and not isinstance(value, (bool, np_bool)):
         return f"{name}={value!r} ({type(value).__name__}) must be True or False (a string such as 'False' is not a bool)"
     if kind == "Optional[float]" and value is not None:
@@ -158,7 +163,7 @@ def _normalise_types(s: Settings) -> Settings:
         why = _type_problem(f.name, str(f.type), value)
         if why:
             raise TypeError(why)
-        if str(f.type) == "int" and type(value) is not int:
+        if str(f.type) in ("int", "Optional[int]") and value is not None and type(value) is not int:
             changes[f.name] = int(value)
         elif str(f.type) == "bool" and type(value) is not bool:
             changes[f.name] = bool(value)
@@ -181,6 +186,8 @@ def validate(s: Settings) -> Settings:
            "the extended tuner starts the clip factors from a search, which needs enable_minmax_tuning=True")
     for name in ("nsamples", "seqlen", "batch_size", "gradient_accumulate_steps", "nblocks"):
         _check(getattr(s, name) >= 1, name, getattr(s, name), "must be at least 1")
+    _check(s.threads is None or s.threads >= 1, "threads", s.threads, "use a positive count, or None for the "
+           "cores available")
     for name in ("lr", "minmax_lr"):
         v = getattr(s, name)
         _check(v is None or v > 0, name, v, "must be positive (or None for 1/iters)")
