@@ -107,12 +107,13 @@ def search_clip(weight: torch.Tensor, params: QuantParams, importance: Optional[
         best_err = torch.full(lo.shape, float("inf"), device=wg.device)
         best_s = torch.ones_like(lo)
         best_z = torch.zeros_like(lo)
+        k, t = torch.empty_like(wg), torch.empty_like(wg)  # buffers reused by every candidate
         for ratio in grid:
             a = torch.full_like(lo, float(ratio))
             s, z = scale_zero_from_range(lo, hi, params, a, a)
-            k = _codes(wg, s, z, params.maxq)
-            num = (iw * k).sum(-1)
-            den = (k.mul_(k).mul_(imp)).sum(-1)
+            torch.div(wg, s, out=k).round_().add_(z).clamp_(0, params.maxq).sub_(z)  # the codes' levels q - z
+            num = torch.mul(iw, k, out=t).sum(-1)
+            den = k.mul_(k).mul_(imp).sum(-1)
             s1 = s.squeeze(-1)
             err = den * s1 * s1 - 2 * s1 * num  # C left out: the same for every candidate of a group
             ls = torch.where(den > 0, num / den.clamp(min=1e-30), s1)
