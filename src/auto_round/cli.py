@@ -356,10 +356,10 @@ def _quantize(ns: argparse.Namespace, cls: Any, extra: Sequence[Any]) -> int:
     folder = output_folder(ns.output_dir, ns.model, ns.bits, ns.group_size)
     overwrite = True if ns.overwrite else None
     if ns.dry_run:
-        from auto_round.estimate import measure_flops_per_second
+        from auto_round.estimate import measure_flops_per_second, tuning_dtype
 
-        lines = dry_run_lines(ar, parse_formats(ns.format), folder, ns.recipe, overwrite,
-                              measure_flops_per_second(ar.device), ns.tasks, ns.eval_fp)
+        flops = measure_flops_per_second(ar.device, dtype=tuning_dtype(ar.device, ar.settings, ar.model))
+        lines = dry_run_lines(ar, parse_formats(ns.format), folder, ns.recipe, overwrite, flops, ns.tasks, ns.eval_fp)
         _write(lines)
         return 2 if any(" FAILS: " in line for line in lines) else 0
     runs: Dict[str, Dict[str, Any]] = {}

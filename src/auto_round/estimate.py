@@ -2,8 +2,9 @@
 
 These are order-of-magnitude figures, not promises: the time is the tuning's matrix-multiply work
 (forward and backward of every tuned block, ``iters`` steps of ``batch_size * seqlen`` tokens) at a
-throughput measured on the device with one dense matmul; the quantize-dequantize of every step,
-attention and data movement come on top (often 2-3x on small models).
+throughput measured on the device with one dense matmul in the tuning's dtype (autocast or
+float32); the quantize-dequantize of every step, attention and data movement come on top (often 2-3x
+on small models).
 """
 
 from __future__ import annotations
@@ -92,10 +93,20 @@ def estimate_run(model: nn.Module, plan: QuantPlan, settings: Settings, checkpoi
                        flops_per_second)
 
 
-def measure_flops_per_second(device: torch.device, size: int = 1024, seconds: float = 0.3) -> float:
-    """Dense float32 matmul throughput of ``device`` (FLOP/s), measured for about ``seconds``."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+def tuning_dtype(device: torch.device, settings: Settings, model: nn.Module) -> torch.dtype:
+    """The dtype the tuning's matmuls run in: the autocast dtype of :func:`auto_round.tuning.block.amp_dtype`,
+    else float32."""
+    from auto_round.tuning.block import amp_dtype
+
+    model_dtype = next(model.parameters()).dtype
+    return amp_dtype(device, settings, model_dtype) or torch.float32
+
+
+def measure_flops_per_second(device: torch.device, size: int = 1024, seconds: float = 0.3,
+                             dtype: torch.dtype = torch.float32) -> float:
+    """Dense ``dtype`` matmul throughput of ``device`` (FLOP/s), measured for about ``seconds``."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     torch.matmul(a, b)  # warm-up (kernel selection, allocation)
     n, t0 = 0, time.perf_counter()
     while True:

@@ -213,8 +213,10 @@ def summary_lines(report: Mapping[str, Any], max_blocks: int = 6) -> List[str]:
     lines = [f"quantized {plan['quantized']} linear layers, {len(plan['kept_fp'])} kept in full precision "
              f"({report['format']})"]
     lines += [line for line in plan["summary"] if line.startswith("  FP")]
-    if data.get("dataset"):
-        lines.append(f"data      {data['dataset']}: {data.get('samples', '-')} samples, {data.get('tokens', '-')} tokens")
+    if data.get("samples") is not None:
+        lines.append(f"data      {data['dataset']}: {data['samples']} samples, {data.get('tokens', '-')} tokens")
+    elif data.get("dataset"):
+        lines.append(f"data      {data['dataset']}")
     if blocks:
         worst = sorted(blocks, key=lambda b: -b["best"])[:max_blocks]
         lines.append(f"blocks    {len(blocks)} tuned; mean loss RTN {sum(b['first'] for b in blocks) / len(blocks):.3g}"
