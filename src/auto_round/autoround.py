@@ -224,15 +224,19 @@ class AutoRound:
                 for i in range(0, ids.shape[0], s.batch_size)]
 
     # ------------------------------------------------------------------ lifecycle
-    def resolve_plan(self, formats: Sequence[str] = ()) -> QuantPlan:
-        """Phase 1: the plan, checked against ``formats`` when given."""
+    def resolve_plan(self, formats: Sequence[str] = (), read_weights: bool = True) -> QuantPlan:
+        """Phase 1: the plan, checked against ``formats`` when given.
+
+        ``read_weights=False`` skips the checks that read weight values (NaN/Inf), for a model whose
+        weights are not loaded (model-free RTN plans on a meta-device skeleton)."""
         _check_models(formats, self.model, self.tokenizer)
         check = _capability_checker(formats) if formats else None
         self.plan = resolve_plan(self.model, self.settings, self.block_list_names(), check,
                                  self.forced_fp_layers(), self.outside_reasons(),
                                  _format_params(formats, self.model) if formats else None)
         _check_whole_plan(self.plan, formats, self.settings.torch_scale_dtype)
-        _check_finite_weights(self.model, self.plan)
+        if read_weights:
+            _check_finite_weights(self.model, self.plan)
         _check_seqlen(self.model, self.settings)
         for line in self.plan.summary_lines():
             logger.info("plan: %s", line)

@@ -48,7 +48,7 @@ from auto_round.model_free.checkpoint import INDEX, SINGLE, Checkpoint, find_che
 from auto_round.model_free.shards import OutSpec, write_shard
 from auto_round.quant.qdq import n_groups, quantize_weight
 from auto_round.quant.types import QuantizedWeight
-from auto_round.tuning.plan import LayerPlan, QuantPlan, resolve_plan
+from auto_round.tuning.plan import LayerPlan, QuantPlan
 
 logger = logging.getLogger(__name__)
 
@@ -108,17 +108,7 @@ def _planner(skeleton: nn.Module, is_vlm: bool, settings: Dict[str, Any], mllm_o
 def plan_model(planner: Any, fmt: str) -> QuantPlan:
     """:meth:`AutoRound.resolve_plan` on the skeleton, without the checks that read weights (NaN/Inf
     weights are refused per chunk while streaming instead)."""
-    from auto_round.autoround import _capability_checker, _check_models, _check_whole_plan
-
-    model = planner.model
-    _check_models([fmt], model, None)
-    plan = resolve_plan(model, planner.settings, planner.block_list_names(), _capability_checker([fmt]),
-                        planner.forced_fp_layers(), planner.outside_reasons())
-    _check_whole_plan(plan, [fmt], planner.settings.torch_scale_dtype)
-    for line in plan.summary_lines():
-        logger.info("plan: %s", line)
-    planner.plan = plan
-    return plan
+    return planner.resolve_plan([fmt], read_weights=False)
 
 
 # ----------------------------------------------------------------------------------------- layout
