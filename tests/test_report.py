@@ -127,7 +127,11 @@ def test_plot_draws_rtn_and_tuned_loss_per_block(tmp_path, monkeypatch):
         def savefig(self, path, **kw):
             path.write_bytes(b"\x89PNG")
 
-    pyplot = types.SimpleNamespace(subplots=lambda **kw: (Figure(), Axes()), close=lambda fig: None)
+    def subplots(rows=1, cols=1, **kw):
+        calls["panels"] = cols
+        return Figure(), [[Axes() for _ in range(cols)]]
+
+    pyplot = types.SimpleNamespace(subplots=subplots, close=lambda fig: None)
     mpl = types.ModuleType("matplotlib")
     mpl.use = lambda backend: calls.setdefault("backend", backend)
     mpl.pyplot = pyplot
@@ -136,7 +140,25 @@ def test_plot_draws_rtn_and_tuned_loss_per_block(tmp_path, monkeypatch):
     assert plot_losses(BLOCKS, tmp_path / PLOT_FILE) == tmp_path / PLOT_FILE
     assert calls["backend"] == "Agg" and (tmp_path / PLOT_FILE).read_bytes() == b"\x89PNG"
     assert calls["plots"] == [([0, 1], [2.0, 4.0], "round-to-nearest (first)"), ([0, 1], [1.0, 1.0], "tuned (best)")]
-    assert calls["set_yscale"] == ("log",)
+    assert calls["set_yscale"] == ("log",) and calls["panels"] == 1  # no loss history: one panel
+    calls.clear()
+    with_curves = [{**b, "losses": [b["first"], b["last"], b["best"]]} for b in BLOCKS]
+    assert plot_losses(with_curves, tmp_path / PLOT_FILE) == tmp_path / PLOT_FILE
+    assert calls["panels"] == 2
+    assert calls["plots"][2:] == [([0, 1, 2], [2.0, 1.5, 1.0], "b0"), ([0, 1, 2], [4.0, 1.0, 1.0], "b1")]
+
+
+def test_curve_blocks_spread_over_the_depth():
+    from auto_round.report import curve_blocks
+
+    blocks = [{"name": f"b{i}", "losses": [1.0]} for i in range(10)] + [{"name": "rtn-only", "losses": []}]
+    assert [b["name"] for b in curve_blocks(blocks)] == ["b0", "b3", "b6", "b9"]
+    assert curve_blocks(blocks[:2]) == blocks[:2]
+
+
+def test_the_summary_keeps_every_iterations_loss(tuned):
+    ar, _ = tuned
+    assert all(len(b["losses"]) == 3 and b["losses"][b["best_iter"]] == b["best"] for b in ar.summary["blocks"])
 
 
 def test_a_vlm_report_names_its_family_and_why_the_vision_tower_stays_fp(tmp_path):

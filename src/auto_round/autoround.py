@@ -320,7 +320,7 @@ class AutoRound:
             "mixed_bits": None if self.mixed_bits is None else {k: v for k, v in self.mixed_bits.items()
                                                                 if k != "scores"},
             "blocks": [{"name": r.name, "first": r.first_loss, "last": r.last_loss, "best": r.best_loss,
-                        "best_iter": r.best_iter, "seconds": round(r.seconds, 3),
+                        "best_iter": r.best_iter, "seconds": round(r.seconds, 3), "losses": list(r.losses),
                         "peak_activation": r.peak_activation} for r in self.block_results],
         }
 

@@ -166,8 +166,8 @@ _told_no_matplotlib = False
 
 
 def plot_losses(blocks: Sequence[Mapping[str, Any]], path: Path) -> Optional[Path]:
-    """Per-block loss at the round-to-nearest start (``first``) and after tuning (``best``), log scale, as a
-    PNG at ``path``. Returns None (and says so once, with the install command) without matplotlib, or
+    """Per-block loss at the round-to-nearest start (``first``) and after tuning (``best``), log scale, and
+    beside it the loss per iteration of a few blocks (:func:`curve_blocks`), as a PNG at ``path``. Returns None (and says so once, with the install command) without matplotlib, or
     when there are no tuned blocks."""
     global _told_no_matplotlib
     if not blocks:
@@ -184,7 +184,10 @@ def plot_losses(blocks: Sequence[Mapping[str, Any]], path: Path) -> Optional[Pat
             _told_no_matplotlib = True
         return None
     x = list(range(len(blocks)))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.25 * len(blocks)), 3.5))
+    curves = curve_blocks(blocks)
+    fig, axes = plt.subplots(1, 2 if curves else 1, squeeze=False,
+                             figsize=(max(6.0, 0.25 * len(blocks)) + (5.0 if curves else 0.0), 3.5))
+    ax = axes[0][0]
     try:
         ax.plot(x, [b["first"] for b in blocks], marker="o", label="round-to-nearest (first)")
         ax.plot(x, [b["best"] for b in blocks], marker="o", label="tuned (best)")
@@ -194,11 +197,30 @@ def plot_losses(blocks: Sequence[Mapping[str, Any]], path: Path) -> Optional[Pat
         ax.set_ylabel("block output MSE")
         ax.set_title("loss per block")
         ax.legend()
+        if curves:
+            cx = axes[0][1]
+            for b in curves:
+                cx.plot(range(len(b["losses"])), b["losses"], label=b["name"])
+            if all(v > 0 for b in curves for v in b["losses"]):
+                cx.set_yscale("log")
+            cx.set_xlabel("iteration")
+            cx.set_ylabel("batch loss")
+            cx.set_title("loss per iteration")
+            cx.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
     finally:
         plt.close(fig)
     return path
+
+
+def curve_blocks(blocks: Sequence[Mapping[str, Any]], count: int = 4) -> List[Mapping[str, Any]]:
+    """Up to ``count`` blocks spread over the depth (first, last and between) that have a loss per iteration."""
+    with_losses = [b for b in blocks if b.get("losses")]
+    if len(with_losses) <= count:
+        return with_losses
+    picks = sorted({round(i * (len(with_losses) - 1) / (count - 1)) for i in range(count)})
+    return [with_losses[i] for i in picks]
 
 
 def _reduction(first: float, best: float) -> str:

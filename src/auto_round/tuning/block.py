@@ -52,6 +52,7 @@ class BlockResult:
     seconds: float
     layers: Dict[str, QuantizedWeight] = field(default_factory=dict, repr=False)
     peak_activation: float = 0.0  # largest |output| of the unit's FP forward (fp16 overflows beyond 65504)
+    losses: List[float] = field(default_factory=list, repr=False)  # the loss of every iteration, in order
 
 
 def cast_input(x, device, dtype):
@@ -230,6 +231,7 @@ def tune_unit(
     iters, lr0, mlr0 = settings.iters, settings.resolved_lr, settings.resolved_minmax_lr
     best, best_iter, first, last = float("inf"), 0, float("nan"), float("nan")
     snap = None
+    history: List[float] = []
     try:
         for it in range(iters):
             chosen = order.take(settings.gradient_accumulate_steps)
@@ -256,6 +258,7 @@ def tune_unit(
             if it == 0:
                 first = loss
             last = loss
+            history.append(loss)
             if loss < best:
                 best, best_iter = loss, it
                 if not settings.not_use_best_mse:
@@ -269,4 +272,4 @@ def tune_unit(
     finally:
         for k, w in wrappers.items():
             set_module(root, k, w.linear)
-    return BlockResult(name, first, last, best, best_iter, time.perf_counter() - t0, qlayers)
+    return BlockResult(name, first, last, best, best_iter, time.perf_counter() - t0, qlayers, losses=history)
