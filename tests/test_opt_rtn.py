@@ -154,3 +154,27 @@ def test_never_worse_than_round_to_nearest(bits, sym, ext):
     assert _mse(fp, tuned, held_out) < base
     # held out, the search is a proxy: on this tiny random model at W4 asym it lands 2% above plain RTN
     assert _mse(fp, opt, held_out) <= base * 1.05
+
+
+def test_outlier_suppression_and_the_clip_box_of_the_extended_tuner():
+    from auto_round.tuning import block
+
+    err = torch.arange(1000, dtype=torch.float32).reshape(10, 100)
+    kept = block._drop_outliers(err, 0.003)  # the 3 largest squared errors leave the loss
+    assert kept.sum() == err.sum() - (999 + 998 + 997) and kept.shape == err.shape
+    sq, n = block.squared_error(torch.zeros(2, 5, 100), torch.ones(2, 5, 100), None, 0.01)
+    assert float(sq) == 1000 - 10 and n == 1000
+
+    class W:  # one wrapper's parameters, gradients pushing the clip factors up
+        v = None
+        alpha = torch.nn.Parameter(torch.full((2, 2), 0.99))
+        beta = torch.nn.Parameter(torch.full((2, 2), 0.99))
+
+    for p in (W.alpha, W.beta):
+        p.grad = -torch.ones_like(p)
+    block._sign_step([W], 0.1, 0.1)
+    assert torch.all(W.alpha == 1.0)  # the default box ends at the full range
+    for p in (W.alpha, W.beta):
+        p.grad = -torch.ones_like(p)
+    block._sign_step([W], 0.1, 0.1, clip_max=2.0)
+    assert torch.allclose(W.alpha, torch.full((2, 2), 1.1))
