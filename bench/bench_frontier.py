@@ -6,7 +6,8 @@ remaining by-design differences). For each scheme and each iteration count, one 
 the sides interleaved:
 
 - iters 0: ours plain RTN (``disable_opt_rtn``), ours optimized RTN (the iters-0 default), the
-  reference's plain RTN (``disable_opt_rtn``) and the reference's optimized RTN (its default);
+  reference's plain RTN (``disable_opt_rtn``) and the reference's optimized RTN (its default); with
+  ``--mixed B ...`` also ours with ``avg_bits=B`` over ``--mixed-options`` (mixed bits);
 - iters > 0: ours (default), ours extended (``enable_alg_ext``), the reference plain and the
   reference with ``enable_alg_ext``.
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -48,17 +49,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seqlen", type=int, default=512)
+    p.add_argument("--mixed", nargs="*", type=float, default=[],
+                   help="also ours at iters 0 with these avg_bits over --mixed-options (mixed bits)")
+    p.add_argument("--mixed-options", default="W2G64,W4G128")
     return parse_bench_args(p, argv, NAME, "W4G128, iters 0 and 2, 4 samples of 64, ours only",
                             {"schemes": ["W4G128"], "iters": [0, 2], "nsamples": 4, "seqlen": 64,
                              "batch_size": 2, "eval_windows": 2, "sides": ["ours", "ours_ext"]})
 
 
-def _variants(side: str, iters: int) -> List[Dict[str, Any]]:
+def _variants(side: str, iters: int, mixed: Sequence[float] = (), mixed_options: str = "") -> List[Dict[str, Any]]:
     """The runs of one side at one iteration count: (label, options)."""
     if iters == 0:
         if side == "ours":
             return [{"label": "ours RTN", "opts": {"disable_opt_rtn": True}},
-                    {"label": "ours opt-RTN", "opts": {}}]
+                    {"label": "ours opt-RTN", "opts": {}}] + \
+                   [{"label": f"ours mixed {b:g} bits", "opts": {"avg_bits": b, "scheme_options": mixed_options}}
+                    for b in mixed]
         if side == "ref":
             return [{"label": "ref RTN", "opts": {"disable_opt_rtn": True}},
                     {"label": "ref opt-RTN", "opts": {}}]
@@ -127,7 +133,7 @@ def main(argv=None) -> int:
         bits, gs = SCHEMES[scheme]
         for iters in args.iters:
             for side in args.sides:
-                for v in _variants(side, iters):
+                for v in _variants(side, iters, args.mixed, args.mixed_options):
                     tag = f"{scheme}-it{iters}-{v['label'].replace(' ', '_')}"
                     log(f"run {tag}")
                     if side.startswith("ours"):
