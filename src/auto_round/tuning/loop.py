@@ -196,6 +196,12 @@ def _opt_rtn_unit(run: _Run, unit: Sequence[nn.Module], name: str, layers: Seque
             alpha = beta = None
         searched[lp.name] = rtn_quantize(lins[lp.name], lp.params, alpha, beta)
     out_searched = _forward_all(unit, q_in, extras, run.device, store, ac, name)[0]
+    if not any(lp.params.scheme in SEARCHABLE for lp in layers):  # nothing was searched: plain RTN already
+        run.layers.update(searched)
+        for b in unit:
+            b.to(device=home, dtype=orig_dtype)
+        q_out = out_searched if run.settings.enable_quanted_input else fp_out
+        return q_out, q_out
     err_searched = _output_error(out_searched, fp_out, extras, run.device)
     with torch.no_grad():
         for n, lin in lins.items():
