@@ -25,3 +25,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A saved tiny Llama (random weights) with the code-made test tokenizer, one folder per test module."""
+    from tiny_models import tiny_llama
+    from tokenizer_fixture import make_tokenizer
+
+    d = tmp_path_factory.mktemp("tiny_llama")
+    tiny_llama().save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    return d

@@ -15,14 +15,6 @@ from tokenizer_fixture import make_tokenizer
 FAST = dict(bits=4, group_size=32, iters=4, nsamples=4, seqlen=32, batch_size=2, dataset="auto_round:offline_corpus")
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama().save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
-
-
 def test_quantize_save_reload_generate(tmp_path):
     model, tok = tiny_llama(), make_tokenizer()
     ar = AutoRound(model, tok, **FAST)

@@ -11,14 +11,6 @@ from tiny_models import tiny_llama, tiny_opt
 from tokenizer_fixture import make_tokenizer
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama().save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
-
-
 def test_truncated_safetensors_is_one_line_not_a_traceback(model_dir, tmp_path, capsys):
     import shutil
 

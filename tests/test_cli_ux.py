@@ -7,16 +7,6 @@ import pytest
 from auto_round.cli import GROUPS, NEGATED_FLAGS, SETTING_GROUP, build_parser, main, main_best, main_light, main_mllm, \
     requested_recipe
 from auto_round.config import RECIPES, Settings
-from tiny_models import tiny_llama
-from tokenizer_fixture import make_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama().save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
 
 
 def _defaults(recipe):

@@ -18,14 +18,6 @@ from tokenizer_fixture import make_tokenizer
 TEXT = ("The quick brown fox jumps over the lazy dog. " * 30).strip()
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny_llama")
-    tiny_llama().save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
-    return d
-
-
 @pytest.fixture()
 def text_file(tmp_path):
     p = tmp_path / "held_out.txt"
