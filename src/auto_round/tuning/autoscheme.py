@@ -31,7 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from auto_round.quant.qdq import QuantParams, quantize_weight, dequantize
+from auto_round.quant.qdq import QuantParams
+from auto_round.tuning.wrapper import quantized_record
 
 logger = logging.getLogger(__name__)
 
@@ -205,11 +206,11 @@ def delta_loss_scores(model: nn.Module, layers: Mapping[str, Tuple[int, int]], o
             with torch.no_grad():
                 for n, w in params.items():
                     qp = fit(n, option) if option.bits < 16 else None
-                    if qp is None:
+                    if qp is None:  # full precision in this option
                         diffs[n] = None
+                        w.copy_(originals[n])
                         continue
-                    codes, scale, zero = quantize_weight(originals[n], qp)
-                    q = dequantize(codes, scale, zero, qp.group_size).to(w.dtype)
+                    q = quantized_record(originals[n], qp).dequantize(w.dtype).to(w.device)
                     diffs[n] = (originals[n].float() - q.float())
                     w.copy_(q)
             for n, w in params.items():
@@ -223,10 +224,7 @@ def delta_loss_scores(model: nn.Module, layers: Mapping[str, Tuple[int, int]], o
                 scores[n].append(0.0 if d is None or w.grad is None else float((w.grad.float() * d).abs().sum()))
                 w.grad = None
                 w.requires_grad_(False)
-            with torch.no_grad():
-                for n, w in params.items():
-                    w.copy_(originals[n])
-    finally:
+    finally:  # every weight back as it was (the next option quantizes from ``originals``, not from ``w``)
         with torch.no_grad():
             for n, w in params.items():
                 w.copy_(originals[n])

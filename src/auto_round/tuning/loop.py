@@ -28,7 +28,7 @@ from auto_round.tuning.block import (BlockResult, UnitInputs, squared_error, amp
 from auto_round.tuning.importance import ImportanceCollector, watch_inputs
 from auto_round.tuning.plan import QuantPlan
 from auto_round.tuning.resume import ResumeStore, data_fingerprint, run_fingerprint
-from auto_round.tuning.wrapper import rtn_quantize
+from auto_round.tuning.wrapper import load_record, quantized_record, rtn_quantize
 
 logger = logging.getLogger(__name__)
 
@@ -182,47 +182,37 @@ def _opt_rtn_unit(run: _Run, unit: Sequence[nn.Module], name: str, layers: Seque
     collector = ImportanceCollector()
     with watch_inputs(run.model, [lp.name for lp in layers], collector):
         fp_out, ac, peak = _forward_all(unit, q_in, extras, run.device, store, ac, name, collector)
-    if not layers:
-        for b in unit:
-            b.to(device=home, dtype=orig_dtype)
-        return fp_out, fp_out
     lins = {lp.name: run.model.get_submodule(lp.name) for lp in layers}
-    originals = {n: lin.weight.detach().clone() for n, lin in lins.items()}
-    searched = {}
-    for lp in layers:
-        if lp.params.scheme in SEARCHABLE:
-            alpha, beta = search_clip(lins[lp.name].weight, lp.params, collector.importance(lp.name))
-        else:  # a GGUF K-quant grid: its own sub-block scale quantization, no range search
-            alpha = beta = None
-        searched[lp.name] = rtn_quantize(lins[lp.name], lp.params, alpha, beta)
-    out_searched = _forward_all(unit, q_in, extras, run.device, store, ac, name)[0]
-    if not any(lp.params.scheme in SEARCHABLE for lp in layers):  # nothing was searched: plain RTN already
-        run.layers.update(searched)
-        for b in unit:
-            b.to(device=home, dtype=orig_dtype)
-        q_out = out_searched if run.settings.enable_quanted_input else fp_out
-        return q_out, q_out
-    err_searched = _output_error(out_searched, fp_out, extras, run.device)
-    with torch.no_grad():
-        for n, lin in lins.items():
-            lin.weight.copy_(originals[n])
-    plain = {lp.name: rtn_quantize(lins[lp.name], lp.params) for lp in layers}
-    out_plain = _forward_all(unit, q_in, extras, run.device, store, ac, name)[0]
-    err_plain = _output_error(out_plain, fp_out, extras, run.device)
-    keep_searched = err_searched <= err_plain
-    chosen, q_out = (searched, out_searched) if keep_searched else (plain, out_plain)
-    if keep_searched:
-        with torch.no_grad():
-            for n, lin in lins.items():
-                lin.weight.copy_(chosen[n].dequantize(lin.weight.dtype).to(lin.weight.device))
-    else:
-        logger.info("%s: plain round-to-nearest kept (output error %.6g vs %.6g for the clip search)", name,
-                    err_plain, err_searched)
-    run.layers.update(chosen)
-    run.results.append(BlockResult(name, err_plain, err_searched, min(err_plain, err_searched),
-                                   0 if not keep_searched else 1, time.perf_counter() - t0, {}, peak))
-    if not run.settings.enable_quanted_input:
-        q_out = fp_out
+    weights = {n: lin.weight.detach().float().clone() for n, lin in lins.items()}  # the candidates overwrite them
+
+    def record(lp, search: bool):
+        alpha, beta = search_clip(weights[lp.name], lp.params, collector.importance(lp.name)) if search \
+            else (None, None)
+        return quantized_record(weights[lp.name], lp.params, None, alpha, beta, lins[lp.name].bias)
+
+    # GGUF K-quant grids quantize their sub-block scales themselves: no range search, so nothing to compare.
+    searched = any(lp.params.scheme in SEARCHABLE for lp in layers)
+    candidates = [{lp.name: record(lp, lp.params.scheme in SEARCHABLE) for lp in layers}]
+    if searched:
+        candidates.append({lp.name: record(lp, False) for lp in layers})  # plain RTN
+    outputs, errors = [], []
+    for records in candidates:
+        for n, qw in records.items():
+            load_record(lins[n], qw)
+        outputs.append(_forward_all(unit, q_in, extras, run.device, store, ac, name)[0] if layers else fp_out)
+        errors.append(_output_error(outputs[-1], fp_out, extras, run.device) if searched else 0.0)
+    best = min(range(len(candidates)), key=lambda i: errors[i])  # ties keep the search (first)
+    if best != len(candidates) - 1:
+        for n, qw in candidates[best].items():
+            load_record(lins[n], qw)
+    if searched:
+        if best == 1:
+            logger.info("%s: plain round-to-nearest kept (output error %.6g vs %.6g for the clip search)", name,
+                        errors[1], errors[0])
+        run.results.append(BlockResult(name, errors[1], errors[0], min(errors), 1 - best, time.perf_counter() - t0,
+                                       {}, peak))
+    run.layers.update(candidates[best])
+    q_out = outputs[best] if run.settings.enable_quanted_input else fp_out
     for b in unit:
         b.to(device=home, dtype=orig_dtype)
     return q_out, q_out

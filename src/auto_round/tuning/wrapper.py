@@ -98,18 +98,29 @@ class TunableLinear(nn.Module):
     def finalize(self) -> QuantizedWeight:
         """Integer codes with the current parameters; writes the qdq weight into the Linear."""
         self._cache, self._work = None, None
-        if is_kquant(self.params):
-            qw = kquant_record(self.weight, self.params, self.v, self.alpha, self.beta, self.linear.bias)
-            w = self.linear.weight
-            w.copy_(qw.dequantize(w.dtype).to(w.device))
-            return qw
-        codes, scale, zero = quantize_weight(self.weight, self.params, self.v, self.alpha, self.beta)
-        qw = QuantizedWeight(codes=codes.cpu(), scale=scale.cpu(), zero=zero.cpu(), bits=self.params.bits,
-                             group_size=self.params.group_size, sym=self.params.sym,
-                             bias=None if self.linear.bias is None else self.linear.bias.detach().cpu())
-        w = self.linear.weight
-        w.copy_(qw.dequantize(w.dtype).to(w.device))
+        qw = quantized_record(self.weight, self.params, self.v, self.alpha, self.beta, self.linear.bias)
+        load_record(self.linear, qw)
         return qw
+
+
+@torch.no_grad()
+def quantized_record(weight: torch.Tensor, params: QuantParams, v: Optional[torch.Tensor] = None,
+                     alpha: Optional[torch.Tensor] = None, beta: Optional[torch.Tensor] = None,
+                     bias: Optional[torch.Tensor] = None) -> QuantizedWeight:
+    """The integer record (on CPU) of ``weight`` quantized with rounding offsets ``v`` and clip factors
+    ``alpha``/``beta`` (None: 0 and the full range); GGUF K-quant schemes give their K blocks."""
+    if is_kquant(params):
+        return kquant_record(weight, params, v, alpha, beta, bias)
+    codes, scale, zero = quantize_weight(weight.float(), params, v, alpha, beta)
+    return QuantizedWeight(codes=codes.cpu(), scale=scale.cpu(), zero=zero.cpu(), bits=params.bits,
+                           group_size=params.group_size, sym=params.sym,
+                           bias=None if bias is None else bias.detach().cpu())
+
+
+@torch.no_grad()
+def load_record(linear: nn.Linear, qw: QuantizedWeight) -> None:
+    """Write the dequantized weight of ``qw`` into ``linear`` (its dtype and device)."""
+    linear.weight.copy_(qw.dequantize(linear.weight.dtype).to(linear.weight.device))
 
 
 def rtn_quantize(linear: nn.Linear, params: QuantParams, alpha: Optional[torch.Tensor] = None,
@@ -117,17 +128,8 @@ def rtn_quantize(linear: nn.Linear, params: QuantParams, alpha: Optional[torch.T
     """Round-to-nearest: quantize ``linear`` in place (qdq weight) and return its integer record.
 
     ``alpha``/``beta`` ``[out, G]``: clip factors of the group ranges (optimized RTN), None = full range."""
-    if is_kquant(params):
-        with torch.no_grad():
-            qw = kquant_record(linear.weight.float(), params, None, alpha, beta, linear.bias)
-            linear.weight.copy_(qw.dequantize(linear.weight.dtype).to(linear.weight.device))
-        return qw
-    with torch.no_grad():
-        codes, scale, zero = quantize_weight(linear.weight.float(), params, None, alpha, beta)
-        qw = QuantizedWeight(codes=codes.cpu(), scale=scale.cpu(), zero=zero.cpu(), bits=params.bits,
-                             group_size=params.group_size, sym=params.sym,
-                             bias=None if linear.bias is None else linear.bias.detach().cpu())
-        linear.weight.copy_(qw.dequantize(linear.weight.dtype).to(linear.weight.device))
+    qw = quantized_record(linear.weight.float(), params, None, alpha, beta, linear.bias)
+    load_record(linear, qw)
     return qw
 
 
