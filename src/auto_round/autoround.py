@@ -247,7 +247,7 @@ class AutoRound:
         (:mod:`auto_round.tuning.autoscheme`), merged into ``layer_config`` under your own entries (which
         win, outside the budget). Returns the report (also ``self.mixed_bits``)."""
         from auto_round.tuning.autoscheme import choose_schemes, parse_options
-        from auto_round.tuning.plan import fit_group_size
+        from auto_round.tuning.plan import fit_group_size, layer_params
 
         s = self.settings
         options = parse_options(s.scheme_options)
@@ -258,10 +258,7 @@ class AutoRound:
         def fit(name: str, o) -> Optional[QuantParams]:
             in_ = layers[name][1]
             gs = fit_group_size(in_, o.group_size)
-            if gs is None:
-                return None
-            scheme = "asym" if not o.sym else ("sym" if s.sym_style == "full_range" else "sym_gptq")
-            return QuantParams(o.bits, in_ if gs == -1 else gs, scheme, s.torch_scale_dtype)
+            return None if gs is None else layer_params(o.bits, gs, in_, o.sym, s)
 
         scale_bits = 32 if s.torch_scale_dtype == torch.float32 else 16
         config, self.mixed_bits = choose_schemes(self.model, layers, options, float(s.avg_bits), list(batches()),

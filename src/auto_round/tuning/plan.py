@@ -103,7 +103,8 @@ def fit_group_size(in_features: int, group_size: int) -> Optional[int]:
     return None
 
 
-def _params(bits: int, group_size: int, in_features: int, sym: bool, s: Settings) -> QuantParams:
+def layer_params(bits: int, group_size: int, in_features: int, sym: bool, s: Settings) -> QuantParams:
+    """The :class:`QuantParams` of a layer: ``group_size`` -1 = one group per row; sym follows ``sym_style``."""
     gs = in_features if group_size == -1 else group_size
     scheme = "asym" if not sym else ("sym" if s.sym_style == "full_range" else "sym_gptq")
     return QuantParams(bits=bits, group_size=gs, scheme=scheme, scale_dtype=s.torch_scale_dtype)
@@ -277,8 +278,8 @@ def resolve_plan(
         params = None
         if n in cfg:
             c = cfg[n]
-            params = chosen[n][0] if n in chosen else _params(int(c["bits"]), int(c["group_size"]),
-                                                                lin.in_features, bool(c["sym"]), settings)
+            params = chosen[n][0] if n in chosen else layer_params(int(c["bits"]), int(c["group_size"]),
+                                                                   lin.in_features, bool(c["sym"]), settings)
             if check_layer is not None:
                 why = check_layer(n, lin.out_features, lin.in_features, params)
                 if why:
