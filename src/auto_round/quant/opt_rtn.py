@@ -36,9 +36,11 @@ def group_importance(importance: Optional[torch.Tensor], in_features: int, group
     return group_view(imp.reshape(1, -1), group_size)
 
 
-def _codes(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer levels ``q - z`` of ``wg`` for scale/zero ``[out, G, 1]``."""
-    return (torch.round(wg / s) + z).clamp_(0, maxq).sub_(z)
+def _codes(wg: torch.Tensor, s: torch.Tensor, z: torch.Tensor, maxq: int,
+           out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Integer levels ``q - z`` of ``wg`` for scale/zero ``[out, G, 1]`` (computed in ``out`` when given)."""
+    k = torch.div(wg, s, out=out) if out is not None else wg / s
+    return k.round_().add_(z).clamp_(0, maxq).sub_(z)
 
 
 def _weighted_error(wg: torch.Tensor, s: torch.Tensor, k: torch.Tensor, imp: torch.Tensor) -> torch.Tensor:
@@ -111,7 +113,7 @@ def search_clip(weight: torch.Tensor, params: QuantParams, importance: Optional[
         for ratio in grid:
             a = torch.full_like(lo, float(ratio))
             s, z = scale_zero_from_range(lo, hi, params, a, a)
-            torch.div(wg, s, out=k).round_().add_(z).clamp_(0, params.maxq).sub_(z)  # the codes' levels q - z
+            _codes(wg, s, z, params.maxq, out=k)
             num = torch.mul(iw, k, out=t).sum(-1)
             den = k.mul_(k).mul_(imp).sum(-1)
             s1 = s.squeeze(-1)
@@ -139,6 +141,4 @@ def weighted_error(weight: torch.Tensor, params: QuantParams, importance: Option
     """Total importance-weighted squared error of quantizing ``weight`` with clip factors (None = full range)."""
     wg = group_view(weight.float(), params.group_size)
     imp = group_importance(importance, weight.shape[1], params.group_size).to(weight.device)
-    lo, hi = group_range(wg)
-    s, z = scale_zero_from_range(lo, hi, params, alpha, beta)
-    return float(_weighted_error(wg, s, _codes(wg, s, z, params.maxq), imp).sum())
+    return float(_exact_error(wg, *group_range(wg), params, alpha, beta, imp).sum())

@@ -157,7 +157,9 @@ def _drop_outliers(err: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def squared_error(out: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor],
-              outlier_fraction: float = 0.0) -> Tuple[torch.Tensor, int]:
+                  outlier_fraction: float = 0.0) -> Tuple[torch.Tensor, int]:
+    """Summed squared error over the mask's tokens and the element count it covers; with
+    ``outlier_fraction`` the largest errors are left out first (:func:`_drop_outliers`)."""
     err = (out.float() - target.float()).pow(2)
     if outlier_fraction > 0:
         err = _drop_outliers(err, outlier_fraction)
@@ -241,7 +243,7 @@ def tune_unit(
                 x = cast_input(inputs[i], device, compute_dtype)
                 out, autocast_dtype = run_unit_amp(blocks, x, ex, device, autocast_dtype, name)
                 sq, n = squared_error(out, targets[i].to(device), None if ex.mask is None else ex.mask.to(device),
-                                  outliers)
+                                      outliers)
                 # One backward per micro-batch keeps a single graph alive. Summed squared errors make
                 # every token weigh equally; dividing by the token count would not change any sign.
                 sq.mul(LOSS_SCALE).backward()
