@@ -115,3 +115,16 @@ def test_mixed_bits_on_a_vlm_keeps_the_vision_tower_fp():
     assert ar.mixed_bits["avg_bits"] <= 3.0 + 1e-9
     assert {q.bits for q in ar.quantized_layers.values()} == {2, 4}
     assert not any("visual" in n for n in ar.quantized_layers)
+
+
+def test_mixed_bits_with_a_format_that_chooses_its_own_types_is_refused_before_scoring(monkeypatch):
+    from auto_round.tuning import autoscheme
+
+    def must_not_score(*a, **k):
+        raise AssertionError("scored before the refusal")
+
+    monkeypatch.setattr(autoscheme, "delta_loss_scores", must_not_score)
+    ar = AutoRound(tiny_llama(), make_tokenizer(), group_size=32, iters=0, nsamples=4, seqlen=32, batch_size=2,
+                   dataset="auto_round:offline_corpus", avg_bits=3.0, scheme_options="W2G32,W4G32")
+    with pytest.raises(ValueError, match=r"avg_bits=3.0 .*'gguf:q4_k_m'.*drop avg_bits"):
+        ar.quantize(format="gguf:q4_k_m")

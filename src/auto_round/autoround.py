@@ -290,6 +290,14 @@ class AutoRound:
             return batches
 
         if self.settings.avg_bits is not None:
+            from auto_round.export import get_format
+
+            _check_models(formats, self.model, self.tokenizer)  # refusals before the scoring pass, not after it
+            deciding = [f for f in formats if get_format(f).layer_params(self.model, {}) is not None]
+            if deciding:
+                raise ValueError(f"avg_bits={self.settings.avg_bits} chooses each layer's scheme, and so does format "
+                                 f"{deciding[0]!r} (llama.cpp's per-tensor type mix): drop avg_bits/scheme_options, "
+                                 "or export a format whose schemes the settings decide (e.g. gguf:q4_0, auto_round)")
             t_mixed = time.perf_counter()
             self.choose_mixed_bits(factory)
             self.phase_seconds["mixed_bits"] = time.perf_counter() - t_mixed
