@@ -7,6 +7,8 @@
 #                  report which tests break on which versions
 #   make lock      rewrite requirements-lock.txt from $(LOCK_VENV) (default .venv) after a green run
 #   make bench     run every bench/bench_*.py (each prints figures, writes bench/results/)
+#   make test-vlm-eval  build .venv-lmms (the lock + lmms-eval, the [vlm-eval] extra) and run the lmms-eval
+#                  tests there (lmms-eval's many dependencies stay out of the test venv and its lock)
 #   make ref-venv  create .venv-ref with the reference auto-round==0.16.1 (for side-by-side runs)
 #   make clean     remove build and test leftovers (keeps venvs and the asset cache)
 #   make distclean also remove .venv, .venv-latest, .venv-ref and .cache
@@ -24,7 +26,7 @@ LOCK_VENV ?= $(VENV)
 PIP_FLAGS := --disable-pip-version-check
 BENCH_SCRIPTS := $(sort $(wildcard bench/bench_*.py))
 
-.PHONY: venv assets demo test test-latest lock bench ref-venv clean distclean
+.PHONY: venv assets demo test test-latest test-vlm-eval lock bench ref-venv clean distclean
 
 venv: $(STAMP)
 
@@ -50,6 +52,15 @@ test-latest:
 	@test -x $(LATEST_VENV)/bin/python || $(PY) -m venv $(LATEST_VENV)
 	$(LATEST_VENV)/bin/python -m pip install $(PIP_FLAGS) -U --upgrade-strategy eager torch torchvision -e '.[test]'
 	$(LATEST_VENV)/bin/python scripts/test_latest.py --lock $(LOCK)
+
+# lmms-eval 0.7.3 imports filelock._api, which filelock 4 (in the lock) no longer has: the side venv takes
+# filelock 3 after the locked install.
+LMMS_VENV := .venv-lmms
+test-vlm-eval:
+	@test -x $(LMMS_VENV)/bin/python || $(PY) -m venv $(LMMS_VENV)
+	$(LMMS_VENV)/bin/python -m pip install $(PIP_FLAGS) -c $(LOCK) torch torchvision -e '.[test]' 'lmms-eval==0.7.3'
+	$(LMMS_VENV)/bin/python -m pip install $(PIP_FLAGS) 'filelock>=3.16,<4'
+	HF_DATASETS_OFFLINE=1 HF_HUB_OFFLINE=1 $(LMMS_VENV)/bin/python -m pytest -q tests/test_eval_lmms.py
 
 lock:
 	@test -x $(LOCK_VENV)/bin/python || { echo "no $(LOCK_VENV): run make venv (or make test-latest) first"; exit 2; }

@@ -150,7 +150,9 @@ def _add_fixed_options(p: argparse.ArgumentParser, g: Dict[str, Any], recipe: st
     e = g["evaluation"]
     e.add_argument("--tasks", "--task", dest="tasks", default=None,
                    help="comma list of evaluation tasks run on the saved checkpoint: ppl:FILE (built-in perplexity "
-                        "on a local text file) or lm-eval task names (pip install 'auto-round[eval]')")
+                        "on a local text file), lm_eval:TASK (text, pip install 'auto-round[eval]'), lmms:TASK "
+                        "(vision-language, pip install 'auto-round[vlm-eval]'); a task name or task YAML without a "
+                        "prefix goes to lmms-eval under auto-round-mllm, else to lm-eval")
     e.add_argument("--eval", action="store_true",
                    help="evaluate --model as it is (a quantized folder, or a full-precision model for a baseline) "
                         "on --tasks, without quantizing")
@@ -159,6 +161,8 @@ def _add_fixed_options(p: argparse.ArgumentParser, g: Dict[str, Any], recipe: st
     e.add_argument("--eval_bs", type=int, default=1, help="evaluation batch size (default: 1)")
     e.add_argument("--eval_seqlen", type=int, default=2048,
                    help="tokens per perplexity window, capped at the model's max_position_embeddings (default: 2048)")
+    e.add_argument("--eval_limit", type=int, default=None,
+                   help="evaluate only the first N documents of each harness task (a quick check; default: all)")
     e.add_argument("--eval_backend", default="auto",
                    help="inference backend of the quantized layers during evaluation (auto-round list backends) "
                         "(default: auto)")
@@ -244,7 +248,8 @@ def run_list(argv: Sequence[str], prog: str) -> int:
 
 # ---------------------------------------------------------------------------------------- dry run
 def dry_run_lines(ar: Any, formats: Sequence[str], target: Path, recipe: str, overwrite: Optional[bool],
-                  flops_per_second: Optional[float], tasks: Optional[str] = None, eval_fp: bool = False) -> List[str]:
+                  flops_per_second: Optional[float], tasks: Optional[str] = None, eval_fp: bool = False,
+                  vlm: bool = False) -> List[str]:
     """What ``--dry-run`` prints: model and family, settings, data, plan, per-layer schemes, one check per
     format and of the output folder, and the estimate. Reads no data, tunes and writes nothing. The
     plan shown is the one checked against every format when they all pass."""
@@ -290,7 +295,7 @@ def dry_run_lines(ar: Any, formats: Sequence[str], target: Path, recipe: str, ov
         from auto_round.evaluation import check_tasks, parse_tasks
 
         try:
-            check_tasks(parse_tasks(tasks))
+            check_tasks(parse_tasks(tasks, vlm=vlm))
             ok = "ok"
         except (ImportError, ValueError) as e:
             ok = f"FAILS: {e}"
@@ -301,17 +306,28 @@ def dry_run_lines(ar: Any, formats: Sequence[str], target: Path, recipe: str, ov
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-def _evaluate(path: Path, ns: argparse.Namespace, label: str, model: Any = None, tokenizer: Any = None) -> Dict[str, Any]:
-    from auto_round.device import resolve_device
-    from auto_round.evaluation import evaluate, load_for_eval, parse_tasks
+def _tasks(ns: argparse.Namespace) -> List[Any]:
+    """``--tasks`` parsed; unprefixed tasks go to lmms-eval under ``auto-round-mllm``, else to lm-eval."""
+    from auto_round.evaluation import parse_tasks
 
-    tasks = parse_tasks(ns.tasks)
+    return parse_tasks(ns.tasks, vlm=ns.vlm)
+
+
+def _evaluate(path: Path, ns: argparse.Namespace, label: str, model: Any = None, tokenizer: Any = None,
+              processor: Any = None) -> Dict[str, Any]:
+    from auto_round.device import resolve_device
+    from auto_round.evaluation import evaluate, load_for_eval, load_processor, needs_processor
+
+    tasks = _tasks(ns)
     device = resolve_device(ns.device)
     if model is None:
         model, tokenizer = load_for_eval(str(path), device=device, backend=ns.eval_backend,
                                          trust_remote_code=ns.trust_remote_code)
+    if processor is None and needs_processor(tasks):
+        processor = load_processor(str(path), trust_remote_code=ns.trust_remote_code)
     logging.getLogger(__name__).info("evaluating %s (%s) on %s", path, label, ns.tasks)
-    return evaluate(model, tokenizer, tasks, batch_size=ns.eval_bs, seqlen=ns.eval_seqlen, device=device)
+    return evaluate(model, tokenizer, tasks, batch_size=ns.eval_bs, seqlen=ns.eval_seqlen, device=device,
+                    processor=processor, limit=ns.eval_limit)
 
 
 def _save_eval(runs: Dict[str, Dict[str, Any]], model_dir: Path, ns: argparse.Namespace) -> Path:
@@ -347,9 +363,9 @@ def _quantize(ns: argparse.Namespace, cls: Any, extra: Sequence[Any]) -> int:
     from auto_round.autoround import parse_formats
 
     if ns.tasks and not ns.dry_run:  # a task that cannot run fails now, not after the tuning
-        from auto_round.evaluation import check_tasks, parse_tasks
+        from auto_round.evaluation import check_tasks
 
-        check_tasks(parse_tasks(ns.tasks))
+        check_tasks(_tasks(ns))
     names = [f.name for f in [*fields(Settings), *extra]]
     ar = cls(ns.model, model_dtype=ns.model_dtype, trust_remote_code=ns.trust_remote_code, allow_pickle=ns.allow_pickle,
              **{n: getattr(ns, n) for n in names})
@@ -359,12 +375,13 @@ def _quantize(ns: argparse.Namespace, cls: Any, extra: Sequence[Any]) -> int:
         from auto_round.estimate import measure_flops_per_second, tuning_dtype
 
         flops = measure_flops_per_second(ar.device, dtype=tuning_dtype(ar.device, ar.settings, ar.model))
-        lines = dry_run_lines(ar, parse_formats(ns.format), folder, ns.recipe, overwrite, flops, ns.tasks, ns.eval_fp)
+        lines = dry_run_lines(ar, parse_formats(ns.format), folder, ns.recipe, overwrite, flops, ns.tasks, ns.eval_fp,
+                              ns.vlm)
         _write(lines)
         return 2 if any(" FAILS: " in line for line in lines) else 0
     runs: Dict[str, Dict[str, Any]] = {}
     if ns.tasks and ns.eval_fp:
-        runs["fp"] = _evaluate(Path(ns.model), ns, "fp", ar.model, ar.tokenizer)
+        runs["fp"] = _evaluate(Path(ns.model), ns, "fp", ar.model, ar.tokenizer, getattr(ar, "processor", None))
     written = ar.quantize_and_save(folder, format=ns.format, overwrite=overwrite)
     for w in written:
         sys.stdout.write(f"saved {w}\n")
@@ -390,6 +407,7 @@ def run(argv: Optional[List[str]], prog: str, recipe: str, mllm: bool) -> int:
     cls, extra = _api(mllm)
     parser = build_parser(prog, requested_recipe(argv, recipe), extra)
     ns = parser.parse_args(argv)
+    ns.vlm = mllm
     for flag, why in UNSUPPORTED.items():
         if getattr(ns, f"unsupported_{flag[2:]}") is not None:
             parser.error(f"{flag} is not supported: {why}")

@@ -1,11 +1,15 @@
-"""Evaluation of a model, quantized or not: the built-in ``ppl:FILE`` task and lm-eval tasks.
+"""Evaluation of a model, quantized or not: the built-in ``ppl:FILE`` task, lm-eval and lmms-eval tasks.
 
-``--tasks`` is a comma list; ``ppl:path/to/file.txt`` is the perplexity on a local text file
-(:mod:`auto_round.evaluation.ppl`, no harness needed), every other entry is an lm-eval task name or
-task YAML (:mod:`auto_round.evaluation.harness`, ``pip install 'auto-round[eval]'``). Results are
-``{task: {metric: value}}`` per run (``"fp"``, ``"quantized"``); :func:`results_table` prints runs
-side by side and :func:`save_results` writes ``eval_results.json`` into a checkpoint of ours
-(recorded in its manifest), else into a fallback folder: a folder we did not write is never written.
+``--tasks`` is a comma list. ``ppl:path/to/file.txt`` is the perplexity on a local text file
+(:mod:`auto_round.evaluation.ppl`, no harness needed). Every other entry is a task of a harness:
+``lm_eval:NAME`` for lm-eval (text; :mod:`auto_round.evaluation.harness`, ``pip install
+'auto-round[eval]'``), ``lmms:NAME`` for lmms-eval (vision-language; :mod:`auto_round.evaluation.lmms`,
+``pip install 'auto-round[vlm-eval]'``); a task without a prefix goes to lm-eval for a text model and
+to lmms-eval for a VLM (``parse_tasks(..., vlm=True)``, what ``auto-round-mllm`` does). A task may be
+a harness task name or a task YAML path. Results are ``{task: {metric: value}}`` per run (``"fp"``,
+``"quantized"``); :func:`results_table` prints runs side by side and :func:`save_results` writes
+``eval_results.json`` into a checkpoint of ours (recorded in its manifest), else into a fallback
+folder: a folder we did not write is never written.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ logger = logging.getLogger(__name__)
 
 RESULTS_FILE = "eval_results.json"
 PPL_PREFIX = "ppl:"
+# Explicit harness prefixes of a task: prefix -> Task.kind.
+HARNESS_PREFIXES = {"lm_eval:": "lm_eval", "lmms:": "lmms_eval", "lmms_eval:": "lmms_eval"}
 Results = Dict[str, Dict[str, float]]
 
 
 @dataclass(frozen=True)
 class Task:
-    """One entry of ``--tasks``: ``kind`` is ``"ppl"`` (``target`` = the file) or ``"lm_eval"`` (a task name/YAML)."""
+    """One entry of ``--tasks``: ``kind`` is ``"ppl"`` (``target`` = the file), ``"lm_eval"`` or ``"lmms_eval"``
+    (``target`` = a task name or task YAML of that harness)."""
 
     kind: str
     target: str
@@ -38,8 +45,9 @@ class Task:
         return f"{PPL_PREFIX}{Path(self.target).name}" if self.kind == "ppl" else self.target
 
 
-def parse_tasks(text: Union[str, Sequence[str]]) -> List[Task]:
-    """``"ppl:a.txt,hellaswag"`` -> ``[Task("ppl", "a.txt"), Task("lm_eval", "hellaswag")]``."""
+def parse_tasks(text: Union[str, Sequence[str]], vlm: bool = False) -> List[Task]:
+    """``"ppl:a.txt,hellaswag,lmms:mme"`` -> ``[Task("ppl", "a.txt"), Task("lm_eval", "hellaswag"),
+    Task("lmms_eval", "mme")]``; an unprefixed task goes to lmms-eval when ``vlm``, else to lm-eval."""
     items = [t.strip() for t in text.split(",")] if isinstance(text, str) else [str(t).strip() for t in text]
     items = [t for t in items if t]
     if not items:
@@ -50,24 +58,42 @@ def parse_tasks(text: Union[str, Sequence[str]]) -> List[Task]:
             if not t[len(PPL_PREFIX):]:
                 raise ValueError("task 'ppl:' needs a file: ppl:path/to/file.txt")
             tasks.append(Task("ppl", t[len(PPL_PREFIX):]))
+            continue
+        prefix = next((p for p in HARNESS_PREFIXES if t.startswith(p)), None)
+        if prefix is None:
+            tasks.append(Task("lmms_eval" if vlm else "lm_eval", t))
+        elif not t[len(prefix):]:
+            raise ValueError(f"task {t!r} names no task after {prefix!r}: e.g. {prefix}NAME")
         else:
-            tasks.append(Task("lm_eval", t))
+            tasks.append(Task(HARNESS_PREFIXES[prefix], t[len(prefix):]))
     return tasks
 
 
+def _targets(tasks: Sequence[Task], kind: str) -> List[str]:
+    return [t.target for t in tasks if t.kind == kind]
+
+
 def check_tasks(tasks: Sequence[Task]) -> None:
-    """Fail before any work when a task cannot run: a ``ppl`` file that is missing or not text, lm-eval
-    tasks without lm-eval installed (ImportError with the install command), or a task lm-eval does not know."""
+    """Fail before any work when a task cannot run: a ``ppl`` file that is missing or not text, harness tasks
+    without their harness installed (ImportError with the install command), or a task the harness does not know."""
     from auto_round.evaluation.ppl import read_text
 
     for task in tasks:
         if task.kind == "ppl":
             read_text(task.target)
-    harness = [t.target for t in tasks if t.kind == "lm_eval"]
-    if harness:
+    if _targets(tasks, "lm_eval"):
         from auto_round.evaluation.harness import check_lm_eval_tasks
 
-        check_lm_eval_tasks(harness)
+        check_lm_eval_tasks(_targets(tasks, "lm_eval"))
+    if _targets(tasks, "lmms_eval"):
+        from auto_round.evaluation.lmms import check_lmms_tasks
+
+        check_lmms_tasks(_targets(tasks, "lmms_eval"))
+
+
+def needs_processor(tasks: Sequence[Task]) -> bool:
+    """Whether ``tasks`` include lmms-eval tasks (they need the model's processor)."""
+    return bool(_targets(tasks, "lmms_eval"))
 
 
 def _position_limit(model: nn.Module) -> Optional[int]:
@@ -78,13 +104,19 @@ def _position_limit(model: nn.Module) -> Optional[int]:
 
 
 def evaluate(model: nn.Module, tokenizer: Any, tasks: Sequence[Task], batch_size: int = 1, seqlen: int = 2048,
-             device: Optional[torch.device] = None) -> Results:
+             device: Optional[torch.device] = None, processor: Any = None, limit: Any = None) -> Results:
     """Run ``tasks`` on ``model`` (moved to ``device`` when given); ``{task label: {metric: value}}``.
+
+    lmms-eval tasks need ``processor`` (the model's Hugging Face processor); ``limit`` caps the number of
+    documents per harness task (lm-eval's and lmms-eval's ``limit``).
 
     ``seqlen`` (the perplexity window) is capped at the model's ``max_position_embeddings``, and the cap
     is logged and recorded in the result."""
     from auto_round.evaluation.ppl import perplexity, read_text
 
+    if needs_processor(tasks) and processor is None:
+        raise ValueError(f"lmms-eval tasks {_targets(tasks, 'lmms_eval')} need the model's processor: pass "
+                         "processor=AutoProcessor.from_pretrained(folder), or save it beside the model")
     check_tasks(tasks)
     if tokenizer is None:
         raise ValueError("evaluation needs the model's tokenizer; save it beside the model (or pass tokenizer=...)")
@@ -98,11 +130,14 @@ def evaluate(model: nn.Module, tokenizer: Any, tasks: Sequence[Task], batch_size
     results: Results = {}
     for task in (t for t in tasks if t.kind == "ppl"):
         results[task.label] = perplexity(model, tokenizer, read_text(task.target), seqlen, batch_size)
-    harness = [t.target for t in tasks if t.kind == "lm_eval"]
-    if harness:
+    if _targets(tasks, "lm_eval"):
         from auto_round.evaluation.harness import run_lm_eval
 
-        results.update(run_lm_eval(model, tokenizer, harness, batch_size))
+        results.update(run_lm_eval(model, tokenizer, _targets(tasks, "lm_eval"), batch_size, limit=limit))
+    if _targets(tasks, "lmms_eval"):
+        from auto_round.evaluation.lmms import run_lmms_eval
+
+        results.update(run_lmms_eval(model, processor, _targets(tasks, "lmms_eval"), limit=limit))
     return results
 
 
@@ -140,6 +175,20 @@ def load_for_eval(path: str, device: Union[str, torch.device] = "cpu", backend: 
                              "image-text-to-text model: it cannot be evaluated here")
         model = load_pretrained(auto, path, **kw).to(device)
     return model.eval(), load_pretrained(AutoTokenizer, path, **kw)
+
+
+def load_processor(path: str, trust_remote_code: bool = False) -> Any:
+    """The Hugging Face processor saved with ``path`` (lmms-eval tasks need it), or ValueError saying so."""
+    from transformers import AutoProcessor
+
+    from auto_round.models.loading import load_pretrained
+
+    try:
+        return load_pretrained(AutoProcessor, path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        raise ValueError(f"no processor could be loaded from {path!r} ({str(e).splitlines()[0] if str(e) else e!r}); "
+                         "lmms-eval tasks need the model's processor files (preprocessor_config.json ...) beside "
+                         "the model") from e
 
 
 # ---------------------------------------------------------------------------------------- results

@@ -30,6 +30,19 @@ def import_lm_eval() -> Any:
     return lm_eval
 
 
+def read_task_yaml(path: Path) -> Dict[str, Any]:
+    """A task YAML as a dict; the harnesses' own tags (``!function utils.f``) are kept as their text."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_multi_constructor("!", lambda loader, tag, node: loader.construct_scalar(node)
+                                  if isinstance(node, yaml.ScalarNode) else None)
+    data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+    return data if isinstance(data, dict) else {}
+
+
 def split_task_files(tasks: Sequence[str]) -> tuple:
     """``(task names, folders to search)``: a ``.yaml`` path becomes its ``task:`` name and its folder."""
     names: List[str] = []
@@ -39,9 +52,7 @@ def split_task_files(tasks: Sequence[str]) -> tuple:
             p = Path(t).expanduser()
             if not p.is_file():
                 raise ValueError(f"task file {t!r} does not exist; give the path of an lm-eval task YAML")
-            import yaml
-
-            config = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            config = read_task_yaml(p)
             if "task" not in config:
                 raise ValueError(f"task file {t!r} has no 'task:' name; lm-eval task YAMLs name their task")
             names.append(str(config["task"]))
