@@ -12,6 +12,11 @@ every block's arguments (they come from the token positions and masks, not from 
 states), so the capture costs the embedding and those arguments instead of a forward through the
 whole list. Should a forward fail with pass-throughs, that batch is re-run for real, with a log
 line, and so are the remaining batches.
+
+``shapes_only`` (a model streamed from its shards, whose blocks hold no weights: ``low_cpu_mem_usage``)
+stands in for every block but the last from the first batch on: each learns its output structure from
+one forward on the meta device (shapes only, no data, no weights), and a block whose output cannot be
+stood in for, or that cannot run on the meta device, is refused instead of re-run for real.
 """
 
 from __future__ import annotations
@@ -106,6 +111,32 @@ def _make_passthrough(first: str, template: int):
     return forward
 
 
+def _make_meta_passthrough(block: nn.Module, own: Any, first: str, index: int, templates: Dict[int, Optional[int]]):
+    """A stand-in for a weightless ``block`` (see ``shapes_only`` in the module docstring): its output
+    structure comes from one forward of the block on meta copies of its arguments."""
+    forward = own if own is not None else type(block).forward.__get__(block)
+    fix = "quantize this model with low_cpu_mem_usage=False (the whole model in memory)"
+
+    def stand_in(*args: Any, **kwargs: Any) -> Any:
+        hidden = args[0] if args else kwargs[first]
+        if index not in templates:
+            meta = torch.device("meta")
+            try:
+                out = forward(*to_device(args, meta), **to_device(kwargs, meta))
+            except Exception as exc:  # noqa: BLE001 - re-raised with what it means for the capture
+                raise ValueError(f"block {index} ({type(block).__name__}) cannot run on the meta device to show its "
+                                 f"output's structure ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); "
+                                 f"its inputs cannot be captured block by block: {fix}") from exc
+            templates[index] = _passthrough_template(to_device(hidden, meta), out)
+            if templates[index] is None:
+                raise ValueError(f"block {index} ({type(block).__name__}) returns {type(out).__name__}, not its hidden "
+                                 "state's shape alone (or followed by None): the next block's input depends on more "
+                                 f"than the hidden state, so it cannot be captured block by block: {fix}")
+        return _make_passthrough(first, templates[index])(*args, **kwargs)
+
+    return stand_in
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
@@ -113,12 +144,14 @@ def capture_block_inputs(
     batches: Iterable[Mapping[str, Any]],
     cache_device: torch.device,
     pass_through: bool = True,
+    shapes_only: bool = False,
 ) -> List[CapturedBatch]:
     """Run ``model(**batch)`` for every batch and return what each block of ``blocks`` received.
 
     ``batches`` are model input dicts already on the model's device. Raises if the forward never
     reaches the blocks (the data does not exercise this block list). With ``pass_through``, blocks
-    after the first batch are stood in for where their output allows (see the module docstring).
+    after the first batch are stood in for where their output allows; with ``shapes_only``, every
+    block but the last from the first batch on, from its meta-device forward (see the module docstring).
     """
     out: List[CapturedBatch] = []
     state: Dict[str, Any] = {}
@@ -160,7 +193,7 @@ def capture_block_inputs(
 
     first_param = [_first_parameter(b) for b in blocks]
     handles = [b.register_forward_pre_hook(make_hook(k), with_kwargs=True) for k, b in enumerate(blocks)]
-    if pass_through:
+    if pass_through and not shapes_only:
         handles += [b.register_forward_hook(make_out_hook(k)) for k, b in enumerate(blocks[:-1])]
     stood_in: Dict[nn.Module, Any] = {}  # block -> its own instance-level forward (accelerate's hook), if any
 
@@ -173,8 +206,12 @@ def capture_block_inputs(
         stood_in.clear()
 
     try:
+        if shapes_only:
+            for k, b in enumerate(blocks[:-1]):
+                stood_in[b] = b.__dict__.get("forward")
+                b.forward = _make_meta_passthrough(b, stood_in[b], first_param[k], k, templates)
         for i, batch in enumerate(batches):
-            if pass_through and i == 1:
+            if pass_through and not shapes_only and i == 1:
                 for k, b in enumerate(blocks[:-1]):
                     if templates.get(k) is not None:
                         stood_in[b] = b.__dict__.get("forward")
@@ -182,7 +219,7 @@ def capture_block_inputs(
             try:
                 one_forward(batch)
             except Exception as exc:  # noqa: BLE001 - re-run for real, then let real errors surface
-                if not stood_in:
+                if not stood_in or shapes_only:
                     raise
                 logger.info("capture: the forward failed with blocks passed through (%s: %s); "
                             "running the blocks for real", type(exc).__name__, str(exc).splitlines()[0][:200])

@@ -154,8 +154,23 @@ def _layers(skeleton: nn.Module, plan: QuantPlan, ckpt: Checkpoint,
             exporter: Any) -> Tuple[Dict[str, _Layer], str, Dict[str, QuantizedWeight]]:
     """Every quantized layer's tensors in the checkpoint and on disk; the packing style; the meta records.
     The skeleton's quantized Linears are replaced by meta QuantLinears (``final_config`` reads them)."""
+    layers, style, records, modules = layer_layout(skeleton, plan, ckpt, exporter)
+    replace_with_packed(skeleton, modules)
+    return layers, style, records
+
+
+def replace_with_packed(skeleton: nn.Module, modules: Mapping[str, nn.Module]) -> None:
+    """Put the meta QuantLinears of :func:`layer_layout` in place of the skeleton's Linears."""
     from auto_round.tuning.wrapper import set_module
 
+    for name, module in modules.items():
+        set_module(skeleton, name, module)
+
+
+def layer_layout(skeleton: nn.Module, plan: QuantPlan, ckpt: Checkpoint, exporter: Any
+                 ) -> Tuple[Dict[str, _Layer], str, Dict[str, QuantizedWeight], Dict[str, nn.Module]]:
+    """Every quantized layer's tensors in the checkpoint and on disk, the packing style, the meta records and
+    each layer's meta QuantLinear (what the exporter writes), the skeleton left as it is."""
     problems, layers, records = [], {}, {}
     for lp in plan.quantized:
         lin = skeleton.get_submodule(lp.name)
@@ -179,13 +194,13 @@ def _layers(skeleton: nn.Module, plan: QuantPlan, ckpt: Checkpoint,
                          "disable_opt_rtn=True), or load and save_pretrained it once")
     exporter.check_records(records)
     style = exporter.packing_style(records)
+    modules = {}
     for name, layer in layers.items():
-        module = _meta_quant_linear(records[name], style)
+        modules[name] = module = _meta_quant_linear(records[name], style)
         exporter.prepare_module(module)
         layer.outputs = [OutSpec(layer.stored_prefix + k, v.dtype, tuple(v.shape))
                          for k, v in module.state_dict().items()]
-        set_module(skeleton, name, module)
-    return layers, style, records
+    return layers, style, records, modules
 
 
 @dataclass
@@ -267,8 +282,6 @@ def _quantize_layer(layer: _Layer, ckpt: Checkpoint, style: str, exporter: Any, 
     """The exporter's tensors of one layer: its weight read and quantized in row chunks (rows are
     independent in :func:`quantize_weight`, so chunking changes no bit), then packed as the in-memory
     export packs it."""
-    from auto_round.inference.qlinear import QuantLinear
-
     lp, p = layer.plan, layer.plan.params
     out, in_ = lp.out_features, lp.in_features
     g = n_groups(in_, p.group_size)
@@ -298,6 +311,14 @@ def _quantize_layer(layer: _Layer, ckpt: Checkpoint, style: str, exporter: Any, 
         stats.read_bytes += bias.numel() * bias.element_size()
     qw = QuantizedWeight(codes=codes, scale=scale, zero=zero, bits=p.bits, group_size=p.group_size, sym=p.sym,
                          bias=bias)
+    return packed_tensors(layer, qw, style, exporter)
+
+
+def packed_tensors(layer: _Layer, qw: QuantizedWeight, style: str, exporter: Any) -> Dict[str, torch.Tensor]:
+    """The tensors the exporter writes for ``layer`` quantized as ``qw``, named as on disk: the
+    ``QuantLinear.from_quantized`` (and ``prepare_module``) state the in-memory export saves."""
+    from auto_round.inference.qlinear import QuantLinear
+
     module = QuantLinear.from_quantized(qw, packing_format=style)
     exporter.prepare_module(module)
     return {layer.stored_prefix + k: v for k, v in module.state_dict().items()}

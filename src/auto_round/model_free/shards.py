@@ -167,40 +167,79 @@ def shard_order(specs: Iterable[OutSpec]) -> List[OutSpec]:
     return sorted(specs, key=lambda s: (-torch.empty((), dtype=s.dtype).element_size(), s.name))
 
 
+class ShardWriter:
+    """An output shard whose tensors are all known before any is computed: the header (every tensor's
+    place, in :func:`shard_order`) is written and the file sized at once, then each tensor is written at
+    its place when it is ready, in any order (a streamed run produces a block's tensors when the block
+    is tuned). :meth:`close` checks that every tensor was written exactly once."""
+
+    def __init__(self, path: Path, specs: Iterable[OutSpec], metadata: Mapping[str, str]) -> None:
+        self.path = Path(path)
+        self.specs = shard_order(specs)
+        header: Dict[str, Any] = {"__metadata__": dict(metadata)}
+        offset = 0
+        for s in self.specs:
+            header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape),
+                              "data_offsets": [offset, offset + s.nbytes]}
+            offset += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        raw += b" " * (-len(raw) % 8)
+        start = 8 + len(raw)
+        self.size = start + offset
+        self._place = {s.name: (s, start + header[s.name]["data_offsets"][0]) for s in self.specs}
+        self._written: set = set()
+        with open(self.path, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            f.truncate(self.size)
+
+    def write(self, name: str, data: Union[torch.Tensor, Iterator[torch.Tensor]]) -> None:
+        """Write tensor ``name``: the tensor, or an iterator of consecutive row chunks of it. Data whose
+        dtype, shape or size differs from its spec, or a tensor written twice, is an error."""
+        if name not in self._place:
+            raise KeyError(f"tensor {name!r} is not planned in {self.path.name}")
+        if name in self._written:
+            raise RuntimeError(f"tensor {name!r} of {self.path.name} is written twice")
+        s, begin = self._place[name]
+        if isinstance(data, torch.Tensor):
+            if data.dtype != s.dtype or tuple(data.shape) != s.shape:
+                raise RuntimeError(f"tensor {s.name!r} came out {data.dtype}{list(data.shape)}, planned "
+                                   f"{s.dtype}{list(s.shape)}")
+            data = iter((data,))
+        with open(self.path, "r+b") as f:
+            f.seek(begin)
+            for chunk in data:
+                if chunk.dtype != s.dtype or tuple(chunk.shape[1:]) != s.shape[1:]:
+                    raise RuntimeError(f"a chunk of {s.name!r} is {chunk.dtype}{list(chunk.shape)}, planned "
+                                       f"{s.dtype}{list(s.shape)}")
+                f.write(memoryview(chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
+            if f.tell() - begin != s.nbytes:
+                raise RuntimeError(f"tensor {s.name!r}: wrote {f.tell() - begin} bytes, planned {s.nbytes}")
+        self._written.add(name)
+
+    @property
+    def missing(self) -> List[str]:
+        """The planned tensors not written yet, in file order."""
+        return [s.name for s in self.specs if s.name not in self._written]
+
+    def close(self) -> int:
+        """Check that every tensor was written and the file has its planned size; returns the size."""
+        if self.missing:
+            raise RuntimeError(f"{self.path.name}: {len(self.missing)} planned tensor(s) never written: "
+                               f"{self.missing[:4]}")
+        size = self.path.stat().st_size
+        if size != self.size:
+            raise RuntimeError(f"{self.path}: {size} bytes, expected {self.size}")
+        return size
+
+
 def write_shard(path: Path, specs: List[OutSpec], produce: Callable[[str], Union[torch.Tensor, Iterator[torch.Tensor]]],
                 metadata: Mapping[str, str]) -> int:
     """Write a shard of ``specs`` (in :func:`shard_order`) to ``path``, asking ``produce(name)`` for each
     tensor's data just before it is written: the tensor, or an iterator of consecutive row chunks of it;
     returns the file's size. Data whose dtype, shape or size differs from its spec is an error (the
     header is already written)."""
-    specs = shard_order(specs)
-    header: Dict[str, Any] = {"__metadata__": dict(metadata)}
-    offset = 0
-    for s in specs:
-        header[s.name] = {"dtype": DTYPE_NAMES[s.dtype], "shape": list(s.shape),
-                          "data_offsets": [offset, offset + s.nbytes]}
-        offset += s.nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for s in specs:
-            data = produce(s.name)
-            if isinstance(data, torch.Tensor):
-                if data.dtype != s.dtype or tuple(data.shape) != s.shape:
-                    raise RuntimeError(f"tensor {s.name!r} came out {data.dtype}{list(data.shape)}, planned "
-                                       f"{s.dtype}{list(s.shape)}")
-                data = iter((data,))
-            start = f.tell()
-            for chunk in data:
-                if chunk.dtype != s.dtype or tuple(chunk.shape[1:]) != s.shape[1:]:
-                    raise RuntimeError(f"a chunk of {s.name!r} is {chunk.dtype}{list(chunk.shape)}, planned "
-                                       f"{s.dtype}{list(s.shape)}")
-                f.write(memoryview(chunk.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-            if f.tell() - start != s.nbytes:
-                raise RuntimeError(f"tensor {s.name!r}: wrote {f.tell() - start} bytes, planned {s.nbytes}")
-        size = f.tell()
-    if size != 8 + len(raw) + offset:
-        raise RuntimeError(f"{path}: wrote {size} bytes, expected {8 + len(raw) + offset}")
-    return size
+    writer = ShardWriter(path, specs, metadata)
+    for s in writer.specs:
+        writer.write(s.name, produce(s.name))
+    return writer.close()

@@ -35,6 +35,33 @@ logger = logging.getLogger(__name__)
 BatchFactory = Callable[[], Iterable[Mapping[str, Any]]]
 
 
+class UnitHooks:
+    """What the block loop does around each unit (and each layer quantized outside the blocks).
+
+    This base class is the in-memory model's: the capture runs the whole model, units are already
+    loaded, and their records are kept as they are. A streamed model overrides all three."""
+
+    def capture(self, model: nn.Module, blocks: Sequence[nn.Module], batches: Iterable[Mapping[str, Any]],
+                cache_device: torch.device) -> List[CapturedBatch]:
+        """The inputs of every block of ``blocks`` for every batch (:func:`capture_block_inputs`)."""
+        return capture_block_inputs(model, blocks, batches, cache_device)
+
+    def load(self, model: nn.Module, names: Sequence[str]) -> None:
+        """Make the modules ``names`` (the blocks of a unit, or one layer) hold their weights."""
+
+    def release(self, model: nn.Module, names: Sequence[str],
+                records: Dict[str, QuantizedWeight]) -> Dict[str, QuantizedWeight]:
+        """Done with the modules ``names``, whose quantized layers are ``records``; returns the records
+        the run keeps (here: all of them)."""
+        return records
+
+    def fingerprint(self, model: nn.Module) -> str:
+        """The model part of the resume fingerprint (:func:`auto_round.tuning.resume.model_fingerprint`)."""
+        from auto_round.tuning.resume import model_fingerprint
+
+        return model_fingerprint(model)
+
+
 @dataclass
 class _Run:
     """Everything one quantization run shares across block lists."""
@@ -51,6 +78,7 @@ class _Run:
     resume_dir: Optional[str] = None
     store: Optional[ResumeStore] = None
     unit_index: int = 0
+    hooks: UnitHooks = field(default_factory=UnitHooks)
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -88,9 +116,10 @@ def _tune_list(run: _Run, path: str, block_names: Sequence[str]) -> None:
     store = TensorStore(cache_device, s.offload_dir)
     try:
         blocks = [run.model.get_submodule(b) for b in block_names]
-        captured = capture_block_inputs(run.model, blocks, run.batches(), cache_device)
+        captured = run.hooks.capture(run.model, blocks, run.batches(), cache_device)
         if run.resume_dir is not None and run.store is None:  # opened once the calibration data exists
-            fingerprint = {**run_fingerprint(s, run.plan, run.model), "data": data_fingerprint(run.batches())}
+            fingerprint = {**run_fingerprint(s, run.plan, run.model, run.hooks.fingerprint(run.model)),
+                           "data": data_fingerprint(run.batches())}
             run.store = ResumeStore(Path(run.resume_dir), fingerprint)
         q_in = [store.put(c.hidden) for c in captured]
         for c in captured:
@@ -99,17 +128,45 @@ def _tune_list(run: _Run, path: str, block_names: Sequence[str]) -> None:
         bar = _progress(len(blocks), f"tuning {path}", run.progress)
         for start in range(0, len(blocks), s.nblocks):
             end = min(start + s.nblocks, len(blocks))
-            fp_in, q_in = _tune_unit(run, blocks[start:end], block_names[start:end],
-                                     _unit_extras(captured, start, end, run.device), fp_in, q_in, store)
+            names = block_names[start:end]
+            run.hooks.load(run.model, names)
+            fp_in, q_in, records, result = _tune_unit(run, blocks[start:end], names,
+                                                      _unit_extras(captured, start, end, run.device), fp_in, q_in,
+                                                      store)
+            _keep(run, names, records, result)
             bar.update(end - start)
         bar.close()
     finally:
         store.close()
 
 
+def check_finite_scales(records: Mapping[str, QuantizedWeight]) -> None:
+    """Refuse records with NaN/Inf scales (weights or activations that overflow), naming the layers."""
+    bad = [n for n, q in records.items() if not bool(torch.isfinite(q.scale).all())]
+    if bad:
+        raise RuntimeError(f"non-finite scales in {len(bad)} layer(s): {bad[:5]}; the weights or activations "
+                           "overflow (load the model in float32, or keep these layers FP with fp_layers)")
+
+
+def _keep(run: _Run, names: Sequence[str], records: Dict[str, QuantizedWeight],
+          result: Optional[BlockResult]) -> None:
+    """A unit is done: its records checked, handed to the hooks (written and freed when streamed), kept."""
+    check_finite_scales(records)
+    kept = run.hooks.release(run.model, names, records)
+    run.layers.update(kept)
+    if result is not None:
+        if result.layers:
+            result.layers = {k: kept[k] for k in result.layers}
+        run.results.append(result)
+
+
+UnitOutcome = Tuple[List[Any], List[Any], Dict[str, QuantizedWeight], Optional[BlockResult]]
+
+
 def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extras: List[UnitInputs],
-               fp_in: List[Any], q_in: List[Any], store: TensorStore) -> Tuple[List[Any], List[Any]]:
-    """Tune one unit in float32 on the run's device; returns the next unit's (FP, quantized) inputs."""
+               fp_in: List[Any], q_in: List[Any], store: TensorStore) -> UnitOutcome:
+    """Tune one unit in float32 on the run's device; returns the next unit's (FP, quantized) inputs, the
+    unit's records and its result (None when it has no layer to tune)."""
     first = next(unit[0].parameters())
     home, orig_dtype = first.device, first.dtype
     for b in unit:
@@ -122,6 +179,7 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
     layers = [lp for n in names for lp in run.plan.in_block(n)]
     if run.settings.iters == 0:  # optimized RTN: no targets, no loss; the importance of what the layers will see
         return _opt_rtn_unit(run, unit, name, layers, extras, q_in, store, ac, home, orig_dtype)
+    res: Optional[BlockResult] = None
     collector = ImportanceCollector()
     searchable = [lp.name for lp in layers if lp.params.scheme in SEARCHABLE]
     watched = searchable if tuner_of(run.settings).clip_init else []
@@ -148,15 +206,13 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
                                                         "seconds")}
                 run.store.save_unit(index, name, res.layers, result, run.gen.get_state())
         res.peak_activation = peak
-        run.layers.update(res.layers)
-        run.results.append(res)
         logger.info("%s: loss first %.6g  last %.6g  best %.6g @%d  (%.1fs)", res.name, res.first_loss,
                     res.last_loss, res.best_loss, res.best_iter, res.seconds)
     q_out = _forward_all(unit, q_in, extras, run.device, store, ac, name)[0] if run.settings.enable_quanted_input \
         else targets
     for b in unit:
         b.to(device=home, dtype=orig_dtype)
-    return targets, q_out
+    return targets, q_out, dict(res.layers) if res is not None else {}, res
 
 
 def _output_error(outs: Sequence[Any], targets: Sequence[Any], extras: Sequence[UnitInputs], device) -> float:
@@ -170,7 +226,7 @@ def _output_error(outs: Sequence[Any], targets: Sequence[Any], extras: Sequence[
 
 def _opt_rtn_unit(run: _Run, unit: Sequence[nn.Module], name: str, layers: Sequence[Any], extras: List[UnitInputs],
                   q_in: List[Any], store: TensorStore, ac: Optional[torch.dtype], home: torch.device,
-                  orig_dtype: torch.dtype) -> Tuple[List[Any], List[Any]]:
+                  orig_dtype: torch.dtype) -> UnitOutcome:
     """Optimized RTN of one unit.
 
     The activation importance of its layers comes from a forward of the quantized chain's input (the
@@ -205,17 +261,16 @@ def _opt_rtn_unit(run: _Run, unit: Sequence[nn.Module], name: str, layers: Seque
     if best != len(candidates) - 1:
         for n, qw in candidates[best].items():
             load_record(lins[n], qw)
+    result = None
     if searched:
         if best == 1:
             logger.info("%s: plain round-to-nearest kept (output error %.6g vs %.6g for the clip search)", name,
                         errors[1], errors[0])
-        run.results.append(BlockResult(name, errors[1], errors[0], min(errors), 1 - best, time.perf_counter() - t0,
-                                       {}, peak))
-    run.layers.update(candidates[best])
+        result = BlockResult(name, errors[1], errors[0], min(errors), 1 - best, time.perf_counter() - t0, {}, peak)
     q_out = outputs[best] if run.settings.enable_quanted_input else fp_out
     for b in unit:
         b.to(device=home, dtype=orig_dtype)
-    return q_out, q_out
+    return q_out, q_out, candidates[best], result
 
 
 def opt_rtn_active(settings: Settings) -> bool:
@@ -231,6 +286,7 @@ def quantize_model(
     device: torch.device,
     progress: bool = True,
     resume_dir: Optional[str] = None,
+    hooks: Optional[UnitHooks] = None,
 ) -> Tuple[Dict[str, QuantizedWeight], List[BlockResult]]:
     """Quantize ``model`` in place following ``plan``; returns integer records and block losses.
 
@@ -238,21 +294,20 @@ def quantize_model(
     With ``settings.iters == 0`` the layers of the blocks get optimized RTN (:func:`_opt_rtn_unit`), or plain
     round-to-nearest without any data with ``disable_opt_rtn``.
     ``resume_dir``: checkpoint each tuned unit there and reuse the units found (:mod:`auto_round.tuning.resume`).
+    ``hooks``: where the weights come from and where the records go (:class:`UnitHooks`; default: the model
+    holds its weights and the records are returned).
     """
     torch.manual_seed(settings.seed)
     run = _Run(model, plan, settings, batches, device, progress, torch.Generator().manual_seed(settings.seed),
-               resume_dir=resume_dir)
+               resume_dir=resume_dir, hooks=hooks or UnitHooks())
     if settings.iters > 0 or opt_rtn_active(settings):
         for path, names in plan.block_lists:
             _tune_list(run, path, names)
     for lp in plan.quantized:
         if lp.name not in run.layers:  # iters == 0, or a layer outside every tuned block
-            run.layers[lp.name] = rtn_quantize(model.get_submodule(lp.name), lp.params)
+            run.hooks.load(model, [lp.name])
+            _keep(run, [lp.name], {lp.name: rtn_quantize(model.get_submodule(lp.name), lp.params)}, None)
     missing = [lp.name for lp in plan.quantized if lp.name not in run.layers]
     if missing:
         raise RuntimeError(f"quantization silently skipped layers: {missing[:5]}")
-    bad = [n for n, q in run.layers.items() if not bool(torch.isfinite(q.scale).all())]
-    if bad:
-        raise RuntimeError(f"non-finite scales in {len(bad)} layer(s): {bad[:5]}; the weights or activations "
-                           "overflow (load the model in float32, or keep these layers FP with fp_layers)")
     return run.layers, run.results

@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 STATE = "state.json"
 # Settings that do not change the result (where caches live, which device, where to resume from).
-_NOT_IN_FINGERPRINT = ("device", "offload_dir", "low_gpu_mem_usage", "resume_dir")
+_NOT_IN_FINGERPRINT = ("device", "offload_dir", "low_gpu_mem_usage", "resume_dir", "low_cpu_mem_usage")
 _HEAD_BYTES = 1 << 16
 
 
@@ -70,14 +70,17 @@ def data_fingerprint(batches: Iterable[Mapping[str, Any]]) -> str:
     return h.hexdigest()
 
 
-def run_fingerprint(settings: Settings, plan: QuantPlan, model: nn.Module) -> Dict[str, Any]:
-    """What must match for a saved unit to be reused (the data part is added once it is built)."""
+def run_fingerprint(settings: Settings, plan: QuantPlan, model: nn.Module,
+                    model_digest: Optional[str] = None) -> Dict[str, Any]:
+    """What must match for a saved unit to be reused (the data part is added once it is built);
+    ``model_digest``: the model's :func:`model_fingerprint` when computed elsewhere (a streamed model,
+    whose weights are in its shards)."""
     s = {k: v for k, v in asdict(settings).items() if k not in _NOT_IN_FINGERPRINT}
     return {
         "settings": json.loads(json.dumps(s, default=str, sort_keys=True)),
         "plan": [[lp.name, None if lp.params is None else [lp.params.bits, lp.params.group_size, lp.params.scheme]]
                  for lp in plan.layers],
-        "model": model_fingerprint(model),
+        "model": model_digest if model_digest is not None else model_fingerprint(model),
     }
 
 
