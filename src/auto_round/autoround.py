@@ -180,8 +180,18 @@ class AutoRound:
         self.settings: Settings = build_settings(**options)
         self.device = resolve_device(self.settings.device)
         self.threads = apply_threads(self.settings.threads) if self.device.type == "cpu" else None
-        self.model, self.tokenizer, self.source = load_causal_lm(
-            model, tokenizer, model_dtype=model_dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        self.streamed_weights = None  # low_cpu_mem_usage: the shards the weightless model reads (models.streamed)
+        if self.settings.low_cpu_mem_usage:
+            from auto_round.models.streamed import build_streamed_model, local_folder
+
+            folder = local_folder(model, trust_remote_code)
+            self.model, self.tokenizer, self.streamed_weights = build_streamed_model(folder, model_dtype,
+                                                                                     trust_remote_code, tokenizer)
+            self.source: Optional[str] = str(folder)
+        else:
+            self.model, self.tokenizer, self.source = load_causal_lm(
+                model, tokenizer, model_dtype=model_dtype, trust_remote_code=trust_remote_code,
+                allow_pickle=allow_pickle)
         self.model.eval()
         self.plan: Optional[QuantPlan] = None
         self.quantized_layers: Dict[str, QuantizedWeight] = {}
@@ -217,7 +227,8 @@ class AutoRound:
         s = self.settings
         calib = get_text_calibration(self.tokenizer, s.dataset, nsamples=s.nsamples, seqlen=s.seqlen, seed=s.seed)
         self.dataset_used = calib.description
-        dev = next(self.model.parameters()).device
+        # a streamed model's weights are on the meta device until loaded, on CPU
+        dev = next((p.device for p in self.model.parameters() if not p.is_meta), torch.device("cpu"))
         ids, mask = calib.input_ids, calib.attention_mask
         self.samples_used = int(ids.shape[0])
         return [{"input_ids": ids[i:i + s.batch_size].to(dev), "attention_mask": mask[i:i + s.batch_size].to(dev)}
@@ -271,10 +282,21 @@ class AutoRound:
 
         Tuned blocks are checkpointed in ``resume_dir`` (default: the ``resume_dir`` setting; none when
         both are None) and reused by a rerun with the same model, data and settings."""
+        if self.settings.low_cpu_mem_usage:
+            raise RuntimeError("low_cpu_mem_usage=True writes each block to the output as soon as it is tuned (the "
+                               "model never holds all its weights): call quantize_and_save(output_dir, format=...) "
+                               "instead of quantize()")
+        return self.run_quantize(parse_formats(format) if format else [], resume_dir or self.settings.resume_dir)
+
+    def run_quantize(self, formats: Sequence[str], resume_dir: Optional[str], hooks: Any = None) -> "AutoRound":
+        """:meth:`quantize`'s body, for checked ``formats``; ``hooks``: the block loop's
+        :class:`~auto_round.tuning.loop.UnitHooks` (a streamed run's loads and writes each unit)."""
         if self.quantized_layers:
             raise RuntimeError("this AutoRound has already quantized its model; create a new one to re-run")
+        if self.streamed_weights is not None and hooks is None:
+            raise RuntimeError("low_cpu_mem_usage=True: the model holds no weights until its run loads them; call "
+                               "quantize_and_save(output_dir, format=...)")
         t0 = time.perf_counter()
-        formats = parse_formats(format) if format else []
         if opt_rtn_active(self.settings) and self.tokenizer is None:
             logger.info("iters=0 without a tokenizer: plain round-to-nearest (optimized RTN needs calibration data)")
             self.settings = replace(self.settings, disable_opt_rtn=True)
@@ -301,11 +323,11 @@ class AutoRound:
             t_mixed = time.perf_counter()
             self.choose_mixed_bits(factory)
             self.phase_seconds["mixed_bits"] = time.perf_counter() - t_mixed
-        plan = self.resolve_plan(formats)
+        plan = self.resolve_plan(formats, read_weights=self.streamed_weights is None)
         self.phase_seconds["plan"] = time.perf_counter() - t0 - sum(self.phase_seconds.values())
 
         self.quantized_layers, self.block_results = quantize_model(
-            self.model, plan, self.settings, factory, self.device, resume_dir=resume_dir or self.settings.resume_dir)
+            self.model, plan, self.settings, factory, self.device, resume_dir=resume_dir, hooks=hooks)
         self.phase_seconds["tuning"] = time.perf_counter() - t0 - sum(self.phase_seconds.values())
         self.summary = self._summarize(time.perf_counter() - t0)
         logger.info("quantized %d layers in %.1fs; peak RSS %.0f MiB", len(self.quantized_layers),
@@ -352,6 +374,10 @@ class AutoRound:
         return config
 
     # ------------------------------------------------------------------ export
+    def mark_saved(self) -> None:
+        """The model's layers are packed (or, streamed, written and freed): no further export from it."""
+        self._packed = True
+
     def estimated_checkpoint_bytes(self) -> int:
         """About what one checkpoint takes on disk: Linear weights at ``bits`` (plus scales and zeros),
         everything else at its dtype's size."""
@@ -382,6 +408,9 @@ class AutoRound:
         """
         from auto_round.export import get_format
 
+        if self.settings.low_cpu_mem_usage:
+            raise RuntimeError("low_cpu_mem_usage=True saves while it tunes: call quantize_and_save(output_dir, "
+                               "format=...) (its output is complete; export other formats from an in-memory run)")
         if not self.quantized_layers:
             raise RuntimeError("nothing to save: call quantize() first")
         if self._packed:
@@ -419,7 +448,14 @@ class AutoRound:
                           format: Union[str, Sequence[str]] = "auto_round", inplace: bool = True,
                           overwrite: Optional[bool] = None) -> List[Path]:
         """:meth:`quantize` then :meth:`save_quantized`; the formats and every output folder are checked
-        before tuning (source folder, files of yours in the way, permissions, free space)."""
+        before tuning (source folder, files of yours in the way, permissions, free space).
+
+        With ``low_cpu_mem_usage`` the model is streamed from its shards, each block written as soon as it is
+        tuned (:mod:`auto_round.model_free.streaming`); ``inplace`` does not apply."""
+        if self.settings.low_cpu_mem_usage:
+            from auto_round.model_free.streaming import quantize_and_save_streamed
+
+            return quantize_and_save_streamed(self, output_dir, format, overwrite)
         formats = parse_formats(format)
         estimate = self.estimated_checkpoint_bytes()
         for target in output_targets(output_dir, formats):

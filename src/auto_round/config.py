@@ -65,6 +65,11 @@ class Settings:
                            "dtype), for the tuned forward and the FP targets alike; weights and their qdq stay float32 "
                            "(CLI: --disable_amp)")
     low_gpu_mem_usage: bool = _opt(False, "keep cached block inputs on CPU")
+    low_cpu_mem_usage: bool = _opt(False, "stream the model from its safetensors shards: built without weights, each "
+                                          "block loaded, tuned, packed, written and freed in turn (peak memory about "
+                                          "one block plus the calibration cache, whatever the depth); needs a model "
+                                          "folder or hub id with safetensors, quantize_and_save and one packed-integer "
+                                          "format (auto_round, auto_gptq, auto_awq)")
     offload_dir: Optional[str] = _opt(None, "keep cached block inputs/outputs in files under this folder")
     not_use_best_mse: bool = _opt(False, "keep the last iteration's parameters instead of the best")
     seed: int = _opt(42, "random seed: same seed, data and settings give identical output")

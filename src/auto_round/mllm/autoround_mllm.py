@@ -105,6 +105,10 @@ class AutoRoundMLLM(AutoRound):
                  template: Union[None, str, Template] = None, quant_nontext_module: bool = False,
                  truncation: Optional[bool] = None, model_dtype: Optional[str] = None,
                  trust_remote_code: bool = False, allow_pickle: bool = False, **options: Any) -> None:
+        if options.get("low_cpu_mem_usage"):  # before the model is loaded
+            raise ValueError("low_cpu_mem_usage=True streams the blocks of a text LLM (AutoRound); a vision-language "
+                             "model's language blocks take the vision tower's output, which a weightless capture "
+                             "cannot produce: use AutoRoundMLLM with low_cpu_mem_usage=False")
         model, tokenizer, processor = load_vlm(model, tokenizer, processor, model_dtype, trust_remote_code,
                                                allow_pickle)
         self.processor, self.image_processor = processor, image_processor
