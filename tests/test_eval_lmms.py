@@ -15,11 +15,11 @@ from auto_round.evaluation.lmms import continuation_logprob, encode, generate_te
 from tiny_vlms import make_image, tiny_llava
 
 HAS_LMMS = importlib.util.find_spec("lmms_eval") is not None
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def llava():
-    torch.set_num_threads(1)
     return tiny_llava()
 
 

@@ -14,12 +14,7 @@ from tiny_vlms import FAMILIES
 FAST = dict(bits=4, group_size=32, iters=2, nsamples=4, seqlen=48, batch_size=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,7 @@ from tiny_vlms import FAMILIES, make_image, skip_on_upstream_break
 FAST = dict(bits=4, group_size=32, iters=2, nsamples=4, seqlen=48, batch_size=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny ops: threading overhead dominates on 2 busy cores
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check_roundtrip(vlm, ar, out):
