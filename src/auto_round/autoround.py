@@ -240,7 +240,7 @@ class AutoRound:
 
         ``read_weights=False`` skips the checks that read weight values (NaN/Inf), for a model whose
         weights are not loaded (model-free RTN plans on a meta-device skeleton)."""
-        _check_models(formats, self.model, self.tokenizer)
+        _check_models(formats, self.model, self.export_tokenizer())
         check = _capability_checker(formats) if formats else None
         self.plan = resolve_plan(self.model, self.settings, self.block_list_names(), check,
                                  self.forced_fp_layers(), self.outside_reasons(),
@@ -314,7 +314,7 @@ class AutoRound:
         if self.settings.avg_bits is not None:
             from auto_round.export import get_format
 
-            _check_models(formats, self.model, self.tokenizer)  # refusals before the scoring pass, not after it
+            _check_models(formats, self.model, self.export_tokenizer())  # refusals before the scoring pass, not after it
             deciding = [f for f in formats if get_format(f).layer_params(self.model, {}) is not None]
             if deciding:
                 raise ValueError(f"avg_bits={self.settings.avg_bits} chooses each layer's scheme, and so does format "
@@ -390,6 +390,11 @@ class AutoRound:
                 total += p.numel() * p.element_size()
         return total
 
+    def export_tokenizer(self) -> Any:
+        """What formats that embed the tokenizer get (:meth:`Exporter.check_model` / ``export``): the
+        tokenizer (AutoRoundMLLM: its processor, whose image settings a GGUF mmproj file needs)."""
+        return self.tokenizer
+
     def save_extra_files(self, folder: Path) -> None:
         """Save the tokenizer beside the weights (subclasses add processors)."""
         if self.tokenizer is not None and hasattr(self.tokenizer, "save_pretrained"):
@@ -417,7 +422,7 @@ class AutoRound:
             raise RuntimeError("the model was packed in place by an earlier save_quantized(inplace=True); "
                                "pass inplace=False to every save but the last")
         formats = parse_formats(format)
-        _check_models(formats, self.model, self.tokenizer)
+        _check_models(formats, self.model, self.export_tokenizer())
         check = _capability_checker(formats)
         bad = [f"{n}: {why}" for n, q in self.quantized_layers.items()
                if (why := check(n, q.out_features, q.in_features, q))]
@@ -433,7 +438,7 @@ class AutoRound:
             def write(tmp: Path) -> None:
                 t0 = time.perf_counter()
                 get_format(fmt).export(self.model, self.quantized_layers, tmp, dict(qconfig), pack_inplace,
-                                       tokenizer=self.tokenizer)
+                                       tokenizer=self.export_tokenizer())
                 self.save_extra_files(tmp)
                 self.phase_seconds[f"export:{fmt}"] = time.perf_counter() - t0
                 write_report(tmp, self.run_report(fmt))

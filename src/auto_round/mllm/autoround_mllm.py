@@ -217,6 +217,10 @@ class AutoRoundMLLM(AutoRound):
         return batches
 
     # ------------------------------------------------------------------ export
+    def export_tokenizer(self) -> Any:
+        """The processor when there is one (its tokenizer and image processor), else the tokenizer."""
+        return self.processor if getattr(self.processor, "tokenizer", None) is not None else self.tokenizer
+
     def save_extra_files(self, folder: Path) -> None:
         super().save_extra_files(folder)
         for obj in (self.processor, self.image_processor):

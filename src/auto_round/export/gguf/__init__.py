@@ -82,8 +82,59 @@ rope.freq_base, vocab_size`` (+ ``rope.scaling.*`` for linear/yarn); the tokeniz
 ``tokenizer.chat_template``; see :mod:`.vocab`, including the ``tokenizer.ggml.pre`` fallback for
 unrecognised byte-level pre-tokenizers); and ``auto_round.quantization_config`` (JSON string).
 
-Limitations: text causal LMs of the families above only (VLMs would need a separate ``mmproj``
-file); a legacy type is one block type per file (mixed bits are refused; keep odd layers FP instead; the K types mix by their rules); Mistral's
+Vision-language models (:mod:`.mmproj`; ``AutoRoundMLLM`` hands the exporter its processor): the
+language model is written as above (``model.language_model.*`` + ``lm_head``, the VLM's tokenizer,
+image token included, as the vocabulary; LLaVA's llama/mistral/qwen2 LM by its text arch, Qwen2-VL /
+Qwen2.5-VL's as arch ``qwen2vl`` with ``rope.dimension_sections`` = ``mrope_section`` padded to 4),
+plus ``mmproj-<name>-F16.gguf`` (``general.architecture clip``, ``general.type mmproj``) for
+llama.cpp's mtmd. Supported: ``llava`` (CLIP tower, strategy ``default``, projector ``mlp``),
+``qwen2_vl`` (``qwen2vl_merger``), ``qwen2_5_vl`` (``qwen2.5vl_merger``). Any other VLM (gemma3,
+idefics3, smolvlm, mistral3, llava_next, mllama, qwen3_vl, ...) is refused before tuning, naming its
+model_type and these. Keys: ``clip.projector_type``, ``clip.has_vision_encoder``,
+``clip.vision.{image_size, patch_size, embedding_length, feed_forward_length, block_count,
+attention.head_count, attention.layer_norm_epsilon, projection_dim (= text hidden), image_mean,
+image_std}`` (mean / std from the processor's image processor); llava: ``clip.has_llava_projector``,
+``clip.vision.feature_layer`` (``vision_feature_layer`` made non-negative: 0 = embeddings),
+``clip.use_gelu`` (False: CLIP's quick_gelu); qwen: ``clip.vision.spatial_merge_size``, image_size
+560 (the converter's default), 2.5: ``clip.use_silu``, ``clip.vision.n_wa_pattern``
+(``fullatt_block_indexes[0] + 1``). ``L`` = vision block, ``e`` = vision hidden, ``m`` = its MLP
+width, ``p`` = patch size, ``P`` = positions, ``d`` = text hidden, ``i`` = projector input:
+
+===============================  ================  ====  ==========================================
+mmproj tensor                    shape (numpy)     type  from
+===============================  ================  ====  ==========================================
+v.class_embd                     [e]               F32   llava: embeddings.class_embedding
+v.patch_embd.weight              [e, 3, p, p]      F16   patch_embedding (qwen: Conv3d frame 0)
+v.patch_embd.weight.1            [e, 3, p, p]      F16   qwen: Conv3d frame 1
+v.position_embd.weight           [P, e]            F32   llava: embeddings.position_embedding
+v.pre_ln.{weight,bias}           [e]               F32   llava: pre_layrnorm
+v.blk.L.ln1 / ln2.{weight,bias}  [e]               F32   layer_norm1/2 (qwen: norm1/2; 2.5: no bias)
+v.blk.L.attn_{q,k,v}.weight      [e, e]            F16   q/k/v_proj (qwen: attn.qkv split in 3)
+v.blk.L.attn_{q,k,v}.bias        [e]               F32   their biases
+v.blk.L.attn_out.{weight,bias}   [e, e] / [e]      F16/  out_proj (qwen: attn.proj)
+                                                   F32
+v.blk.L.ffn_up.{weight,bias}     [m, e] / [m]      F16/  mlp.fc1 (qwen2.5: mlp.up_proj)
+                                                   F32
+v.blk.L.ffn_gate.{weight,bias}   [m, e] / [m]      F16/  qwen2.5: mlp.gate_proj
+                                                   F32
+v.blk.L.ffn_down.{weight,bias}   [e, m] / [e]      F16/  mlp.fc2 (qwen2.5: mlp.down_proj)
+                                                   F32
+v.post_ln.{weight,bias}          [e]               F32   qwen: merger.ln_q (2.5: RMSNorm, no bias)
+mm.0.{weight,bias}               [*, i] / [*]      F16/  llava: multi_modal_projector.linear_1;
+                                                   F32   qwen: merger.mlp.0
+mm.2.{weight,bias}               [d, *] / [d]      F16/  llava: linear_2; qwen: merger.mlp.2
+                                                   F32
+===============================  ================  ====  ==========================================
+
+LLaVA writes blocks ``0 .. max(feature_layer) - 1`` only and no ``post_ln`` (its features precede
+post_layernorm), as llama.cpp's legacy converter does. A vision layer tuned with
+``quant_nontext_module=True`` is written as its tuned weights dequantized to F16 (exact, at F16 size;
+with a K-quant mix the plan keeps vision layers FP instead, noted there). Known llama.cpp defect:
+its llava graph appends the CLS embedding after the patches (ggml-org/llama.cpp#25814), so
+llama.cpp's LLaVA-1.5 image embeddings differ from transformers' for any correct file
+(``bench/bench_gguf_mmproj.py`` measures it); Qwen2-VL agrees to fp16 noise.
+
+Limitations: text causal LMs and the VLMs above only; a legacy type is one block type per file (mixed bits are refused; keep odd layers FP instead; the K types mix by their rules); Mistral's
 sliding window is not represented (as in llama.cpp's own converter; a warning says so).
 """
 

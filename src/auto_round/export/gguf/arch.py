@@ -1,7 +1,9 @@
 """Model families llama.cpp runs from this exporter's files, as data, and their GGUF hyperparameters.
 
 Facts follow llama.cpp's ``convert_hf_to_gguf.py`` (``conversion/llama.py`` ``LlamaModel``,
-``conversion/qwen.py`` ``Qwen2Model``, ``TextModel.set_gguf_parameters``).
+``conversion/qwen.py`` ``Qwen2Model``, ``conversion/qwenvl.py`` ``Qwen2VLModel``,
+``TextModel.set_gguf_parameters``). A vision-language model's language model is matched by its text
+config's ``model_type`` (:func:`model_type_of`); its vision side is :mod:`.mmproj`'s.
 """
 
 from __future__ import annotations
@@ -28,6 +30,10 @@ class GGUFFamily:
     permute_qk: bool
     rope_types: Tuple[str, ...]
     why: str
+    # M-RoPE (Qwen2-VL): rope.dimension_sections from rope_parameters["mrope_section"], padded to 4.
+    mrope: bool = False
+    # False: only the language model of a VLM (written beside its mmproj, see .mmproj), never a model alone.
+    standalone: bool = True
 
 
 FAMILIES: Tuple[GGUFFamily, ...] = (
@@ -37,11 +43,16 @@ FAMILIES: Tuple[GGUFFamily, ...] = (
     GGUFFamily(("qwen2",), "qwen2", False, ("default", "linear", "yarn"),
                "qwen2 is a NEOX-rope arch in llama.cpp (half-split, like HF): Qwen2Model writes q/k rows "
                "as they are; it has no rope_freqs tensor, so llama3 rope scaling is not representable"),
+    GGUFFamily(("qwen2_vl_text", "qwen2_5_vl_text"), "qwen2vl", False, ("default",),
+               "the language model of Qwen2-VL / Qwen2.5-VL: qwen2's tensors, NEOX-style M-RoPE whose "
+               "(temporal, height, width) sections convert_hf_to_gguf writes as rope.dimension_sections",
+               mrope=True, standalone=False),
 )
 
 
 def supported_model_types() -> List[str]:
-    return sorted(t for f in FAMILIES for t in f.model_types)
+    """The ``model_type`` values of the text causal LMs written alone."""
+    return sorted(t for f in FAMILIES if f.standalone for t in f.model_types)
 
 
 def text_config(model: nn.Module) -> Any:
@@ -50,9 +61,21 @@ def text_config(model: nn.Module) -> Any:
     return get() if callable(get) else cfg
 
 
+def is_vlm(model: nn.Module) -> bool:
+    """Whether ``model``'s config has a vision side (a ``vision_config``) beside its text config."""
+    cfg = getattr(model, "config", None)
+    return getattr(cfg, "vision_config", None) is not None and text_config(model) is not cfg
+
+
+def model_type_of(model: nn.Module) -> Optional[str]:
+    """The ``model_type`` naming the language model: the text config's for a VLM, else the config's."""
+    cfg = text_config(model) if is_vlm(model) else getattr(model, "config", None)
+    return getattr(cfg, "model_type", None)
+
+
 def family_of(model: nn.Module) -> Optional[GGUFFamily]:
-    """The family record of ``model`` (by its top-level ``config.model_type``), or None."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    """The family record of ``model``'s language model (by :func:`model_type_of`), or None."""
+    model_type = model_type_of(model)
     return next((f for f in FAMILIES if model_type in f.model_types), None)
 
 
@@ -83,6 +106,11 @@ def config_problem(model: nn.Module, family: GGUFFamily) -> Optional[str]:
                 f"(supported: {list(family.rope_types)})")
     if family.permute_qk and head_dim(cfg) % 2:
         return f"head_dim={head_dim(cfg)} is odd; rope pairs need an even head size"
+    if family.mrope:
+        sections = rope_parameters(cfg).get("mrope_section")
+        if not sections or len(sections) > 4 or 2 * sum(sections) != head_dim(cfg):
+            return (f"M-RoPE needs rope_parameters['mrope_section'] (at most 4 sections summing to head_dim/2="
+                    f"{head_dim(cfg) // 2}), not {sections!r}")
     return None
 
 
@@ -146,6 +174,9 @@ def add_hparams(writer: Any, model: nn.Module, family: GGUFFamily) -> None:
     writer.add_value_length(hd)
     params = rope_parameters(cfg)
     writer.add_rope_freq_base(float(params.get("rope_theta", 10000.0)))
+    if family.mrope:
+        sections = [int(x) for x in params["mrope_section"]]
+        writer.add_rope_dimension_sections(sections + [0] * (4 - len(sections)))
     _add_rope_scaling(writer, params, int(getattr(cfg, "max_position_embeddings", 2048)))
 
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 
 from auto_round.export.gguf import arch as archmod
 from auto_round.export.gguf import kmix
+from auto_round.export.gguf import mmproj
 from auto_round.export.gguf.blocks import BLOCK, BLOCK_TYPES, BlockType, layer_problem, pack_blocks, permute_rows
 from auto_round.export.gguf.kblocks import K_BLOCK_TYPES, pack_k_blocks
 from auto_round.export.gguf.vocab import build_vocab
@@ -83,16 +84,24 @@ class GGUFExporter(Exporter):
         return None
 
     def check_model(self, model: nn.Module, tokenizer: Any) -> Optional[str]:
+        """``tokenizer``: the tokenizer, or a processor (a VLM's: its tokenizer and image processor)."""
         try:
             _gguf()
         except ImportError as err:
             return str(err)
+        tokenizer, image_processor = mmproj.split_processor(tokenizer)
         family = archmod.family_of(model)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        if family is None:
-            return (f"{self.name} writes text causal LMs of the model types {archmod.supported_model_types()}, "
-                    f"not {model_type!r}; export with format='auto_round' instead")
-        why = archmod.config_problem(model, family)
+        why = mmproj.vlm_problem(model, image_processor)
+        if why is None and family is None:
+            if archmod.is_vlm(model):
+                why = (f"its language model ({archmod.model_type_of(model)!r}) is not a llama.cpp text arch "
+                       f"written here ({archmod.supported_model_types()})")
+            else:
+                return (f"{self.name} writes text causal LMs of the model types {archmod.supported_model_types()}"
+                        f", not {model_type!r} (and the VLMs {mmproj.supported_vlm_types()}, with an mmproj "
+                        "file); export with format='auto_round' instead")
+        why = why or archmod.config_problem(model, family)
         if why is None:
             unnamed = [hf for hf, gguf_name in self._tensor_names(model, family) if gguf_name is None]
             if unnamed:
@@ -114,7 +123,7 @@ class GGUFExporter(Exporter):
         arch_enum = next(k for k, v in gguf.MODEL_ARCH_NAMES.items() if v == family.arch)
         cfg = archmod.text_config(model)
         name_map = gguf.get_tensor_name_map(arch_enum, int(cfg.num_hidden_layers))
-        return [(n, name_map.get_name(n, try_suffixes=(".weight", ".bias"))) for n, _ in model.named_parameters()]
+        return [(n, name_map.get_name(m, try_suffixes=(".weight", ".bias"))) for n, m in mmproj.text_names(model)]
 
     # ------------------------------------------------------------------ writing
     def save(self, model: nn.Module, layers: Dict[str, QuantizedWeight], output_dir: Path,
@@ -125,7 +134,8 @@ class GGUFExporter(Exporter):
 
     def export(self, model: nn.Module, layers: Dict[str, QuantizedWeight], output_dir: Path,
                quantization_config: dict, inplace: bool, tokenizer: Any = None) -> None:
-        """Write ``<output_dir>/<name>-<TYPE>.gguf`` and ``quantization_config.json`` + ``config.json``.
+        """Write ``<output_dir>/<name>-<TYPE>.gguf`` and ``quantization_config.json`` + ``config.json``;
+        for a VLM (``tokenizer`` is then its processor) also ``mmproj-<name>-F16.gguf``.
 
         The model is only read (``inplace`` changes nothing: nothing is packed into it).
         """
@@ -134,6 +144,7 @@ class GGUFExporter(Exporter):
             raise ValueError(why)
         self.check_records(layers)
         gguf = _gguf()
+        tokenizer, image_processor = mmproj.split_processor(tokenizer)
         family = archmod.family_of(model)
         cfg = archmod.text_config(model)
         vocab = build_vocab(tokenizer, int(cfg.vocab_size))
@@ -141,6 +152,8 @@ class GGUFExporter(Exporter):
         output_dir = Path(output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         path = output_dir / gguf_file_name(model, self.bt or self.mix)
+        vision_layers = sorted(mmproj.iter_vision_layers(model, layers))
+        mm_path = output_dir / mmproj.mmproj_file_name(path.name) if archmod.is_vlm(model) else None
         writer = gguf.GGUFWriter(path, family.arch)
         writer.add_name(path.stem)
         writer.add_file_type(self.file_type)
@@ -148,7 +161,9 @@ class GGUFExporter(Exporter):
         archmod.add_hparams(writer, model, family)
         vocab.add_to(writer)
         config = {**quantization_config, "gguf_type": (self.bt or self.mix).name, "gguf_file": path.name,
-                  **self._config_extra(layers)}
+                  **self._config_extra({n: q for n, q in layers.items() if n not in vision_layers})}
+        if mm_path is not None:
+            config.update(gguf_mmproj_file=mm_path.name, gguf_mmproj_vision_layers_dequantized=len(vision_layers))
         writer.add_string("auto_round.quantization_config", json.dumps(config, sort_keys=True))
         for t in tensors:
             writer.add_tensor_info(t.name, t.shape, np.dtype(t.dtype), t.nbytes,
@@ -161,13 +176,19 @@ class GGUFExporter(Exporter):
                 writer.write_tensor_data(t.make())
         finally:
             writer.close()
+        if mm_path is not None:
+            written = mmproj.write_mmproj(mm_path, model, layers, image_processor,
+                                          [("auto_round.quantization_config", json.dumps(config, sort_keys=True))])
+            logger.info("wrote %s: %d tensors (%d tuned vision layers dequantized to F16, %.1f MiB)", mm_path,
+                        len(written), len(vision_layers), mm_path.stat().st_size / 2**20)
         with open(output_dir / CONFIG_FILE, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, sort_keys=True)
         # config.json beside the file: what transformers' gguf_file loading reads first, and what
         # lets a later export replace this folder as an earlier checkpoint.
         model.config.to_json_file(str(output_dir / "config.json"))
-        n_fp = len(tensors) - len(layers)
-        logger.info("wrote %s: %d quantized tensors (%s), %d F16/F32 tensors (%.1f MiB)", path, len(layers),
+        n_fp = len(tensors) - (len(layers) - len(vision_layers))
+        logger.info("wrote %s: %d quantized tensors (%s), %d F16/F32 tensors (%.1f MiB)", path,
+                    len(layers) - len(vision_layers),
                     self._types_label(layers), n_fp, path.stat().st_size / 2**20)
 
     def _plan_tensors(self, model: nn.Module, layers: Dict[str, QuantizedWeight],
@@ -280,8 +301,12 @@ class GGUFKExporter(GGUFExporter):
         names = {hf[:-len(".weight")]: g for hf, g in self._tensor_names(model, family)
                  if hf.endswith(".weight") and g is not None}
         chosen: Dict[str, Tuple[Optional[QuantParams], str]] = {}
+        vision = set(mmproj.iter_vision_layers(model, layers))
         for name, (_out, in_) in layers.items():
             gname = names.get(name)
+            if name in vision:
+                chosen[name] = (None, f"{self.name}: vision layer, written F16 in the mmproj file")
+                continue
             if gname is None:
                 chosen[name] = (None, f"{self.name}: no llama.cpp tensor name")
                 continue

@@ -1,0 +1,408 @@
+"""The ``mmproj`` GGUF of a vision-language model: its vision tower and projector for llama.cpp's
+``mtmd`` library (``clip.cpp``), beside the language model's own ``.gguf``.
+
+Vision-language families are data (:data:`VISION_ARCHS`): which ``model_type`` values, which
+``clip.projector_type``, how our in-memory parameter names map to the checkpoint names gguf-py's
+``TensorNameMap`` (MODEL_ARCH.MMPROJ) knows, the few tensors llama.cpp renames, splits or does not
+read, and the ``clip.*`` hyperparameters. Facts follow llama.cpp's converters: ``conversion/base.py``
+``MmprojModel`` (common keys, tensor types), ``conversion/qwenvl.py`` ``Qwen2VLVisionModel``
+(qkv and Conv3d splits, window-attention pattern) and, for CLIP-based LLaVA-1.5 (which the HF
+converter no longer handles), ``tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py``
+(``mm.0``/``mm.2``, feature layers, no ``post_ln``), checked against ``tools/mtmd/clip.cpp``.
+
+Tensor types as ``convert_hf_to_gguf`` writes an F16 mmproj: F32 for 1-D tensors, ``*_norm.weight``,
+``v.position_embd`` and names not ending in ``.weight`` (``v.class_embd``); F16 for the patch
+embedding and every other matrix (F32 for a matrix beyond fp16's range, announced). A vision layer
+tuned with ``quant_nontext_module=True`` is written as its tuned weights dequantized to F16 (the
+file then holds exactly the quantized model's vision weights, at F16 size).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from auto_round.export.gguf.arch import is_vlm
+from auto_round.quant.types import QuantizedWeight
+
+logger = logging.getLogger(__name__)
+
+FP16_MAX = 65504.0
+MMPROJ_ARCH = "clip"  # general.architecture of every mmproj file (gguf.MODEL_ARCH.MMPROJ)
+# clip.cpp keys gguf-py has no constant for (tools/mtmd/clip-impl.h).
+KEY_FEATURE_LAYER = "clip.vision.feature_layer"
+PROJECTOR_MLP = "mlp"  # clip-impl.h PROJECTOR_TYPE_MLP (LLaVA-1.5); not in gguf.VisionProjectorType
+
+HParams = Dict[str, Any]  # GGUF key -> value (bool, int -> uint32, float -> float32, str, list)
+Split = Callable[[str, torch.Tensor], List[Tuple[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class VisionArch:
+    """One VLM family whose vision side llama.cpp's mtmd runs."""
+
+    name: str
+    model_types: Tuple[str, ...]  # top-level config.model_type
+    text_prefix: str  # the language model's parameters; written to the text file as "model."
+    # (in-memory prefix, checkpoint prefix gguf-py's TensorNameMap knows): parameters under these go
+    # to the mmproj file
+    renames: Tuple[Tuple[str, str], ...]
+    hparams: Callable[[Any, Any], HParams]  # (config, image processor) -> clip.* keys
+    n_blocks: Callable[[Any], int]  # vision blocks llama.cpp runs (written); later ones are not
+    problem: Callable[[Any], Optional[str]]  # why llama.cpp cannot run this config, or None
+    skip: Tuple[str, ...] = ()  # regexes of in-memory names llama.cpp does not read
+    fixes: Tuple[Tuple[str, str], ...] = ()  # (regex, replacement) on GGUF names: names clip.cpp reads
+    splits: Tuple[Tuple[str, Split], ...] = ()  # (GGUF-name regex, split into several tensors)
+    why: str = ""
+
+
+def _vision(cfg: Any) -> Any:
+    return cfg.vision_config
+
+
+def _common(cfg: Any, ip: Any, projector: str, hidden: int, ffn: int, blocks: int, heads: int, eps: float,
+            image_size: int, patch_size: int) -> HParams:
+    """The keys ``MmprojModel.set_gguf_parameters`` writes for every vision encoder."""
+    import gguf
+
+    cv = gguf.Keys.ClipVision
+    return {
+        gguf.Keys.Clip.PROJECTOR_TYPE: projector,
+        gguf.Keys.Clip.HAS_VISION_ENCODER: True,
+        cv.PROJECTION_DIM: int(text_config_of(cfg).hidden_size),
+        cv.IMAGE_SIZE: int(image_size),
+        cv.PATCH_SIZE: int(patch_size),
+        cv.EMBEDDING_LENGTH: int(hidden),
+        cv.FEED_FORWARD_LENGTH: int(ffn),
+        cv.BLOCK_COUNT: int(blocks),
+        cv.Attention.HEAD_COUNT: int(heads),
+        cv.Attention.LAYERNORM_EPS: float(eps),
+        cv.IMAGE_MEAN: [float(x) for x in ip.image_mean],
+        cv.IMAGE_STD: [float(x) for x in ip.image_std],
+    }
+
+
+def text_config_of(cfg: Any) -> Any:
+    """The text config of a VLM config."""
+    get = getattr(cfg, "get_text_config", None)
+    return get() if callable(get) else cfg
+
+
+# ---------------------------------------------------------------------------------- LLaVA-1.5 (CLIP)
+def _llava_feature_layers(cfg: Any) -> List[int]:
+    """``vision_feature_layer`` as llama.cpp's non-negative indices into the hidden states (0 = the
+    embeddings, ``i`` = the output of block ``i - 1``), as the legacy converter writes them."""
+    n = int(_vision(cfg).num_hidden_layers)
+    layers = cfg.vision_feature_layer
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    return [int(x) if x >= 0 else n + int(x) + 1 for x in layers]
+
+
+def _llava_hparams(cfg: Any, ip: Any) -> HParams:
+    import gguf
+
+    v = _vision(cfg)
+    keys = _common(cfg, ip, PROJECTOR_MLP, v.hidden_size, v.intermediate_size, _llava_blocks(cfg),
+                   v.num_attention_heads, v.layer_norm_eps, v.image_size, v.patch_size)
+    keys[gguf.Keys.Clip.HAS_LLAVA_PROJECTOR] = True
+    keys[KEY_FEATURE_LAYER] = _llava_feature_layers(cfg)
+    # CLIP's quick_gelu is clip.cpp's default (gelu_quick); clip.use_gelu selects ggml's gelu.
+    keys[gguf.Keys.ClipVision.USE_GELU] = v.hidden_act == "gelu"
+    return keys
+
+
+def _llava_blocks(cfg: Any) -> int:
+    return max(_llava_feature_layers(cfg))
+
+
+def _llava_problem(cfg: Any) -> Optional[str]:
+    v = _vision(cfg)
+    if getattr(v, "model_type", None) != "clip_vision_model":
+        return (f"llama.cpp's 'mlp' projector graph is written here for CLIP vision towers, not "
+                f"{getattr(v, 'model_type', None)!r}")
+    if cfg.vision_feature_select_strategy != "default":
+        return (f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: llama.cpp's llava "
+                "graph always drops the CLS position ('default')")
+    if getattr(v, "hidden_act", None) not in ("quick_gelu", "gelu"):
+        return f"vision hidden_act {v.hidden_act!r} (llama.cpp's CLIP graph runs quick_gelu or gelu)"
+    if getattr(cfg, "projector_hidden_act", "gelu") != "gelu" or not getattr(cfg, "multimodal_projector_bias", True):
+        return "llama.cpp's 'mlp' projector is linear + bias, gelu, linear + bias"
+    if any(not 0 <= x <= int(v.num_hidden_layers) for x in _llava_feature_layers(cfg)):
+        return f"vision_feature_layer={cfg.vision_feature_layer!r} is outside the vision tower"
+    return None
+
+
+# ---------------------------------------------------------------------------------- Qwen2-VL / Qwen2.5-VL
+QWEN_VISION_EPS = 1e-6  # the LayerNorm / RMSNorm eps transformers hard-codes in the Qwen2(.5)-VL tower
+QWEN_IMAGE_SIZE = 560  # Qwen2VLVisionModel's default: the tower has no fixed size (warmup only)
+
+
+def _qwen2vl_hparams(cfg: Any, ip: Any) -> HParams:
+    import gguf
+
+    v = _vision(cfg)
+    qwen25 = cfg.model_type == "qwen2_5_vl"
+    hidden = v.hidden_size if qwen25 else v.embed_dim  # qwen2_vl's hidden_size is the merger's output
+    ffn = v.intermediate_size if qwen25 else v.embed_dim * v.mlp_ratio
+    keys = _common(cfg, ip, gguf.VisionProjectorType.QWEN25VL if qwen25 else gguf.VisionProjectorType.QWEN2VL,
+                   hidden, ffn, v.depth, v.num_heads, QWEN_VISION_EPS, QWEN_IMAGE_SIZE, v.patch_size)
+    keys[gguf.Keys.ClipVision.SPATIAL_MERGE_SIZE] = int(v.spatial_merge_size)
+    if qwen25:
+        keys[gguf.Keys.ClipVision.USE_SILU] = True
+        keys[gguf.Keys.ClipVision.N_WA_PATTERN] = int(v.fullatt_block_indexes[0]) + 1
+    return keys
+
+
+def _qwen2vl_problem(cfg: Any) -> Optional[str]:
+    v = _vision(cfg)
+    if int(v.temporal_patch_size) != 2:
+        return f"temporal_patch_size={v.temporal_patch_size}: llama.cpp splits the Conv3d patch embedding in 2"
+    if cfg.model_type == "qwen2_vl" and v.hidden_act != "quick_gelu":
+        return f"vision hidden_act {v.hidden_act!r}: llama.cpp's qwen2vl graph runs quick_gelu"
+    if cfg.model_type == "qwen2_5_vl":
+        if v.hidden_act != "silu":
+            return f"vision hidden_act {v.hidden_act!r}: llama.cpp's qwen2.5vl graph runs silu"
+        full = list(v.fullatt_block_indexes)
+        step = full[0] + 1 if full else 0
+        if not full or any(b - a != step for a, b in zip(full, full[1:])):
+            return (f"fullatt_block_indexes={full}: llama.cpp's n_wa_pattern needs full-attention blocks "
+                    "every n blocks")
+    return None
+
+
+def _split_qkv(name: str, t: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
+    """A fused ``attn_qkv`` (rows q, k, v) as ``attn_q``, ``attn_k``, ``attn_v`` (Qwen2VLVisionModel)."""
+    c = t.shape[0] // 3
+    return [(name.replace(".attn_qkv.", f".attn_{k}."), t[i * c:(i + 1) * c]) for i, k in enumerate("qkv")]
+
+
+def _split_conv3d(name: str, t: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
+    """The Conv3d patch embedding ``[out, 3, 2, p, p]`` as two Conv2d ``[out, 3, p, p]``, one per frame:
+    ``v.patch_embd.weight`` and ``v.patch_embd.weight.1`` (clip.cpp adds the two convolutions)."""
+    return [(name, t[:, :, 0]), (name + ".1", t[:, :, 1])]
+
+
+VISION_ARCHS: Tuple[VisionArch, ...] = (
+    VisionArch(
+        "llava", ("llava",), "model.language_model.",
+        (("model.vision_tower.", "vision_tower.vision_model."),
+         ("model.multi_modal_projector.", "multi_modal_projector.")),
+        _llava_hparams, _llava_blocks, _llava_problem,
+        skip=(r"\.post_layernorm\.",), fixes=((r"^mm\.1\.", "mm.0."),),
+        why="LLaVA-1.5: clip.cpp's 'mlp' projector reads mm.0 / mm.2 (linear_1 / linear_2, the legacy "
+            "surgery names); features are hidden states before post_layernorm, so post_ln is not written, "
+            "nor the blocks after the deepest feature layer"),
+    VisionArch(
+        "qwen2_vl", ("qwen2_vl", "qwen2_5_vl"), "model.language_model.", (("model.visual.", "visual."),),
+        _qwen2vl_hparams, lambda cfg: int(_vision(cfg).depth), _qwen2vl_problem,
+        splits=((r"\.attn_qkv\.", _split_qkv), (r"^v\.patch_embd\.weight$", _split_conv3d)),
+        why="merger inside the vision tower (ln_q -> v.post_ln, mlp.0/2 -> mm.0/2); fused qkv split in three; "
+            "Conv3d patch embedding split into two Conv2d; 2.5: gated silu MLP, window attention every "
+            "n_wa_pattern blocks"),
+)
+
+
+def supported_vlm_types() -> List[str]:
+    """The VLM ``model_type`` values whose mmproj is written."""
+    return sorted(t for a in VISION_ARCHS for t in a.model_types)
+
+
+def vision_arch_of(model: nn.Module) -> Optional[VisionArch]:
+    """The :class:`VisionArch` of a VLM ``model`` (by its top-level ``config.model_type``), or None."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return next((a for a in VISION_ARCHS if model_type in a.model_types), None)
+
+
+def split_processor(tokenizer: Any) -> Tuple[Any, Any]:
+    """``(tokenizer, image processor)`` from what the exporter was given: a processor (its
+    ``tokenizer`` and ``image_processor``) or a tokenizer (no image processor)."""
+    if hasattr(tokenizer, "image_processor") and hasattr(tokenizer, "tokenizer"):
+        return tokenizer.tokenizer, tokenizer.image_processor
+    return tokenizer, None
+
+
+def vlm_problem(model: nn.Module, image_processor: Any) -> Optional[str]:
+    """Why the mmproj of VLM ``model`` cannot be written (None if it can, or if ``model`` is no VLM)."""
+    if not is_vlm(model):
+        return None
+    model_type = getattr(model.config, "model_type", None)
+    arch = vision_arch_of(model)
+    if arch is None:
+        return (f"the vision side of {model_type!r} has no mmproj writer here (VLMs supported: "
+                f"{supported_vlm_types()}); export with format='auto_round' instead")
+    why = arch.problem(model.config)
+    if why:
+        return f"its vision tower cannot be written for llama.cpp: {why}"
+    if image_processor is None or getattr(image_processor, "image_mean", None) is None:
+        return ("the mmproj file needs the image processor's image_mean / image_std; give the processor "
+                "(AutoRoundMLLM(..., processor=...), or pass it as the tokenizer)")
+    unnamed = [n for n, g in mmproj_names(model, arch) if g is None]
+    if unnamed:
+        return f"{len(unnamed)} vision parameters have no llama.cpp mmproj tensor name: {unnamed[:4]}"
+    return None
+
+
+def text_names(model: nn.Module) -> List[Tuple[str, str]]:
+    """``(parameter name, name to map to a llama.cpp text tensor)`` for the language model's parameters:
+    all of them for a text LM; for a VLM those under its ``text_prefix`` (renamed ``model.``) and
+    ``lm_head``, the vision side being the mmproj's."""
+    arch = vision_arch_of(model) if is_vlm(model) else None
+    out = []
+    for name, _ in model.named_parameters():
+        if arch is None:
+            out.append((name, name))
+        elif name.startswith(arch.text_prefix):
+            out.append((name, "model." + name[len(arch.text_prefix):]))
+        elif not any(name.startswith(p) for p, _ in arch.renames):
+            out.append((name, name))  # lm_head
+    return out
+
+
+def _renamed(name: str, arch: VisionArch) -> Optional[str]:
+    return next((ck + name[len(p):] for p, ck in arch.renames if name.startswith(p)), None)
+
+
+def mmproj_names(model: nn.Module, arch: VisionArch) -> List[Tuple[str, Optional[str]]]:
+    """``(parameter name, GGUF mmproj name or None)`` for the vision parameters llama.cpp reads (the
+    ``skip`` ones and blocks beyond ``n_blocks`` left out), before splits."""
+    import gguf
+
+    n_blocks = arch.n_blocks(model.config)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.MMPROJ, max(n_blocks, 1) + 64)
+    out: List[Tuple[str, Optional[str]]] = []
+    for name, _ in model.named_parameters():
+        ck = _renamed(name, arch)
+        if ck is None or any(re.search(s, name) for s in arch.skip):
+            continue
+        gname = tmap.get_name(ck, try_suffixes=(".weight", ".bias"))
+        if gname is not None:
+            for pattern, repl in arch.fixes:
+                gname = re.sub(pattern, repl, gname)
+            block = re.match(r"v\.blk\.(\d+)\.", gname)
+            if block and int(block.group(1)) >= n_blocks:
+                continue
+        out.append((name, gname))
+    return out
+
+
+@dataclass
+class MmprojTensor:
+    """One tensor of the mmproj file: GGUF name, numpy shape and dtype, and its values."""
+
+    name: str
+    shape: Tuple[int, ...]
+    dtype: Any  # np.float16 / np.float32
+    value: Callable[[], torch.Tensor]
+
+
+def ggml_float_type(name: str, ndim: int) -> Any:
+    """The numpy dtype convert_hf_to_gguf gives an F16 mmproj's tensor ``name`` (module docstring)."""
+    if ndim <= 1 or name.endswith("_norm.weight"):
+        return np.float32
+    if ".patch_embd.weight" in name:
+        return np.float16
+    if ".position_embd." in name or not name.endswith(".weight"):
+        return np.float32
+    return np.float16
+
+
+def plan_mmproj(model: nn.Module, layers: Dict[str, QuantizedWeight], arch: VisionArch) -> List[MmprojTensor]:
+    """Every tensor of the mmproj file, in order (values made lazily, one at a time)."""
+    params = dict(model.named_parameters())
+    planned: List[MmprojTensor] = []
+    for hf_name, gname in mmproj_names(model, arch):
+        if gname is None:
+            raise ValueError(f"{hf_name} has no llama.cpp mmproj tensor name")
+        value = _tuned_value(hf_name, params[hf_name], layers)
+        parts = [(gname, value)]
+        for pattern, split in arch.splits:
+            if re.search(pattern, gname):
+                parts = split(gname, value)
+                break
+        for name, t in parts:
+            dtype = ggml_float_type(name, t.dim())
+            if dtype == np.float16 and bool(t.abs().max() > FP16_MAX):
+                logger.warning("gguf mmproj: %s has values beyond fp16's range; written as F32", name)
+                dtype = np.float32
+            planned.append(MmprojTensor(name, tuple(t.shape), dtype, lambda t=t: t))
+    return planned
+
+
+def _tuned_value(hf_name: str, param: torch.Tensor, layers: Dict[str, QuantizedWeight]) -> torch.Tensor:
+    """The parameter, or for a tuned vision layer (``quant_nontext_module``) its dequantized weight / bias."""
+    module, _, kind = hf_name.rpartition(".")
+    qw = layers.get(module)
+    if qw is not None and kind == "weight":
+        return qw.dequantize().reshape(param.shape)
+    if qw is not None and kind == "bias" and qw.bias is not None:
+        return qw.bias.detach().float()
+    return param.detach().float()
+
+
+def mmproj_file_name(text_file: str) -> str:
+    """``mmproj-<name>-F16.gguf`` for the text file ``<name>-<TYPE>.gguf``."""
+    return f"mmproj-{text_file.rsplit('-', 1)[0]}-F16.gguf"
+
+
+def _add_key(writer: Any, key: str, value: Any) -> None:
+    if isinstance(value, bool):
+        writer.add_bool(key, value)
+    elif isinstance(value, int):
+        writer.add_uint32(key, value)
+    elif isinstance(value, float):
+        writer.add_float32(key, value)
+    elif isinstance(value, str):
+        writer.add_string(key, value)
+    elif isinstance(value, (list, tuple)):
+        writer.add_array(key, list(value))
+    else:
+        raise TypeError(f"mmproj key {key}: cannot write a {type(value).__name__}")
+
+
+def write_mmproj(path: Path, model: nn.Module, layers: Dict[str, QuantizedWeight], image_processor: Any,
+                 extra: Sequence[Tuple[str, Any]] = ()) -> List[MmprojTensor]:
+    """Write the mmproj GGUF of VLM ``model`` to ``path`` (streamed, one tensor in memory at a time);
+    returns the tensors written. ``extra``: more ``(key, value)`` metadata."""
+    import gguf
+
+    arch = vision_arch_of(model)
+    why = vlm_problem(model, image_processor)
+    if arch is None or why:
+        raise ValueError(f"cannot write the mmproj of this {getattr(model.config, 'model_type', None)!r} model: "
+                         f"{why or 'not a supported VLM'}")
+    tensors = plan_mmproj(model, layers, arch)
+    writer = gguf.GGUFWriter(path, MMPROJ_ARCH)
+    writer.add_type(gguf.GGUFType.MMPROJ)
+    writer.add_name(path.stem)
+    writer.add_file_type(int(gguf.LlamaFileType.MOSTLY_F16))
+    for key, value in list(arch.hparams(model.config, image_processor).items()) + list(extra):
+        _add_key(writer, key, value)
+    for t in tensors:
+        nbytes = int(np.prod(t.shape)) * np.dtype(t.dtype).itemsize
+        writer.add_tensor_info(t.name, t.shape, np.dtype(t.dtype), nbytes,
+                               raw_dtype=gguf.GGMLQuantizationType.F16 if t.dtype == np.float16
+                               else gguf.GGMLQuantizationType.F32)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for t in tensors:
+            writer.write_tensor_data(np.ascontiguousarray(t.value().cpu().numpy().astype(t.dtype)))
+    finally:
+        writer.close()
+    return tensors
+
+
+def iter_vision_layers(model: nn.Module, layers: Iterable[str]) -> Iterator[str]:
+    """The layer names among ``layers`` that belong to the vision side (the mmproj's, written F16)."""
+    arch = vision_arch_of(model)
+    if arch is None:
+        return iter(())
+    return (n for n in layers if any(n.startswith(p) for p, _ in arch.renames))
