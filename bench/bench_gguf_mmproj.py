@@ -38,9 +38,10 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "gguf_mmproj.json"
 WORK = ROOT / ".cache" / "bench" / "gguf_mmproj"
 DEFAULT_LLAMACPP_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
-TINY = ("llava", "qwen2_vl", "qwen2_5_vl")
+TINY = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
 # Images of the size each processor keeps as it is (llama.cpp's qwen2vl graph needs >= 8 tokens).
-IMAGE_SIZES = {"llava": (28, 28), "qwen2_vl": (112, 112), "qwen2_5_vl": (112, 112), "demo": (64, 64)}
+IMAGE_SIZES = {"llava": (28, 28), "qwen2_vl": (112, 112), "qwen2_5_vl": (112, 112), "demo": (64, 64),
+               "idefics3": (64, 64), "smolvlm": (64, 64)}
 
 
 # ------------------------------------------------------------------ llama.cpp side (numpy + llama_cpp only)
@@ -70,7 +71,7 @@ def llamacpp_worker(text_path: str, mm_path: str, request_path: str, out_path: s
     _no_extra_buffer_types(llama_cpp)
     req = json.loads(Path(request_path).read_text())
     raw = np.load(req["image"])  # uint8 [h, w, 3]
-    llm = llama_cpp.Llama(model_path=text_path, n_ctx=512, n_batch=512, verbose=False, n_threads=2)
+    llm = llama_cpp.Llama(model_path=text_path, n_ctx=512, n_batch=512, verbose=bool(req.get("verbose")), n_threads=2)
     params = mtmd.mtmd_context_params_default()
     params.use_gpu, params.n_threads, params.print_timings = False, 2, False
     ctx = mtmd.mtmd_init_from_file(mm_path.encode(), llm.model, params)
@@ -86,32 +87,32 @@ def llamacpp_worker(text_path: str, mm_path: str, request_path: str, out_path: s
     rc = mtmd.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mtmd.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
     if rc != 0:
         raise SystemExit(f"mtmd_tokenize returned {rc}")
-    n_embd, embd, t0 = llm.n_embd(), None, time.perf_counter()
+    n_embd, embds, t0 = llm.n_embd(), [], time.perf_counter()
     for i in range(mtmd.mtmd_input_chunks_size(chunks)):
         chunk = mtmd.mtmd_input_chunks_get(chunks, i)
         if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_IMAGE:
             if mtmd.mtmd_encode_chunk(ctx, chunk) != 0:
                 raise SystemExit("mtmd_encode_chunk failed")
             n = mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-            embd = np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * n_embd,)).reshape(n, n_embd).copy()
+            embds.append(np.ctypeslib.as_array(mtmd.mtmd_get_output_embd(ctx), shape=(n * n_embd,))
+                         .reshape(n, n_embd).copy())
     encode_s = time.perf_counter() - t0
     prompt_ids: List[int] = []  # -1 at image positions
-    for i in range(mtmd.mtmd_input_chunks_size(chunks)):  # as llama-cpp-python's MTMDChatHandler evaluates
+    for i in range(mtmd.mtmd_input_chunks_size(chunks)):
         chunk = mtmd.mtmd_input_chunks_get(chunks, i)
         if mtmd.mtmd_input_chunk_get_type(chunk) == mtmd.MTMD_INPUT_CHUNK_TYPE_TEXT:
             n = ctypes.c_size_t(0)
             ids = mtmd.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
             prompt_ids += [int(ids[j]) for j in range(n.value)]
-            llm.eval(prompt_ids[len(prompt_ids) - n.value:])
         else:
-            n_past = llama_cpp.llama_pos(0)
-            rc = mtmd.mtmd_helper_eval_chunk_single(ctx, llm.ctx, chunk, llama_cpp.llama_pos(llm.n_tokens),
-                                                    llama_cpp.llama_seq_id(0), llm.n_batch, False,
-                                                    ctypes.byref(n_past))
-            if rc != 0:
-                raise SystemExit(f"mtmd_helper_eval_chunk_single returned {rc}")
             prompt_ids += [-1] * mtmd.mtmd_input_chunk_get_n_tokens(chunk)
-            llm.n_tokens = n_past.value
+    np.save(out_path, np.stack(embds))  # [n_images (tiles), n_tokens, d], saved before the decoding
+    info = {"encode_s": encode_s, "n_images": len(embds), "prompt_ids": prompt_ids}
+    Path(out_path + ".json").write_text(json.dumps(info))
+    n_past = llama_cpp.llama_pos(0)
+    rc = mtmd.mtmd_helper_eval_chunks(ctx, llm.ctx, chunks, 0, 0, 512, True, ctypes.byref(n_past))
+    if rc != 0:
+        raise SystemExit(f"mtmd_helper_eval_chunks returned {rc}")
     n_vocab = llm.n_vocab()
 
     def last_logits() -> "np.ndarray":
@@ -121,12 +122,12 @@ def llamacpp_worker(text_path: str, mm_path: str, request_path: str, out_path: s
     tokens: List[int] = []
     for _ in range(int(req["new_tokens"])):  # greedy
         tokens.append(int(np.argmax(last_logits())))
-        llm.eval(tokens[-1:])
+        one = (llama_cpp.llama_token * 1)(tokens[-1])
+        if llama_cpp.llama_decode(llm.ctx, llama_cpp.llama_batch_get_one(one, 1)) != 0:
+            raise SystemExit("llama_decode failed while generating")
     np.save(out_path + ".logits.npy", first_logits)
-    np.save(out_path, embd)
-    Path(out_path + ".json").write_text(json.dumps({
-        "tokens": tokens, "text": llm.detokenize(tokens).decode("utf-8", "replace"), "encode_s": encode_s,
-        "n_image_tokens": None if embd is None else int(embd.shape[0]), "prompt_ids": prompt_ids}))
+    info.update(tokens=tokens, text=llm.detokenize(tokens).decode("utf-8", "replace"))
+    Path(out_path + ".json").write_text(json.dumps(info))
     mtmd.mtmd_free(ctx)
 
 
@@ -147,19 +148,27 @@ def llamacpp_python(requested: Optional[Path] = None) -> Optional[str]:
 
 def run_llamacpp(python: str, text_path: Path, mm_path: Path, image, prompt: str, work: Path,
                  new_tokens: int = 6) -> Dict[str, Any]:
-    """Run :func:`llamacpp_worker` in ``python``; ``{"embd": [n, d], "tokens", "text", ...}`` or ``{"error"}``."""
+    """Run :func:`llamacpp_worker` in ``python``; ``{"embd": [n_images, n, d], "tokens", "text", ...}``
+    or ``{"error"}`` (an image split into tiles by llama.cpp gives one entry per tile)."""
     import numpy as np
 
     work.mkdir(parents=True, exist_ok=True)
     np.save(work / "image.npy", np.asarray(image.convert("RGB"), dtype=np.uint8))
     req, out = work / "request.json", work / "embd.npy"
+    for stale in (out, Path(str(out) + ".json"), Path(str(out) + ".logits.npy")):
+        stale.unlink(missing_ok=True)
     req.write_text(json.dumps({"image": str(work / "image.npy"), "prompt": prompt, "new_tokens": new_tokens}))
     proc = subprocess.run([python, str(Path(__file__).resolve()), "--llamacpp-worker", str(text_path), str(mm_path),
                            str(req), str(out)], capture_output=True, text=True)
-    if proc.returncode != 0:
+    if not out.exists():
         return {"error": (proc.stdout + proc.stderr)[-3000:]}
-    return {"embd": np.load(out), "logits": np.load(str(out) + ".logits.npy"),
-            **json.loads(Path(str(out) + ".json").read_text())}
+    got = {"embd": np.load(out), **json.loads(Path(str(out) + ".json").read_text())}
+    if proc.returncode != 0 or "tokens" not in got:  # encoded, but decoding the prompt failed
+        got["eval_error"] = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "GGML_ASSERT" in ln
+                             or "Error" in ln][-1:] or (proc.stdout + proc.stderr)[-300:]
+    else:
+        got["logits"] = np.load(str(out) + ".logits.npy")
+    return got
 
 
 # ------------------------------------------------------------------ our side
@@ -184,7 +193,7 @@ def our_image_features(model, inputs) -> "Any":
     """``[n_tokens, d]`` projector output of our model for the processed image."""
     import torch
 
-    kw = {k: inputs[k] for k in ("pixel_values", "image_grid_thw") if k in inputs}
+    kw = {k: inputs[k] for k in ("pixel_values", "image_grid_thw", "pixel_attention_mask") if k in inputs}
     with torch.no_grad():
         out = model.model.get_image_features(**kw)
     out = getattr(out, "pooler_output", out)
@@ -255,6 +264,9 @@ def build(name: str):
     if name.startswith("qwen"):  # processor sized for the bench image (llama.cpp's qwen2vl needs >= 8 tokens)
         side = IMAGE_SIZES[name][0]
         proc.image_processor.size = {"shortest_edge": side * side, "longest_edge": side * side}
+    if name in ("idefics3", "smolvlm"):  # one 64-px tile (no splitting), so both sides see the same pixels
+        proc.image_processor.size = {"longest_edge": IMAGE_SIZES[name][0]}
+        proc.image_processor.do_image_splitting = False
     placeholder = "<|vision_start|><|image_pad|><|vision_end|>" if name.startswith("qwen") else "<image>"
     return (vlm.model, vlm.tokenizer, proc, make_image(IMAGE_SIZES[name]),
             "<|user|>\n<image>What is shown?<|assistant|>\n", placeholder)
@@ -282,20 +294,24 @@ def bench_one(name: str, qtype: str, python: str, work: Path) -> Dict[str, Any]:
     if "error" in got:
         rec["error"] = got["error"]
         return rec
+    if "eval_error" in got:
+        rec["eval_error"] = got["eval_error"]
     inputs = proc.image_processor(images=[image], return_tensors="pt")
     ours = our_image_features(ar.model, inputs)
     as_files = as_in_files(ar.model, ar.quantized_layers)
     ours16 = our_image_features(as_files, inputs)
-    theirs = got["embd"]
-    rec.update(n_image_tokens=int(theirs.shape[0]), ours_tokens=int(ours.shape[0]),
-               max_abs_ours=float(np.abs(ours).max()),
-               llamacpp_tokens=got["tokens"], llamacpp_text=got["text"], encode_s=round(got["encode_s"], 4))
+    theirs = got["embd"][-1]  # the last (for idefics3: the overview) image llama.cpp encoded
+    rec.update(n_image_tokens=int(theirs.shape[0]), llamacpp_images=int(got["embd"].shape[0]),
+               ours_tokens=int(ours.shape[0]), max_abs_ours=float(np.abs(ours).max()),
+               llamacpp_tokens=got.get("tokens"), llamacpp_text=got.get("text", got.get("eval_error")),
+               encode_s=round(got["encode_s"], 4))
     if theirs.shape == ours.shape:
         rec["max_diff_vs_ours"] = float(np.abs(theirs - ours).max())
         rec["max_diff_vs_ours_fp16"] = float(np.abs(theirs - ours16).max())
         cos = (theirs * ours).sum(-1) / (np.linalg.norm(theirs, axis=-1) * np.linalg.norm(ours, axis=-1))
         rec["min_token_cosine"] = float(cos.min())
-    rec.update(compare_logits(as_files, proc, prompt, placeholder, image, got))
+    if "logits" in got:
+        rec.update(compare_logits(as_files, proc, prompt, placeholder, image, got))
     if getattr(ar.model.config, "model_type", "") == "llava":
         emu = cls_last_features(as_files, inputs["pixel_values"].to(torch.float32))
         rec["max_diff_vs_cls_last_emulation"] = float(np.abs(theirs - emu).max())

@@ -88,25 +88,31 @@ image token included, as the vocabulary; LLaVA's llama/mistral/qwen2 LM by its t
 Qwen2.5-VL's as arch ``qwen2vl`` with ``rope.dimension_sections`` = ``mrope_section`` padded to 4),
 plus ``mmproj-<name>-F16.gguf`` (``general.architecture clip``, ``general.type mmproj``) for
 llama.cpp's mtmd. Supported: ``llava`` (CLIP tower, strategy ``default``, projector ``mlp``),
-``qwen2_vl`` (``qwen2vl_merger``), ``qwen2_5_vl`` (``qwen2.5vl_merger``). Any other VLM (gemma3,
-idefics3, smolvlm, mistral3, llava_next, mllama, qwen3_vl, ...) is refused before tuning, naming its
-model_type and these. Keys: ``clip.projector_type``, ``clip.has_vision_encoder``,
+``qwen2_vl`` (``qwen2vl_merger``), ``qwen2_5_vl`` (``qwen2.5vl_merger``), ``idefics3`` / ``smolvlm``
+(``idefics3``; Llama text model). Any other VLM (gemma3, whose gemma3 text arch this exporter lacks
+too, mistral3, llava_next, mllama, qwen3_vl, ...) is refused before tuning, naming its model_type
+and these. Keys: ``clip.projector_type``, ``clip.has_vision_encoder``,
 ``clip.vision.{image_size, patch_size, embedding_length, feed_forward_length, block_count,
 attention.head_count, attention.layer_norm_epsilon, projection_dim (= text hidden), image_mean,
 image_std}`` (mean / std from the processor's image processor); llava: ``clip.has_llava_projector``,
 ``clip.vision.feature_layer`` (``vision_feature_layer`` made non-negative: 0 = embeddings),
 ``clip.use_gelu`` (False: CLIP's quick_gelu); qwen: ``clip.vision.spatial_merge_size``, image_size
 560 (the converter's default), 2.5: ``clip.use_silu``, ``clip.vision.n_wa_pattern``
-(``fullatt_block_indexes[0] + 1``). ``L`` = vision block, ``e`` = vision hidden, ``m`` = its MLP
+(``fullatt_block_indexes[0] + 1``); idefics3: ``clip.use_gelu`` True,
+``clip.vision.projector.scale_factor``, ``clip.vision.preproc_image_size`` (the processor's
+``longest_edge``). ``L`` = vision block, ``e`` = vision hidden, ``m`` = its MLP
 width, ``p`` = patch size, ``P`` = positions, ``d`` = text hidden, ``i`` = projector input:
 
 ===============================  ================  ====  ==========================================
 mmproj tensor                    shape (numpy)     type  from
 ===============================  ================  ====  ==========================================
 v.class_embd                     [e]               F32   llava: embeddings.class_embedding
-v.patch_embd.weight              [e, 3, p, p]      F16   patch_embedding (qwen: Conv3d frame 0)
+v.patch_embd.weight              [e, 3, p, p]      F16   patch_embedding (qwen: Conv3d frame 0;
+                                                         idefics3: F32, as are its bias and
+                                                         position_embd)
+v.patch_embd.bias                [e]               F32   idefics3: patch_embedding.bias
 v.patch_embd.weight.1            [e, 3, p, p]      F16   qwen: Conv3d frame 1
-v.position_embd.weight           [P, e]            F32   llava: embeddings.position_embedding
+v.position_embd.weight           [P, e]            F32   llava, idefics3: position_embedding
 v.pre_ln.{weight,bias}           [e]               F32   llava: pre_layrnorm
 v.blk.L.ln1 / ln2.{weight,bias}  [e]               F32   layer_norm1/2 (qwen: norm1/2; 2.5: no bias)
 v.blk.L.attn_{q,k,v}.weight      [e, e]            F16   q/k/v_proj (qwen: attn.qkv split in 3)
@@ -119,11 +125,14 @@ v.blk.L.ffn_gate.{weight,bias}   [m, e] / [m]      F16/  qwen2.5: mlp.gate_proj
                                                    F32
 v.blk.L.ffn_down.{weight,bias}   [e, m] / [e]      F16/  mlp.fc2 (qwen2.5: mlp.down_proj)
                                                    F32
-v.post_ln.{weight,bias}          [e]               F32   qwen: merger.ln_q (2.5: RMSNorm, no bias)
+v.post_ln.{weight,bias}          [e]               F32   qwen: merger.ln_q (2.5: RMSNorm, no bias);
+                                                         idefics3: post_layernorm
 mm.0.{weight,bias}               [*, i] / [*]      F16/  llava: multi_modal_projector.linear_1;
                                                    F32   qwen: merger.mlp.0
 mm.2.{weight,bias}               [d, *] / [d]      F16/  llava: linear_2; qwen: merger.mlp.2
                                                    F32
+mm.model.fc.weight               [d, e*s*s]        F16   idefics3: connector.modality_projection.proj
+                                                         (after pixel shuffle by s = scale_factor)
 ===============================  ================  ====  ==========================================
 
 LLaVA writes blocks ``0 .. max(feature_layer) - 1`` only and no ``post_ln`` (its features precede
@@ -132,7 +141,7 @@ post_layernorm), as llama.cpp's legacy converter does. A vision layer tuned with
 with a K-quant mix the plan keeps vision layers FP instead, noted there). Known llama.cpp defect:
 its llava graph appends the CLS embedding after the patches (ggml-org/llama.cpp#25814), so
 llama.cpp's LLaVA-1.5 image embeddings differ from transformers' for any correct file
-(``bench/bench_gguf_mmproj.py`` measures it); Qwen2-VL agrees to fp16 noise.
+(``bench/bench_gguf_mmproj.py`` measures it); Qwen2-VL and Idefics3 agree to fp16 noise.
 
 Limitations: text causal LMs and the VLMs above only; a legacy type is one block type per file (mixed bits are refused; keep odd layers FP instead; the K types mix by their rules); Mistral's
 sliding window is not represented (as in llama.cpp's own converter; a warning says so).

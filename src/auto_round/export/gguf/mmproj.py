@@ -6,7 +6,8 @@ Vision-language families are data (:data:`VISION_ARCHS`): which ``model_type`` v
 ``TensorNameMap`` (MODEL_ARCH.MMPROJ) knows, the few tensors llama.cpp renames, splits or does not
 read, and the ``clip.*`` hyperparameters. Facts follow llama.cpp's converters: ``conversion/base.py``
 ``MmprojModel`` (common keys, tensor types), ``conversion/qwenvl.py`` ``Qwen2VLVisionModel``
-(qkv and Conv3d splits, window-attention pattern) and, for CLIP-based LLaVA-1.5 (which the HF
+(qkv and Conv3d splits, window-attention pattern), ``conversion/smolvlm.py`` ``SmolVLMModel``
+(Idefics3 / SmolVLM: F32 embeddings, scale factor, preprocessing size) and, for CLIP-based LLaVA-1.5 (which the HF
 converter no longer handles), ``tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py``
 (``mm.0``/``mm.2``, feature layers, no ``post_ln``), checked against ``tools/mtmd/clip.cpp``.
 
@@ -60,6 +61,7 @@ class VisionArch:
     skip: Tuple[str, ...] = ()  # regexes of in-memory names llama.cpp does not read
     fixes: Tuple[Tuple[str, str], ...] = ()  # (regex, replacement) on GGUF names: names clip.cpp reads
     splits: Tuple[Tuple[str, Split], ...] = ()  # (GGUF-name regex, split into several tensors)
+    f32: Tuple[str, ...] = ()  # regexes of in-memory names the converter writes F32 whatever their shape
     why: str = ""
 
 
@@ -189,6 +191,28 @@ def _split_conv3d(name: str, t: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
     return [(name, t[:, :, 0]), (name + ".1", t[:, :, 1])]
 
 
+# ---------------------------------------------------------------------------------- Idefics3 / SmolVLM
+def _idefics3_hparams(cfg: Any, ip: Any) -> HParams:
+    import gguf
+
+    v = _vision(cfg)
+    keys = _common(cfg, ip, gguf.VisionProjectorType.IDEFICS3, v.hidden_size, v.intermediate_size,
+                   v.num_hidden_layers, v.num_attention_heads, v.layer_norm_eps, v.image_size, v.patch_size)
+    keys[gguf.Keys.ClipVision.Projector.SCALE_FACTOR] = int(cfg.scale_factor)
+    keys[gguf.Keys.ClipVision.USE_GELU] = True  # gelu_pytorch_tanh is ggml's (tanh) gelu
+    # the processor's longest edge: llama.cpp resizes to it, then tiles by image_size (SmolVLMModel)
+    keys[gguf.Keys.ClipVision.PREPROC_IMAGE_SIZE] = int((getattr(ip, "size", None) or {}).get("longest_edge")
+                                                        or v.image_size)
+    return keys
+
+
+def _idefics3_problem(cfg: Any) -> Optional[str]:
+    v = _vision(cfg)
+    if v.hidden_act != "gelu_pytorch_tanh":
+        return f"vision hidden_act {v.hidden_act!r}: llama.cpp's idefics3 graph runs gelu (tanh)"
+    return None
+
+
 VISION_ARCHS: Tuple[VisionArch, ...] = (
     VisionArch(
         "llava", ("llava",), "model.language_model.",
@@ -206,6 +230,13 @@ VISION_ARCHS: Tuple[VisionArch, ...] = (
         why="merger inside the vision tower (ln_q -> v.post_ln, mlp.0/2 -> mm.0/2); fused qkv split in three; "
             "Conv3d patch embedding split into two Conv2d; 2.5: gated silu MLP, window attention every "
             "n_wa_pattern blocks"),
+    VisionArch(
+        "idefics3", ("idefics3", "smolvlm"), "model.text_model.",
+        (("model.vision_model.", "model.vision_model."), ("model.connector.", "model.connector.")),
+        _idefics3_hparams, lambda cfg: int(_vision(cfg).num_hidden_layers), _idefics3_problem,
+        f32=(r"\.embeddings\.",),
+        why="SigLIP-style tower (post_layernorm used), pixel-shuffle by scale_factor then one linear "
+            "(connector.modality_projection.proj -> mm.model.fc); SmolVLMModel writes the embeddings F32"),
 )
 
 
@@ -326,8 +357,9 @@ def plan_mmproj(model: nn.Module, layers: Dict[str, QuantizedWeight], arch: Visi
             if re.search(pattern, gname):
                 parts = split(gname, value)
                 break
+        forced = any(re.search(r, hf_name) for r in arch.f32)
         for name, t in parts:
-            dtype = ggml_float_type(name, t.dim())
+            dtype = np.float32 if forced else ggml_float_type(name, t.dim())
             if dtype == np.float16 and bool(t.abs().max() > FP16_MAX):
                 logger.warning("gguf mmproj: %s has values beyond fp16's range; written as F32", name)
                 dtype = np.float32
