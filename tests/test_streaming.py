@@ -189,11 +189,18 @@ def test_quantize_and_save_quantized_point_to_quantize_and_save(model_dir, tmp_p
         ar.save_quantized(tmp_path / "out")
 
 
-def test_refuses_a_vision_language_model():
+def test_refuses_a_vision_language_model(tmp_path):
+    from transformers import LlavaConfig
+
     from auto_round import AutoRoundMLLM
 
     with pytest.raises(ValueError, match="text LLM.*low_cpu_mem_usage=False"):
         AutoRoundMLLM("any/vlm", low_cpu_mem_usage=True)
+    folder = tmp_path / "llava"
+    LlavaConfig().save_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"")  # never read: the config refuses first
+    with pytest.raises(ValueError, match="vision-language model.*streams text LLMs only.*low_cpu_mem_usage=False"):
+        AutoRound(str(folder), low_cpu_mem_usage=True)
 
 
 def test_refuses_blocks_whose_output_is_not_their_hidden_state(model_dir, tmp_path, monkeypatch):

@@ -59,7 +59,11 @@ def local_folder(model: Union[str, Path, nn.Module], trust_remote_code: bool = F
         what = f"its weights are {', '.join(held[:3])}" if held else "it holds no weights"
         raise ValueError(f"{name!r} has no .safetensors shards ({what}); low_cpu_mem_usage=True streams safetensors "
                          f"only: convert the model (load it and save_pretrained it), {FIX}")
-    _refuse_vlm_folder(str(folder), trust_remote_code)
+    try:
+        _refuse_vlm_folder(str(folder), trust_remote_code)
+    except ValueError as e:
+        raise ValueError(f"{e}; low_cpu_mem_usage=True streams text LLMs only: quantize it with AutoRoundMLLM and "
+                         "low_cpu_mem_usage=False") from e
     return folder
 
 
