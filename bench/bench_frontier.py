@@ -7,7 +7,10 @@ the sides interleaved:
 
 - iters 0: ours plain RTN (``disable_opt_rtn``), ours optimized RTN (the iters-0 default), the
   reference's plain RTN (``disable_opt_rtn``) and the reference's optimized RTN (its default); with
-  ``--mixed B ...`` also ours with ``avg_bits=B`` over ``--mixed-options`` (mixed bits);
+  ``--mixed B ...`` also ours with ``avg_bits=B`` over ``--mixed-options`` (mixed bits) and the
+  reference's AutoScheme at the same average over the same schemes (the reference passes its
+  AutoRound data set to AutoScheme, which takes only a name or a file: that run reads the same
+  calibration text through the reference's own loader, not the identical windows);
 - iters > 0: ours (default), ours extended (``enable_alg_ext``), the reference plain and the
   reference with ``enable_alg_ext``.
 
@@ -52,9 +55,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed", nargs="*", type=float, default=[],
                    help="also ours at iters 0 with these avg_bits over --mixed-options (mixed bits)")
     p.add_argument("--mixed-options", default="W2G64,W4G128")
+    p.add_argument("--only", nargs="*", default=[],
+                   help="run only the variants whose label contains one of these strings (e.g. mixed AutoScheme)")
     return parse_bench_args(p, argv, NAME, "W4G128, iters 0 and 2, 4 samples of 64, ours only",
                             {"schemes": ["W4G128"], "iters": [0, 2], "nsamples": 4, "seqlen": 64,
                              "batch_size": 2, "eval_windows": 2, "sides": ["ours", "ours_ext"]})
+
+
+def ref_options(options: str) -> str:
+    """Our option names (``W2G64``, ``W4G128``) as the reference's presets (``W2A16G64``, ``W4A16``)."""
+    out = []
+    for o in options.split(","):
+        bits, gs = o.strip().upper().lstrip("W").split("G")
+        out.append(f"W{bits}A16" if gs == "128" else f"W{bits}A16G{gs}")
+    return ",".join(out)
 
 
 def _variants(side: str, iters: int, mixed: Sequence[float] = (), mixed_options: str = "") -> List[Dict[str, Any]]:
@@ -67,7 +81,10 @@ def _variants(side: str, iters: int, mixed: Sequence[float] = (), mixed_options:
                     for b in mixed]
         if side == "ref":
             return [{"label": "ref RTN", "opts": {"disable_opt_rtn": True}},
-                    {"label": "ref opt-RTN", "opts": {}}]
+                    {"label": "ref opt-RTN", "opts": {}}] + \
+                   [{"label": f"ref AutoScheme {b:g} bits", "opts": {"avg_bits": b,
+                                                                     "scheme_options": ref_options(mixed_options)}}
+                    for b in mixed]
         return []  # the extended tuners are tuners: nothing to add at iters 0
     return [{"label": {"ours": "ours", "ours_ext": "ours ext", "ref": "ref", "ref_ext": "ref alg_ext"}[side],
              "opts": {"enable_alg_ext": True} if side.endswith("_ext") else {}}]
@@ -134,6 +151,8 @@ def main(argv=None) -> int:
         for iters in args.iters:
             for side in args.sides:
                 for v in _variants(side, iters, args.mixed, args.mixed_options):
+                    if args.only and not any(o in v["label"] for o in args.only):
+                        continue
                     tag = f"{scheme}-it{iters}-{v['label'].replace(' ', '_')}"
                     log(f"run {tag}")
                     if side.startswith("ours"):
@@ -148,7 +167,9 @@ def main(argv=None) -> int:
                         out_dir = work / f"{tag}-out"
                         rec = run_reference(str(model_dir), text_file, out_dir, work, tag, bits=bits, group_size=gs,
                                             sym=True, iters=iters, nsamples=args.nsamples, seqlen=args.seqlen,
-                                            batch_size=args.batch_size, **{k: True for k in v["opts"]})
+                                            batch_size=args.batch_size,
+                                            **{k: (True if k in ("enable_alg_ext", "disable_opt_rtn") else val)
+                                               for k, val in v["opts"].items()})
                         ppl_rec = run_ppl(str(out_dir), eval_file, work, f"{tag}-ppl") if "error" not in rec else rec
                         rec["ppl"] = ppl_rec.get("ppl")
                         ppl, seconds = rec.get("ppl"), rec.get("quantize_and_save_s")

@@ -134,6 +134,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="device_map for the reference (cpu, cuda:0, ...)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--enable-alg-ext", action="store_true", help="the reference's enable_alg_ext (SignRoundV2 path)")
+    p.add_argument("--avg-bits", type=float, default=None,
+                   help="the reference's AutoScheme: mixed bits at this average over --options (bits, "
+                        "group size and sym then come from the options)")
+    p.add_argument("--options", default="W2A16G64,W4A16",
+                   help="AutoScheme options, the reference's preset names (W2A16G64 = 2-bit g64 sym, W4A16 = 4-bit "
+                        "g128 sym)")
     p.add_argument("--disable-opt-rtn", action="store_true",
                    help="with --iters 0: plain round-to-nearest instead of the reference's optimized RTN (its default)")
     return p.parse_args(argv)
@@ -166,8 +172,20 @@ def run(args: argparse.Namespace, record: dict, capture: _LossCapture) -> None:
         else:
             dataset = _calib_reference(args.dataset, Path(work))
         t1 = time.perf_counter()
+        if args.avg_bits is not None:
+            from auto_round import AutoScheme
+
+            # The reference hands AutoRound's dataset to AutoScheme, which takes only a data set name or
+            # file: the run then reads the same text through the reference's own loader (its windows).
+            dataset = _calib_reference(args.dataset, Path(work))
+            record["calibration_note"] = "avg_bits: the reference's own loader on the same text"
+            scheme_kw = {"scheme": AutoScheme(avg_bits=args.avg_bits, options=args.options.split(","),
+                                              nsamples=args.nsamples, seqlen=args.seqlen,
+                                              batch_size=args.batch_size)}
+        else:
+            scheme_kw = {"bits": args.bits, "group_size": args.group_size, "sym": args.sym}
         ar = AutoRound(
-            model, tokenizer, bits=args.bits, group_size=args.group_size, sym=args.sym,
+            model, tokenizer, **scheme_kw,
             iters=args.iters, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=args.batch_size,
             dataset=dataset, seed=args.seed, device_map=args.device, enable_torch_compile=False,
             **({"enable_alg_ext": True} if args.enable_alg_ext else {}),
@@ -191,7 +209,7 @@ def main(argv=None) -> int:
         "settings": {k: getattr(args, k) for k in ("bits", "group_size", "sym", "iters", "nsamples",
                                                    "seqlen", "batch_size", "seed", "format",
                                                    "calib_mode", "dtype", "device", "enable_alg_ext",
-                                                   "disable_opt_rtn")},
+                                                   "disable_opt_rtn", "avg_bits", "options")},
         "output_dir": str(args.output_dir),
     }
     capture = _LossCapture()
