@@ -72,6 +72,7 @@ SETTING_GROUP = {
     "resume_dir": "tuning", "enable_alg_ext": "tuning",
     "nsamples": "data", "seqlen": "data", "batch_size": "data", "dataset": "data",
     "device": "device", "threads": "device", "low_gpu_mem_usage": "device", "offload_dir": "device",
+    "low_cpu_mem_usage": "device",
     "quant_nontext_module": "multimodal", "extra_data_dir": "multimodal", "template": "multimodal",
     "truncation": "multimodal",
 }
