@@ -154,6 +154,10 @@ def test_vlm_lists_its_vision_tower_in_ignore_and_reloads(tmp_path):
     vision = [n for n in linears if "vision_tower" in n]
     assert vision and set(vision) <= set(cfg["ignore"])
     assert sorted(cfg["ignore"]) == sorted(n for n in linears if n not in ar.quantized_layers)
+    # vLLM names the vision tower its own way (vision_tower.vision_model.encoder...), so the ignore entries
+    # (transformers' names) miss it and a "Linear" target quantized it: the groups name the quantized layers.
+    targets = [t for g in cfg["config_groups"].values() for t in g["targets"]]
+    assert sorted(targets) == sorted(ar.quantized_layers)
     _check_tensors_are_ours(out, ar)
     inputs = vlm.inputs("What is shown?", images=[make_image(vlm.image_size)])
     with torch.no_grad():

@@ -43,8 +43,10 @@ it takes no ``abs``). Every other tensor is the model's own, saved by ``save_pre
 
 ``quantization_config``: ``quant_method "compressed-tensors"``, ``format "pack-quantized"``,
 ``quantization_status "compressed"``, ``config_groups``: one group targeting ``"Linear"`` when every
-quantized layer shares one scheme, else one group per distinct scheme targeting the exact layer
-names (compressed-tensors matches a target by exact module name, class name, or ``re:`` regex);
+quantized layer shares one scheme and only ``lm_head`` stays FP, else one group per distinct scheme
+targeting the exact layer names (always so for a VLM: vLLM names its vision tower differently from
+transformers, so the ``ignore`` entries miss it there and ``"Linear"`` reached it; measured with
+``bench/bench_vllm.py``) (compressed-tensors matches a target by exact module name, class name, or ``re:`` regex);
 ``ignore`` lists every Linear kept in full precision (``lm_head``, a VLM's vision tower and
 projector, ``fp_layers``): vLLM looks every Linear that is not ignored up in the targets. Schemes: weights only,
 ``type "int"``, ``strategy "group"`` (``group_size``) or ``"channel"`` (``group_size == in``).
@@ -145,6 +147,15 @@ def compressed_tensors_of(qw: QuantizedWeight, weight_dtype: torch.dtype) -> Dic
     return out
 
 
+def _only_heads_fp(fp_linears: List[str]) -> bool:
+    """Whether every Linear kept FP is an output head (``lm_head``), which engines build as their own
+    class and name alike; then a ``"Linear"`` target with ``ignore`` is safe. Otherwise (a VLM's vision
+    tower, ``fp_layers``) the groups name their layers: engines rename modules (vLLM's LLaVA has
+    ``vision_tower.vision_model.encoder...`` where transformers 5 has ``model.vision_tower.encoder...``),
+    so an ``ignore`` entry may miss and ``"Linear"`` would reach an FP layer whose tensors are not packed."""
+    return all(name.rsplit(".", 1)[-1] == "lm_head" for name in fp_linears)
+
+
 def build_ct_config(layers: Dict[str, QuantizedWeight], fp_linears: List[str]) -> Any:
     """The compressed-tensors ``QuantizationConfig`` of ``layers`` (see the module docstring)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
@@ -157,7 +168,7 @@ def build_ct_config(layers: Dict[str, QuantizedWeight], fp_linears: List[str]) -
         bits, sym, strategy, group_size = key
         args = QuantizationArgs(num_bits=bits, type="int", symmetric=sym, strategy=strategy,
                                 group_size=group_size, dynamic=False)
-        targets = ["Linear"] if len(by_scheme) == 1 else sorted(names)
+        targets = ["Linear"] if len(by_scheme) == 1 and _only_heads_fp(fp_linears) else sorted(names)
         groups[f"group_{i}"] = QuantizationScheme(targets=targets, weights=args)
     return QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
                               ignore=sorted(fp_linears))
