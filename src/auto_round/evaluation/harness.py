@@ -77,19 +77,23 @@ def _manager_for(tasks: Sequence[str]) -> tuple:
     return names, _task_manager(tuple(folders), defaults=not all(t.endswith((".yaml", ".yml")) for t in tasks))
 
 
+def unknown_tasks(names: Sequence[str], known: Any) -> List[str]:
+    """Each of ``names`` a harness does not know, with its closest known names (``"mmeee (did you mean mme?)"``)."""
+    import difflib
+
+    known = set(known)
+    return [n + (f" (did you mean {', '.join(c)}?)" if (c := difflib.get_close_matches(n, known, n=3)) else "")
+            for n in names if n not in known]
+
+
 def check_lm_eval_tasks(tasks: Sequence[str]) -> None:
     """ImportError without lm-eval; ValueError naming each task lm-eval does not know (with the closest
     names), so a typo fails before any tuning."""
-    import difflib
-
     import_lm_eval()
     names, manager = _manager_for(tasks)
-    known = set(manager.all_tasks)
-    unknown = [n for n in names if n not in known]
+    unknown = unknown_tasks(names, manager.all_tasks)
     if unknown:
-        hints = [n + (f" (did you mean {', '.join(c)}?)" if (c := difflib.get_close_matches(n, known, n=3)) else "")
-                 for n in unknown]
-        raise ValueError(f"lm-eval has no task {'; '.join(hints)}; list them with 'lm-eval ls tasks', or give a "
+        raise ValueError(f"lm-eval has no task {'; '.join(unknown)}; list them with 'lm-eval ls tasks', or give a "
                          "task YAML path")
 
 

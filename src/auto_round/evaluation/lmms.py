@@ -19,7 +19,6 @@ the datasets cache fails with an error naming the task and the fix.
 
 from __future__ import annotations
 
-import difflib
 import functools
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -238,14 +237,13 @@ def _manager_for(tasks: Sequence[str]) -> Tuple[List[str], Any]:
 def check_lmms_tasks(tasks: Sequence[str]) -> None:
     """ImportError without lmms-eval; ValueError naming each task lmms-eval does not know (closest names
     suggested), so a typo fails before any tuning."""
+    from auto_round.evaluation.harness import unknown_tasks
+
     import_lmms_eval()
     names, manager = _manager_for(tasks)
-    known = set(manager.all_tasks)
-    unknown = [n for n in names if n not in known]
+    unknown = unknown_tasks(names, manager.all_tasks)
     if unknown:
-        hints = [n + (f" (did you mean {', '.join(c)}?)" if (c := difflib.get_close_matches(n, known, n=3)) else "")
-                 for n in unknown]
-        raise ValueError(f"lmms-eval has no task {'; '.join(hints)}; a text task of lm-eval is named lm_eval:TASK, "
+        raise ValueError(f"lmms-eval has no task {'; '.join(unknown)}; a text task of lm-eval is named lm_eval:TASK, "
                          "and a custom task is a task YAML path")
 
 
