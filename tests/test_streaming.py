@@ -255,3 +255,28 @@ def test_meta_params_only_no_buffer_lost(model_dir):
         assert torch.equal(b, r), n
     assert {n: p.dtype for n, p in ar.model.named_parameters()} == {n: p.dtype for n, p in ref.named_parameters()}
     assert isinstance(ar.model.model.layers[0].mlp.up_proj, nn.Linear)
+
+
+def test_the_heap_is_trimmed_after_each_streamed_unit(monkeypatch):
+    """glibc keeps a freed block's pages; the streamed release hands them back (trim_heap) once per unit."""
+    import sys
+
+    from auto_round.device import trim_heap
+    from auto_round.model_free import streaming
+
+    assert trim_heap() is sys.platform.startswith("linux")  # glibc here: malloc_trim exists and ran
+    calls = []
+    monkeypatch.setattr(streaming, "trim_heap", lambda: calls.append(1) or True)
+
+    class _Writer:
+        def write_layers(self, records):
+            pass
+
+    class _Weights:
+        def free(self, name):
+            pass
+
+    units = streaming.StreamedUnits.__new__(streaming.StreamedUnits)
+    units.writer, units.weights = _Writer(), _Weights()
+    assert units.release(None, ["model.layers.0"], {}) == {}
+    assert calls == [1]

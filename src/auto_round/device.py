@@ -37,3 +37,25 @@ def peak_rss_mb() -> float:
 
 def peak_gpu_mb() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else 0.0
+
+
+def trim_heap() -> bool:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim(0)``); True when it ran.
+
+    A streamed run frees one block's weights and packing temporaries after each block; glibc keeps
+    freed memory in its arenas, so without a trim the resident size creeps up block after block
+    (about 10 MB a block measured on a random Llama), though nothing leaks. A no-op (False) where
+    the C library has no ``malloc_trim`` (macOS, musl, Windows)."""
+    import ctypes
+    import ctypes.util
+
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return False
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    trim(0)
+    return True

@@ -43,6 +43,7 @@ import torch
 import torch.nn as nn
 
 from auto_round.calib.cache import CapturedBatch, capture_block_inputs
+from auto_round.device import trim_heap
 from auto_round.export.folder import check_output_dir, write_atomically
 from auto_round.model_free.checkpoint import INDEX, Checkpoint
 from auto_round.model_free.core import (COPY_CHUNK_BYTES, layer_layout, packed_tensors, replace_with_packed,
@@ -206,7 +207,9 @@ class StreamedUnits(UnitHooks):
         self.writer.write_layers(records)
         for n in names:
             self.weights.free(n)
-        return {k: _meta_record(q) for k, q in records.items()}
+        kept = {k: _meta_record(q) for k, q in records.items()}
+        trim_heap()  # the freed block's pages back to the system: a flat peak with depth, not glibc's creep
+        return kept
 
     def fingerprint(self, model: nn.Module) -> str:
         return self.weights.fingerprint()
