@@ -140,3 +140,15 @@ def test_cli_refuses_a_task_that_cannot_run_before_tuning(model_dir, tmp_path, c
     with pytest.raises(SystemExit) as e:
         main(["--eval", "--model", str(model_dir)])
     assert e.value.code == 2 and "--eval needs --tasks" in capsys.readouterr().err
+
+
+def test_a_harness_that_cannot_download_its_data_says_so_naming_the_tasks():
+    from auto_round.evaluation.harness import missing_data_said_plainly
+
+    with pytest.raises(ValueError, match=r"lmms-eval task\(s\) \['mme'\] need a data set that is not on disk .*"
+                                         r"Couldn't reach the hub.*or use local files"):
+        with missing_data_said_plainly("lmms-eval", ["mme"], "or use local files"):
+            raise ConnectionError("Couldn't reach the hub")
+    with pytest.raises(KeyError):  # anything else passes unchanged
+        with missing_data_said_plainly("lm-eval", ["hellaswag"], "or use local files"):
+            raise KeyError("acc")

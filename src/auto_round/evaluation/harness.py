@@ -9,10 +9,11 @@ download fails with an error naming the tasks and the fix.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import numbers
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, Iterator, List, Sequence
 
 INSTALL_HINT = ("pip install 'auto-round[eval]' (or pip install lm-eval); the built-in ppl:FILE task needs no "
                 "harness")
@@ -62,19 +63,39 @@ def split_task_files(tasks: Sequence[str]) -> tuple:
     return names, sorted(set(folders))
 
 
-@functools.lru_cache(maxsize=4)
-def _task_manager(folders: tuple, defaults: bool = True) -> Any:
-    """lm-eval's task index, once per search path; its own tasks (slow to index: it reads every task YAML)
+@functools.lru_cache(maxsize=8)
+def _task_manager(manager_cls: type, folders: tuple, defaults: bool) -> Any:
+    """A harness's task index, once per search path; its own tasks (slow to index: it reads every task YAML)
     only when ``defaults``."""
-    from lm_eval.tasks import TaskManager
+    return manager_cls(include_path=list(folders) or None, include_defaults=defaults)
 
-    return TaskManager(include_path=list(folders) or None, include_defaults=defaults)
+
+def task_index(tasks: Sequence[str], manager_cls: type) -> tuple:
+    """``(task names, task manager)`` of a harness whose ``TaskManager`` class is ``manager_cls`` (lm-eval's,
+    lmms-eval's); the harness's own task index is skipped when every task is a YAML file."""
+    names, folders = split_task_files(tasks)
+    return names, _task_manager(manager_cls, tuple(folders), not all(t.endswith((".yaml", ".yml")) for t in tasks))
 
 
 def _manager_for(tasks: Sequence[str]) -> tuple:
-    """``(task names, task manager)``; lm-eval's own task index is skipped when every task is a YAML file."""
-    names, folders = split_task_files(tasks)
-    return names, _task_manager(tuple(folders), defaults=not all(t.endswith((".yaml", ".yml")) for t in tasks))
+    from lm_eval.tasks import TaskManager
+
+    return task_index(tasks, TaskManager)
+
+
+@contextlib.contextmanager
+def missing_data_said_plainly(harness: str, names: Sequence[str], fix: str) -> Iterator[None]:
+    """Re-raise a harness run's failure to download a data set as a ValueError naming the tasks and ``fix``;
+    any other error passes unchanged."""
+    try:
+        yield
+    except Exception as e:
+        text = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if any(w in f"{type(e).__name__} {e}".lower() for w in _NETWORK_WORDS):
+            raise ValueError(f"{harness} task(s) {list(names)} need a data set that is not on disk and cannot be "
+                             f"downloaded here ({text}); run once with network access to fill the datasets cache, "
+                             f"{fix}") from e
+        raise
 
 
 def unknown_tasks(names: Sequence[str], known: Any) -> List[str]:
@@ -110,13 +131,6 @@ def run_lm_eval(model: Any, tokenizer: Any, tasks: Sequence[str], batch_size: in
 
     names, manager = _manager_for(tasks)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    try:
+    with missing_data_said_plainly("lm-eval", names, "or use a custom task YAML on a local file, or --tasks ppl:FILE"):
         out = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit)
-    except Exception as e:  # re-raised with the task names; a missing download is said plainly
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if any(w in f"{type(e).__name__} {e}".lower() for w in _NETWORK_WORDS):
-            raise ValueError(f"lm-eval task(s) {names} need a data set that is not on disk and cannot be downloaded "
-                             f"here ({text}); run once with network access to fill the datasets cache, or use a "
-                             "custom task YAML on a local file, or --tasks ppl:FILE") from e
-        raise
     return {task: _numeric_metrics(m) for task, m in (out or {}).get("results", {}).items()}

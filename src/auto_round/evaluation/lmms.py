@@ -215,23 +215,12 @@ def harness_model(model: nn.Module, processor: Any) -> Any:
     return _adapter_class()(model, processor)
 
 
-def split_task_files(tasks: Sequence[str]) -> Tuple[List[str], List[str]]:
-    """``(task names, folders to search)``: a ``.yaml`` path becomes its ``task:`` name and its folder."""
-    from auto_round.evaluation.harness import split_task_files as split
-
-    return split(tasks)
-
-
-@functools.lru_cache(maxsize=4)
-def _task_manager(folders: Tuple[str, ...], defaults: bool = True) -> Any:
+def _manager_for(tasks: Sequence[str]) -> Tuple[List[str], Any]:
     from lmms_eval.tasks import TaskManager
 
-    return TaskManager(include_path=list(folders) or None, include_defaults=defaults)
+    from auto_round.evaluation.harness import task_index
 
-
-def _manager_for(tasks: Sequence[str]) -> Tuple[List[str], Any]:
-    names, folders = split_task_files(tasks)
-    return names, _task_manager(tuple(folders), defaults=not all(t.endswith((".yaml", ".yml")) for t in tasks))
+    return task_index(tasks, TaskManager)
 
 
 def check_lmms_tasks(tasks: Sequence[str]) -> None:
@@ -249,21 +238,13 @@ def check_lmms_tasks(tasks: Sequence[str]) -> None:
 
 def run_lmms_eval(model: nn.Module, processor: Any, tasks: Sequence[str], limit: Any = None) -> Dict[str, Dict[str, float]]:
     """Evaluate ``model`` on lmms-eval ``tasks``; ``{task: {metric: value}}`` (numeric metrics only)."""
-    from auto_round.evaluation.harness import _NETWORK_WORDS, _numeric_metrics
+    from auto_round.evaluation.harness import _numeric_metrics, missing_data_said_plainly
 
     import_lmms_eval()
     from lmms_eval.evaluator import simple_evaluate
 
     names, manager = _manager_for(tasks)
-    try:
+    with missing_data_said_plainly("lmms-eval", names, "or use a custom task YAML on local files"):
         out = simple_evaluate(model=harness_model(model, processor), tasks=names, task_manager=manager, limit=limit,
                               batch_size=1, log_samples=False)
-    except Exception as e:  # re-raised with the task names; a missing download is said plainly
-        text = str(e).splitlines()[0] if str(e) else type(e).__name__
-        if any(w in f"{type(e).__name__} {e}".lower() for w in _NETWORK_WORDS):
-            raise ValueError(f"lmms-eval task(s) {names} need a data set that is not on disk and cannot be "
-                             f"downloaded here ({text}); run once with network access to fill the datasets cache, "
-                             "or use a custom task YAML on local files") from e
-        raise
     return {task: _numeric_metrics(m) for task, m in (out or {}).get("results", {}).items()}
-
