@@ -165,6 +165,21 @@ def bbc_texts() -> tuple:
     return bbc_split(ASSETS)
 
 
+def bbc_files(work: Path, tokenizer, eval_seqlen: int, eval_windows: int) -> tuple:
+    """``(calib_file, heldout_windows_file)`` under ``work``: the BBC calibration articles as ``.jsonl`` (one
+    article per line, read by our normal data path) and the first ``eval_windows`` held-out windows of
+    ``eval_seqlen`` tokens (``torch.save``), what the perplexity jobs score."""
+    import torch
+
+    from auto_round.assets import token_windows
+
+    calib, heldout = bbc_texts()
+    calib_file, windows_file = work / "bbc_calib.jsonl", work / "heldout_windows.pt"
+    calib_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in calib), encoding="utf-8")
+    torch.save(token_windows(tokenizer, heldout, eval_seqlen, eval_windows), windows_file)
+    return calib_file, windows_file
+
+
 def write_text_for_windows(tokenizer, texts: Sequence[str], path: Path, tokens_needed: int,
                            margin: float = 1.15) -> None:
     """Write the first texts (joined by blank lines) that give ``tokens_needed`` tokens and a margin.

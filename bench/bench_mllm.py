@@ -26,13 +26,12 @@ interleaved (``--repeats`` rounds alternate their order).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (parse_bench_args, WORK, bbc_texts, fmt, log, machine_info, mean, ours_block_losses, print_table,  # noqa: E402
+from _common import (parse_bench_args, WORK, bbc_files, fmt, log, machine_info, mean, ours_block_losses, print_table,  # noqa: E402
                      run_ours, run_ppl, smollm2_dir, write_json)
 
 NAME = "mllm"
@@ -54,20 +53,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
     from transformers import AutoTokenizer
-
-    from auto_round.assets import token_windows
 
     work = WORK / NAME
     work.mkdir(parents=True, exist_ok=True)
     lm_dir = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(lm_dir)  # the VLM's tokenizer adds only <image> after these ids
-    calib, heldout = bbc_texts()
-    calib_file = work / "bbc_calib.jsonl"
-    calib_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in calib), encoding="utf-8")
-    eval_file = work / "heldout_windows.pt"
-    torch.save(token_windows(tok, heldout, args.eval_seqlen, args.eval_windows), eval_file)
+    calib_file, eval_file = bbc_files(work, tok, args.eval_seqlen, args.eval_windows)
 
     base = {"bits": 4, "group_size": 128, "sym": True, "iters": args.iters, "nsamples": args.nsamples,
             "seed": 42, "device": "cpu"}

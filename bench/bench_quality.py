@@ -20,14 +20,13 @@ Each quantization runs in its own process (peak RSS per run).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (parse_bench_args, WORK, bbc_texts, fmt, log, machine_info, mean, ours_block_losses, print_table,  # noqa: E402
+from _common import (parse_bench_args, WORK, bbc_files, fmt, log, machine_info, mean, ours_block_losses, print_table,  # noqa: E402
                      run_ours, run_ppl, smollm2_dir, write_json)
 
 NAME = "quality"
@@ -50,20 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
     from transformers import AutoTokenizer
-
-    from auto_round.assets import token_windows
 
     work = WORK / NAME
     work.mkdir(parents=True, exist_ok=True)
     model_dir = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    calib, heldout = bbc_texts()
-    calib_file = work / "bbc_calib.jsonl"
-    calib_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in calib), encoding="utf-8")
-    windows_file = work / "heldout_windows.pt"
-    torch.save(token_windows(tok, heldout, args.eval_seqlen, args.eval_windows), windows_file)
+    calib_file, windows_file = bbc_files(work, tok, args.eval_seqlen, args.eval_windows)
 
     common = {"iters": args.iters, "nsamples": args.nsamples, "seqlen": args.seqlen,
               "batch_size": args.batch_size, "seed": 42, "device": "cpu", "dataset": str(calib_file)}

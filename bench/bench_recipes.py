@@ -15,13 +15,12 @@ given (``--recipes``), so a run's time is its own.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (WORK, bbc_texts, fmt, log, machine_info, parse_bench_args, print_table, run_ours,  # noqa: E402
+from _common import (WORK, bbc_files, fmt, log, machine_info, parse_bench_args, print_table, run_ours,  # noqa: E402
                      run_ppl, smollm2_dir, write_json)
 
 NAME = "recipes"
@@ -60,20 +59,13 @@ def recipe_options(recipe: str, args: argparse.Namespace) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
     from transformers import AutoTokenizer
-
-    from auto_round.assets import token_windows
 
     work = WORK / NAME
     work.mkdir(parents=True, exist_ok=True)
     model_dir = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    calib, heldout = bbc_texts()
-    calib_file = work / "bbc_calib.jsonl"
-    calib_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in calib), encoding="utf-8")
-    windows_file = work / "heldout_windows.pt"
-    torch.save(token_windows(tok, heldout, args.eval_seqlen, args.eval_windows), windows_file)
+    calib_file, windows_file = bbc_files(work, tok, args.eval_seqlen, args.eval_windows)
     record = {"benchmark": NAME, "model": str(model_dir), "scheme": f"W{args.bits}G{args.group_size} sym",
               "eval": {"windows": args.eval_windows, "seqlen": args.eval_seqlen, "split": "BBC held-out"},
               "machine": machine_info(), "runs": {}}

@@ -56,7 +56,7 @@ def render_prompt(model: nn.Module, processor: Any, context: str, n_images: int)
         content.append({"type": "text", "text": context})
         return processor.apply_chat_template([{"role": "user", "content": content}], tokenize=False,
                                              add_generation_prompt=True)
-    from auto_round.mllm.template import IMAGE_PLACEHOLDER, get_template
+    from auto_round.mllm.template import get_template
 
     if n_images > 1:
         raise ValueError(f"a prompt with {n_images} images needs a chat template, and this model's processor has "
