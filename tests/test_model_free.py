@@ -13,6 +13,7 @@ from safetensors import safe_open
 from auto_round import AutoRound, quantize_model_free
 from auto_round.inference import load_quantized
 from auto_round.model_free import core
+from checkpoints import checkpoint_tensors, save_model
 from tiny_models import tiny_llama, tiny_qwen2
 from tokenizer_fixture import make_tokenizer
 
@@ -27,26 +28,6 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def _save(model, folder: Path, dtype=None, shard: str = None) -> Path:
-    if dtype is not None:
-        model = model.to(dtype)
-    kwargs = {"max_shard_size": shard} if shard else {}
-    model.save_pretrained(folder, **kwargs)
-    make_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def _tensors(folder: Path):
-    """Every tensor of a checkpoint folder as raw bytes, with dtype and shape (byte identity, NaN-safe)."""
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as fh:
-            for k in fh.keys():
-                t = fh.get_tensor(k)
-                out[k] = (t.dtype, tuple(t.shape), t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return out
-
-
 def _both(src: Path, tmp: Path, fmt: str = "auto_round", **opts):
     mem = AutoRound(str(src), **RTN, **opts).quantize_and_save(tmp / "mem", format=fmt)[0]
     free = quantize_model_free(src, tmp / "free", format=fmt, **opts)
@@ -54,7 +35,7 @@ def _both(src: Path, tmp: Path, fmt: str = "auto_round", **opts):
 
 
 def _assert_identical(mem: Path, free: Path):
-    a, b = _tensors(mem), _tensors(free)
+    a, b = checkpoint_tensors(mem), checkpoint_tensors(free)
     assert sorted(a) == sorted(b)
     different = [k for k in a if a[k] != b[k]]
     assert not different, different[:5]
@@ -79,7 +60,7 @@ def test_same_bytes_as_in_memory_rtn(case, tmp_path):
     """Every tensor (packed layers, copied embeddings/norms/lm_head, biases of Qwen2's q/k/v), config.json and
     quantization_config.json equal the in-memory path's; sharded inputs give sharded outputs with an index."""
     factory, dtype, shard, opts = CASES[case]
-    src = _save(factory(), tmp_path / "src", dtype, shard)
+    src = save_model(factory(), tmp_path / "src", dtype, shard)
     mem, free = _both(src, tmp_path, **opts)
     tensors = _assert_identical(mem, free)
     packed = [k for k in tensors if k.endswith(".qweight")]
@@ -101,14 +82,14 @@ def test_chunked_rounding_and_copying_change_no_bit(tmp_path, monkeypatch):
     (uneven, so the last chunk is short) the output is still the in-memory path's bytes."""
     monkeypatch.setattr(core, "CHUNK_ELEMENTS", 3 * 64)
     monkeypatch.setattr(core, "COPY_CHUNK_BYTES", 3 * 64 * 2)
-    src = _save(tiny_llama(), tmp_path / "src", torch.bfloat16)
+    src = save_model(tiny_llama(), tmp_path / "src", torch.bfloat16)
     mem, free = _both(src, tmp_path, bits=4, group_size=32)
     _assert_identical(mem, free)
 
 
 @pytest.mark.parametrize("fmt", ["auto_gptq", "auto_round:auto_awq", "auto_awq"])
 def test_other_packed_formats(fmt, tmp_path):
-    src = _save(tiny_llama(), tmp_path / "src", torch.bfloat16, "60KB")
+    src = save_model(tiny_llama(), tmp_path / "src", torch.bfloat16, "60KB")
     mem, free = _both(src, tmp_path, fmt=fmt, bits=4, group_size=32)
     tensors = _assert_identical(mem, free)
     assert any(k.endswith(".g_idx") for k in tensors) == (fmt == "auto_gptq")
@@ -117,7 +98,7 @@ def test_other_packed_formats(fmt, tmp_path):
 def test_reloads_to_the_in_memory_logits(tmp_path):
     """load_quantized of the model-free folder gives the logits of the in-memory path's folder, and both are close
     to the in-memory quantized model itself."""
-    src = _save(tiny_qwen2(), tmp_path / "src", None, "60KB")
+    src = save_model(tiny_qwen2(), tmp_path / "src", None, "60KB")
     ar = AutoRound(str(src), **RTN, bits=4, group_size=32)
     mem = ar.quantize_and_save(tmp_path / "mem", inplace=False)[0]
     free = quantize_model_free(src, tmp_path / "free", bits=4, group_size=32)
@@ -133,7 +114,7 @@ def test_reloads_to_the_in_memory_logits(tmp_path):
 def test_cli_model_free(tmp_path):
     from auto_round.cli import main
 
-    src = _save(tiny_llama(), tmp_path / "src", torch.bfloat16, "60KB")
+    src = save_model(tiny_llama(), tmp_path / "src", torch.bfloat16, "60KB")
     assert main(["--model", str(src), "--model_free", "--group_size", "32", "--output_dir", str(tmp_path / "o")]) == 0
     free = tmp_path / "o" / "src-w4g32"
     mem = AutoRound(str(src), **RTN, group_size=32).quantize_and_save(tmp_path / "mem")[0]
@@ -143,7 +124,7 @@ def test_cli_model_free(tmp_path):
 def test_cli_model_free_refuses_tuning_iters(tmp_path, capsys):
     from auto_round.cli import main
 
-    src = _save(tiny_llama(), tmp_path / "src")
+    src = save_model(tiny_llama(), tmp_path / "src")
     with pytest.raises(SystemExit):
         main(["--model", str(src), "--model_free", "--iters", "5", "--output_dir", str(tmp_path / "o")])
     assert "--model_free" in capsys.readouterr().err
@@ -172,7 +153,7 @@ def test_pickled_weights_are_refused(tmp_path):
 
 
 def test_unsupported_format_and_iters_are_refused_before_reading(tmp_path):
-    src = _save(tiny_llama(), tmp_path / "src")
+    src = save_model(tiny_llama(), tmp_path / "src")
     for fmt in ("fake", "gguf:q4_0", "llm_compressor"):
         with pytest.raises(ValueError, match=rf"format '{fmt}' is not available in model-free mode.*auto_gptq"):
             quantize_model_free(src, tmp_path / "out", format=fmt)
@@ -188,7 +169,7 @@ def test_unsupported_format_and_iters_are_refused_before_reading(tmp_path):
 
 
 def test_already_quantized_and_corrupt_inputs_are_refused(tmp_path):
-    src = _save(tiny_llama(), tmp_path / "src")
+    src = save_model(tiny_llama(), tmp_path / "src")
     out = quantize_model_free(src, tmp_path / "q", group_size=32)
     with pytest.raises(ValueError, match="already quantized.*quant_method 'auto-round'"):
         quantize_model_free(out, tmp_path / "q2")
@@ -203,7 +184,7 @@ def test_non_finite_weight_is_refused_naming_the_layer_and_nothing_is_written(ba
     model = tiny_llama()
     with torch.no_grad():
         model.model.layers[1].mlp.up_proj.weight[5, 7] = float(bad)
-    src = _save(model, tmp_path / "src")
+    src = save_model(model, tmp_path / "src")
     with pytest.raises(ValueError, match=r"model.layers.1.mlp.up_proj holds NaN or Inf"):
         quantize_model_free(src, tmp_path / "out", group_size=32)
     assert not (tmp_path / "out").exists()
@@ -214,7 +195,7 @@ def test_renamed_checkpoint_tensors_are_refused_not_skipped(tmp_path):
     """A checkpoint whose tensor names are not the model's module names would quantize nothing: refused."""
     from safetensors.torch import load_file, save_file
 
-    src = _save(tiny_llama(), tmp_path / "src")
+    src = save_model(tiny_llama(), tmp_path / "src")
     state = load_file(str(src / "model.safetensors"))
     save_file({k.replace("model.layers.", "model.decoder.layers."): v for k, v in state.items()},
               str(src / "model.safetensors"), metadata={"format": "pt"})
@@ -226,7 +207,7 @@ def test_renamed_checkpoint_tensors_are_refused_not_skipped(tmp_path):
 def test_output_folder_rules(tmp_path):
     """The source folder is never written; a foreign non-empty folder needs overwrite=True and keeps the user's
     files; a rerun into our own checkpoint replaces it."""
-    src = _save(tiny_llama(), tmp_path / "src")
+    src = save_model(tiny_llama(), tmp_path / "src")
     with pytest.raises(ValueError, match="is inside the source model's folder"):
         quantize_model_free(src, src / "q", group_size=32)
     user = tmp_path / "user"
@@ -322,11 +303,11 @@ def test_vlm_quant_nontext_module_quantizes_the_vision_blocks_too(tmp_path):
     packed = [k for k in tensors if k.endswith(".qweight")]
     assert any(k.startswith("vision_tower.") for k in packed) and any(k.startswith("language_model.") for k in packed)
     with pytest.raises(TypeError, match=r"\['quant_nontext_module'\] apply to vision-language models only"):
-        quantize_model_free(_save(tiny_llama(), tmp_path / "llm"), tmp_path / "o", quant_nontext_module=True)
+        quantize_model_free(save_model(tiny_llama(), tmp_path / "llm"), tmp_path / "o", quant_nontext_module=True)
 
 
 def test_incomplete_or_ambiguous_shard_sets_are_refused(tmp_path):
-    src = _save(tiny_llama(), tmp_path / "src", None, "60KB")
+    src = save_model(tiny_llama(), tmp_path / "src", None, "60KB")
     shards = sorted(src.glob("model-*.safetensors"))
     assert len(shards) > 1
     shards[-1].rename(tmp_path / "away.safetensors")
@@ -363,7 +344,7 @@ def test_moe_experts_fused_at_load_are_copied_as_stored(tmp_path):
     cfg = MixtralConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                         num_attention_heads=4, num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1,
                         max_position_embeddings=512)
-    src = _save(MixtralForCausalLM(cfg).eval(), tmp_path / "src", None, "60KB")
+    src = save_model(MixtralForCausalLM(cfg).eval(), tmp_path / "src", None, "60KB")
     mem, free = _both(src, tmp_path, bits=4, group_size=32)
     tensors = _assert_identical(mem, free)
     assert sum(k.endswith(".qweight") for k in tensors) == 8
@@ -375,7 +356,7 @@ def test_a_stored_tied_lm_head_is_not_written_as_save_pretrained_drops_it(tmp_pa
     a checkpoint without it, as the in-memory path's save_pretrained writes it."""
     from safetensors.torch import load_file, save_file
 
-    src = _save(tiny_qwen2(), tmp_path / "src")
+    src = save_model(tiny_qwen2(), tmp_path / "src")
     state = load_file(str(src / "model.safetensors"))
     assert "lm_head.weight" not in state
     state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()

@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from auto_round import AutoRound
 from auto_round.models import streamed
+from checkpoints import checkpoint_tensors, save_model
 from tiny_models import tiny_llama, tiny_qwen2
 from tokenizer_fixture import make_tokenizer
 
@@ -21,26 +22,6 @@ CORPUS = "auto_round:offline_corpus"
 FAST = dict(bits=4, group_size=32, iters=3, nsamples=4, seqlen=32, batch_size=2, dataset=CORPUS)
 
 
-def _save(model, folder: Path, dtype=None, shard: str = None) -> Path:
-    if dtype is not None:
-        model = model.to(dtype)
-    model.save_pretrained(folder, **({"max_shard_size": shard} if shard else {}))
-    make_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def _tensors(folder: Path):
-    from safetensors import safe_open
-
-    out = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(f), "pt") as fh:
-            for k in fh.keys():
-                t = fh.get_tensor(k)
-                out[k] = (t.dtype, tuple(t.shape), t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return out
-
-
 def _both(src: Path, tmp: Path, fmt: str = "auto_round", **opts):
     mem = AutoRound(str(src), **opts).quantize_and_save(tmp / "mem", format=fmt)[0]
     st = AutoRound(str(src), low_cpu_mem_usage=True, **opts).quantize_and_save(tmp / "st", format=fmt)[0]
@@ -48,7 +29,7 @@ def _both(src: Path, tmp: Path, fmt: str = "auto_round", **opts):
 
 
 def _assert_identical(mem: Path, st: Path):
-    a, b = _tensors(mem), _tensors(st)
+    a, b = checkpoint_tensors(mem), checkpoint_tensors(st)
     assert sorted(a) == sorted(b)
     different = [k for k in a if a[k] != b[k]]
     assert not different, different[:5]
@@ -86,7 +67,7 @@ def test_same_tensors_across_settings(case, tmp_path):
     """Sharded and bf16 checkpoints, tied embeddings and biases, other packed formats, layers outside the
     blocks (lm_head), nblocks > 1, optimized RTN (iters=0) and the extended tuner stream to the same bytes."""
     factory, dtype, shard, fmt, opts = CASES[case]
-    src = _save(factory(), tmp_path / "src", dtype, shard)
+    src = save_model(factory(), tmp_path / "src", dtype, shard)
     mem, st = _both(src, tmp_path, fmt, **{**FAST, **opts})
     _assert_identical(mem, st)
     assert len(list(st.glob("*.safetensors"))) == len(list(src.glob("*.safetensors")))
@@ -224,7 +205,7 @@ def test_refuses_blocks_whose_output_is_not_their_hidden_state(model_dir, tmp_pa
 def test_refuses_a_checkpoint_missing_a_block_weight(tmp_path):
     from safetensors.torch import load_file, save_file
 
-    src = _save(tiny_llama(), tmp_path / "src")
+    src = save_model(tiny_llama(), tmp_path / "src")
     tensors = load_file(str(src / "model.safetensors"))
     del tensors["model.layers.1.mlp.up_proj.weight"]
     save_file(tensors, str(src / "model.safetensors"), metadata={"format": "pt"})
@@ -240,7 +221,7 @@ def test_cli_flag(model_dir, tmp_path):
                "--batch_size", "2", "--group_size", "32", "--dataset", CORPUS, "--output_dir", str(out)])
     assert rc == 0
     folders = [p for p in out.iterdir() if p.is_dir()]
-    assert len(folders) == 1 and len(_tensors(folders[0])) > 0
+    assert len(folders) == 1 and len(checkpoint_tensors(folders[0])) > 0
 
 
 def test_meta_params_only_no_buffer_lost(model_dir):
