@@ -157,6 +157,36 @@ def run_reference(model: str, dataset: Path, out_dir: Path, work: Path, name: st
     return rec
 
 
+def compare_checkpoints(a: Path, b: Path) -> Dict[str, Any]:
+    """Byte identity of every tensor of two checkpoint folders (read one at a time) and of their
+    ``config.json`` / ``quantization_config.json``."""
+    import torch
+    from safetensors import safe_open
+
+    def index(folder: Path) -> dict:
+        out = {}
+        for f in sorted(folder.glob("*.safetensors")):
+            with safe_open(str(f), "pt") as fh:
+                out.update({k: f for k in fh.keys()})
+        return out
+
+    def raw(t) -> tuple:
+        return t.dtype, tuple(t.shape), t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+
+    a, b = Path(a), Path(b)
+    ia, ib = index(a), index(b)
+    different = []
+    for k in sorted(set(ia) & set(ib)):
+        with safe_open(str(ia[k]), "pt") as fa, safe_open(str(ib[k]), "pt") as fb:
+            if raw(fa.get_tensor(k)) != raw(fb.get_tensor(k)):
+                different.append(k)
+    configs = all(json.loads((a / n).read_text()) == json.loads((b / n).read_text())
+                  for n in ("config.json", "quantization_config.json"))
+    return {"tensors": len(ia), "only_in_one": sorted(set(ia) ^ set(ib))[:10], "different": different[:10],
+            "identical": not different and set(ia) == set(ib) and configs, "configs_equal": configs,
+            "packed_layers": sum(k.endswith(".qweight") for k in ia)}
+
+
 # ------------------------------------------------------------------------------------------ data
 def bbc_texts() -> tuple:
     """``(calib_texts, heldout_texts)`` of the cached BBC corpus."""

@@ -39,8 +39,8 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (WORK, _tests_on_path, _timed_job, fmt, log, machine_info, parse_bench_args,  # noqa: E402
-                     print_table, write_json)
+from _common import (WORK, _tests_on_path, _timed_job, compare_checkpoints, fmt, log, machine_info,  # noqa: E402
+                     parse_bench_args, print_table, write_json)
 
 NAME = "model_free"
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -127,31 +127,7 @@ def job_in_memory(spec: dict) -> dict:
 
 def job_compare(spec: dict) -> dict:
     """Byte identity of every tensor (read one at a time) and of the two configs."""
-    import torch
-    from safetensors import safe_open
-
-    def index(folder: Path) -> dict:
-        out = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(f), "pt") as fh:
-                out.update({k: f for k in fh.keys()})
-        return out
-
-    def raw(t) -> tuple:
-        return t.dtype, tuple(t.shape), t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-
-    a, b = Path(spec["a"]), Path(spec["b"])
-    ia, ib = index(a), index(b)
-    different = []
-    for k in sorted(set(ia) & set(ib)):
-        with safe_open(str(ia[k]), "pt") as fa, safe_open(str(ib[k]), "pt") as fb:
-            if raw(fa.get_tensor(k)) != raw(fb.get_tensor(k)):
-                different.append(k)
-    configs = all(json.loads((a / n).read_text()) == json.loads((b / n).read_text())
-                  for n in ("config.json", "quantization_config.json"))
-    return {"tensors": len(ia), "only_in_one": sorted(set(ia) ^ set(ib))[:10], "different": different[:10],
-            "identical": not different and set(ia) == set(ib) and configs, "configs_equal": configs,
-            "packed_layers": sum(k.endswith(".qweight") for k in ia)}
+    return compare_checkpoints(Path(spec["a"]), Path(spec["b"]))
 
 
 JOBS = {"make": job_make, "model_free": job_model_free, "in_memory": job_in_memory, "compare": job_compare}

@@ -38,8 +38,8 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (WORK, _tests_on_path, _timed_job, fmt, log, machine_info, parse_bench_args,  # noqa: E402
-                     print_table, write_json)
+from _common import (WORK, _tests_on_path, _timed_job, compare_checkpoints, fmt, log, machine_info,  # noqa: E402
+                     parse_bench_args, print_table, write_json)
 
 NAME = "streaming"
 WIDTH = dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4, vocab_size=32000)
@@ -101,31 +101,8 @@ def job_quantize(spec: dict) -> dict:
 
 
 def job_compare(spec: dict) -> dict:
-    """Byte identity of every tensor (one at a time) and of the two configs."""
-    import torch
-    from safetensors import safe_open
-
-    def index(folder: Path) -> dict:
-        out = {}
-        for f in sorted(folder.glob("*.safetensors")):
-            with safe_open(str(f), "pt") as fh:
-                out.update({k: f for k in fh.keys()})
-        return out
-
-    def raw(t) -> tuple:
-        return t.dtype, tuple(t.shape), t.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
-
-    a, b = Path(spec["a"]), Path(spec["b"])
-    ia, ib = index(a), index(b)
-    different = []
-    for k in sorted(set(ia) & set(ib)):
-        with safe_open(str(ia[k]), "pt") as fa, safe_open(str(ib[k]), "pt") as fb:
-            if raw(fa.get_tensor(k)) != raw(fb.get_tensor(k)):
-                different.append(k)
-    configs = all(json.loads((a / n).read_text()) == json.loads((b / n).read_text())
-                  for n in ("config.json", "quantization_config.json"))
-    return {"tensors": len(ia), "different": different[:10], "configs_equal": configs,
-            "identical": not different and set(ia) == set(ib) and configs}
+    """Byte identity of every tensor (read one at a time) and of the two configs."""
+    return compare_checkpoints(Path(spec["a"]), Path(spec["b"]))
 
 
 JOBS = {"make": job_make, "quantize": job_quantize, "compare": job_compare}
