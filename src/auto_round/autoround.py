@@ -33,6 +33,7 @@ from auto_round.report import build_report, count_tokens, write_report
 from auto_round.threads import apply_threads
 from auto_round.tuning.block import BlockResult
 from auto_round.tuning.loop import opt_rtn_active, quantize_model
+from auto_round.tuning.parallel import from_environment, local_device
 from auto_round.tuning.plan import QuantPlan, resolve_plan
 
 logger = logging.getLogger(__name__)
@@ -112,6 +113,24 @@ def _check_finite_weights(model: nn.Module, plan: QuantPlan) -> None:
                          "(check the checkpoint, or the dtype it was loaded in), or keep them FP with fp_layers")
 
 
+def _check_parallel(settings: Settings, world: int) -> None:
+    """Refuse, before any loading, what a data-parallel run (``torchrun``, ``world`` processes) cannot do."""
+    if world == 1:
+        return
+    if settings.low_cpu_mem_usage:
+        raise ValueError(f"low_cpu_mem_usage=True with {world} data-parallel processes: each would stream and write "
+                         "the same shards; run the streamed mode in one process, or drop low_cpu_mem_usage")
+    if settings.resume_dir is not None:
+        raise ValueError(f"resume_dir={settings.resume_dir!r} with {world} data-parallel processes: resuming is not "
+                         "supported across processes; drop resume_dir (or run in one process)")
+    batches = -(-settings.nsamples // settings.batch_size)
+    if (opt_rtn_active(settings) or settings.iters > 0) and batches % world:
+        raise ValueError(f"nsamples={settings.nsamples} at batch_size={settings.batch_size} makes {batches} "
+                         f"calibration batches, which do not split evenly over {world} data-parallel processes: use "
+                         f"nsamples = a multiple of batch_size x {world} (e.g. "
+                         f"{max(1, batches // world) * world * settings.batch_size})")
+
+
 def _check_seqlen(model: nn.Module, settings: Settings) -> None:
     """Calibration windows longer than the model's positions: refused before tuning (some families index
     past their position table, others extrapolate silently)."""
@@ -178,7 +197,9 @@ class AutoRound:
                  model_dtype: Optional[str] = None, trust_remote_code: bool = False, allow_pickle: bool = False,
                  **options: Any) -> None:
         self.settings: Settings = build_settings(**options)
-        self.device = resolve_device(self.settings.device)
+        self.device = resolve_device(local_device(self.settings.device))
+        self.parallel = from_environment(self.device)  # torchrun: this process's share of the calibration data
+        _check_parallel(self.settings, self.parallel.world)
         self.threads = apply_threads(self.settings.threads) if self.device.type == "cpu" else None
         self.streamed_weights = None  # low_cpu_mem_usage: the shards the weightless model reads (models.streamed)
         if self.settings.low_cpu_mem_usage:
@@ -327,7 +348,8 @@ class AutoRound:
         self.phase_seconds["plan"] = time.perf_counter() - t0 - sum(self.phase_seconds.values())
 
         self.quantized_layers, self.block_results = quantize_model(
-            self.model, plan, self.settings, factory, self.device, resume_dir=resume_dir, hooks=hooks)
+            self.model, plan, self.settings, factory, self.device, resume_dir=resume_dir, hooks=hooks,
+            parallel=self.parallel)
         self.phase_seconds["tuning"] = time.perf_counter() - t0 - sum(self.phase_seconds.values())
         self.summary = self._summarize(time.perf_counter() - t0)
         logger.info("quantized %d layers in %.1fs; peak RSS %.0f MiB", len(self.quantized_layers),
@@ -371,6 +393,8 @@ class AutoRound:
         config = build_quantization_config(self.settings, self.plan, self.dataset_used)
         if self.samples_used is not None:
             config["nsamples"] = self.samples_used  # what was really used, not what was asked
+        if self.parallel.world > 1:  # each step summed one share of micro-batches per process
+            config["gradient_accumulate_steps"] = self.settings.gradient_accumulate_steps * self.parallel.world
         return config
 
     # ------------------------------------------------------------------ export
@@ -418,6 +442,9 @@ class AutoRound:
                                "format=...) (its output is complete; export other formats from an in-memory run)")
         if not self.quantized_layers:
             raise RuntimeError("nothing to save: call quantize() first")
+        if not self.parallel.is_writer:  # every process holds the same records: rank 0 writes them
+            logger.info("data-parallel rank %d: rank 0 writes the checkpoint", self.parallel.rank)
+            return output_targets(output_dir, parse_formats(format))
         if self._packed:
             raise RuntimeError("the model was packed in place by an earlier save_quantized(inplace=True); "
                                "pass inplace=False to every save but the last")
@@ -465,8 +492,11 @@ class AutoRound:
         estimate = self.estimated_checkpoint_bytes()
         for target in output_targets(output_dir, formats):
             check_output_dir(target, self.source, overwrite, estimated_bytes=estimate)
-        resume = self.settings.resume_dir or str(default_resume_dir(output_dir))
+        # one process per run may checkpoint its units; data-parallel processes do not (_check_parallel)
+        resume = (self.settings.resume_dir or str(default_resume_dir(output_dir))) if self.parallel.world == 1 \
+            else None
         self.quantize(format=format, resume_dir=resume)
         written = self.save_quantized(output_dir, format=format, inplace=inplace, overwrite=overwrite)
-        clear_resume_dir(resume)  # the checkpoint is complete: its tuned units are no longer needed
+        if resume is not None:
+            clear_resume_dir(resume)  # the checkpoint is complete: its tuned units are no longer needed
         return written

@@ -381,9 +381,12 @@ def _quantize(ns: argparse.Namespace, cls: Any, extra: Sequence[Any]) -> int:
         _write(lines)
         return 2 if any(" FAILS: " in line for line in lines) else 0
     runs: Dict[str, Dict[str, Any]] = {}
-    if ns.tasks and ns.eval_fp:
+    writer = ar.parallel.is_writer  # under torchrun, rank 0 writes, reports and evaluates
+    if ns.tasks and ns.eval_fp and writer:
         runs["fp"] = _evaluate(Path(ns.model), ns, "fp", ar.model, ar.tokenizer, getattr(ar, "processor", None))
     written = ar.quantize_and_save(folder, format=ns.format, overwrite=overwrite)
+    if not writer:
+        return 0
     for w in written:
         sys.stdout.write(f"saved {w}\n")
     from auto_round.report import summary_lines

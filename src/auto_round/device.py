@@ -17,7 +17,9 @@ def resolve_device(device: Optional[Union[str, int, torch.device]]) -> torch.dev
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     text = str(device).strip()
     if "," in text:
-        raise ValueError(f"device={device!r}: several devices are not supported yet; pass one, e.g. '0'")
+        raise ValueError(f"device={device!r} names several devices: one process tunes on one device; launch one "
+                         "process per device with torchrun --nproc-per-node N -m auto_round ... (data-parallel, "
+                         "auto_round.tuning.parallel), or pass one, e.g. '0'")
     if text.isdigit():
         text = f"cuda:{text}"
     try:

@@ -23,6 +23,7 @@ from auto_round.calib.cache import to_device
 from auto_round.config import Settings
 from auto_round.quant.opt_rtn import search_clip
 from auto_round.quant.types import QuantizedWeight
+from auto_round.tuning.parallel import SINGLE, DataParallel
 from auto_round.tuning.plan import LayerPlan
 from auto_round.tuning.wrapper import TunableLinear, set_module
 
@@ -184,6 +185,19 @@ class _BatchOrder:
         return out
 
 
+def _gradients(wrappers: Sequence[TunableLinear]) -> List[torch.Tensor]:
+    """The gradient of every tuned parameter, in a fixed order; zeros (allocated) where the backward left none
+    (an expert no token of this process reached): every process must sum the same tensors."""
+    out = []
+    for w in wrappers:
+        for p in (w.v, w.alpha, w.beta):
+            if p is not None and p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                out.append(p.grad)
+    return out
+
+
 @torch.no_grad()
 def _sign_step(wrappers: Sequence[TunableLinear], lr: float, minmax_lr: float, clip_max: float = 1.0) -> None:
     """``p -= lr * sign(grad)``, clamped; gradients are zeroed in place, not dropped: the next
@@ -212,11 +226,15 @@ def tune_unit(
     compute_dtype: torch.dtype,
     autocast_dtype: Optional[torch.dtype] = None,
     clip_init: Optional[Mapping[str, Optional[torch.Tensor]]] = None,
+    parallel: DataParallel = SINGLE,
 ) -> BlockResult:
     """Tune every planned layer of ``blocks`` (already on ``device``); leaves qdq weights in place.
 
     ``clip_init``: layer name -> input-channel importance (None: unweighted); those layers' clip factors
-    start from the optimized-RTN search (:func:`auto_round.quant.opt_rtn.search_clip`) instead of 1."""
+    start from the optimized-RTN search (:func:`auto_round.quant.opt_rtn.search_clip`) instead of 1.
+    ``parallel``: ``inputs``/``targets``/``extras`` are this process's batches (:meth:`DataParallel.own`); each
+    step draws local batch indices, runs the batches of every shard held here, and sums the gradients and
+    losses over the processes (:mod:`auto_round.tuning.parallel`)."""
     t0 = time.perf_counter()
     tuner = tuner_of(settings)
     outliers = tuner.outlier_fraction if layers and max(lp.params.bits for lp in layers) < tuner.outlier_bits else 0.0
@@ -229,14 +247,14 @@ def tune_unit(
         set_module(root, lp.name, wrappers[lp.name])
     # A unit that is itself a Linear (Llama-3.2-Vision's projector) must run through its wrapper.
     blocks = [wrappers.get(n, b) for n, b in zip(name.split(","), blocks)]
-    order = _BatchOrder(len(inputs), generator)
+    order = _BatchOrder(len(inputs) // len(parallel.shards), generator)
     iters, lr0, mlr0 = settings.iters, settings.resolved_lr, settings.resolved_minmax_lr
     best, best_iter, first, last = float("inf"), 0, float("nan"), float("nan")
     snap = None
     history: List[float] = []
     try:
         for it in range(iters):
-            chosen = order.take(settings.gradient_accumulate_steps)
+            chosen = [i for j in order.take(settings.gradient_accumulate_steps) for i in parallel.step_positions(j)]
             parts = []
             for i in chosen:
                 ex = extras[i]
@@ -248,7 +266,11 @@ def tune_unit(
                 # every token weigh equally; dividing by the token count would not change any sign.
                 sq.mul(LOSS_SCALE).backward()
                 parts.append((sq.item(), n))
-            loss = sum(s for s, _ in parts) / max(sum(n for _, n in parts), 1)
+            total, count = sum(s for s, _ in parts), sum(n for _, n in parts)
+            if parallel.distributed:
+                parallel.sum_(_gradients(wrappers.values()))
+                total, count = parallel.sum_floats(total, count)
+            loss = total / max(count, 1)
             if not math.isfinite(loss):
                 if best == float("inf") or settings.not_use_best_mse:
                     raise RuntimeError(f"{name}: the tuning loss is {loss} at iteration {it} and no earlier finite "

@@ -26,6 +26,7 @@ from auto_round.quant.opt_rtn import SEARCHABLE, search_clip
 from auto_round.tuning.block import (BlockResult, UnitInputs, squared_error, amp_dtype, cast_input, run_unit_amp,
                                      tune_unit, tuner_of)
 from auto_round.tuning.importance import ImportanceCollector, watch_inputs
+from auto_round.tuning.parallel import SINGLE, DataParallel
 from auto_round.tuning.plan import QuantPlan
 from auto_round.tuning.resume import ResumeStore, data_fingerprint, run_fingerprint
 from auto_round.tuning.wrapper import load_record, quantized_record, rtn_quantize
@@ -79,6 +80,7 @@ class _Run:
     store: Optional[ResumeStore] = None
     unit_index: int = 0
     hooks: UnitHooks = field(default_factory=UnitHooks)
+    parallel: DataParallel = SINGLE
 
 
 def _progress(total: int, desc: str, enabled: bool):
@@ -116,7 +118,7 @@ def _tune_list(run: _Run, path: str, block_names: Sequence[str]) -> None:
     store = TensorStore(cache_device, s.offload_dir)
     try:
         blocks = [run.model.get_submodule(b) for b in block_names]
-        captured = run.hooks.capture(run.model, blocks, run.batches(), cache_device)
+        captured = run.hooks.capture(run.model, blocks, run.parallel.own(run.batches()), cache_device)
         if run.resume_dir is not None and run.store is None:  # opened once the calibration data exists
             fingerprint = {**run_fingerprint(s, run.plan, run.model, run.hooks.fingerprint(run.model)),
                            "data": data_fingerprint(run.batches())}
@@ -185,6 +187,7 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
     watched = searchable if tuner_of(run.settings).clip_init else []
     with watch_inputs(run.model, watched, collector):
         targets, ac, peak = _forward_all(unit, fp_in, extras, run.device, store, ac, name, collector)
+    share_importance(collector, run.model, watched, run.parallel)
     if layers:
         index, run.unit_index = run.unit_index, run.unit_index + 1
         saved = run.store.load_unit(index, name) if run.store is not None else None
@@ -200,7 +203,7 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
         else:
             init = {n: collector.importance(n) for n in watched}
             res = tune_unit(run.model, name, unit, layers, q_in, targets, extras, run.settings, run.device,
-                            run.gen, torch.float32, ac, clip_init=init)
+                            run.gen, torch.float32, ac, clip_init=init, parallel=run.parallel)
             if run.store is not None:
                 result = {k: getattr(res, k) for k in ("name", "first_loss", "last_loss", "best_loss", "best_iter",
                                                         "seconds")}
@@ -215,13 +218,32 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
     return targets, q_out, dict(res.layers) if res is not None else {}, res
 
 
-def _output_error(outs: Sequence[Any], targets: Sequence[Any], extras: Sequence[UnitInputs], device) -> float:
-    """Mean squared error of a unit's outputs against its targets over the loss-mask tokens (as the tuner's)."""
+def _output_error(outs: Sequence[Any], targets: Sequence[Any], extras: Sequence[UnitInputs], device,
+                  parallel: DataParallel = SINGLE) -> float:
+    """Mean squared error of a unit's outputs against its targets over the loss-mask tokens (as the tuner's),
+    over the batches of every process."""
     total, count = 0.0, 0
     for o, t, ex in zip(outs, targets, extras):
         sq, n = squared_error(o.to(device), t.to(device), None if ex.mask is None else ex.mask.to(device))
         total, count = total + float(sq), count + n
+    total, count = parallel.sum_floats(total, count)
     return total / max(count, 1)
+
+
+def share_importance(collector: ImportanceCollector, root: nn.Module, names: Sequence[str],
+                     parallel: DataParallel) -> None:
+    """Sum the activation statistics of the layers ``names`` over the processes (each saw its own batches), so
+    every process searches the same clip factors; a layer no token of this process reached takes part with
+    zeros."""
+    if not parallel.distributed:
+        return
+    for n in names:
+        if n not in collector.sums:
+            collector.sums[n] = torch.zeros(root.get_submodule(n).in_features, device=next(
+                root.get_submodule(n).parameters()).device)
+        counts = collector.counts.get(n, 0)
+        parallel.sum_([collector.sums[n]])
+        collector.counts[n] = int(parallel.sum_floats(counts)[0])
 
 
 def _opt_rtn_unit(run: _Run, unit: Sequence[nn.Module], name: str, layers: Sequence[Any], extras: List[UnitInputs],
@@ -238,6 +260,7 @@ def _opt_rtn_unit(run: _Run, unit: Sequence[nn.Module], name: str, layers: Seque
     collector = ImportanceCollector()
     with watch_inputs(run.model, [lp.name for lp in layers], collector):
         fp_out, ac, peak = _forward_all(unit, q_in, extras, run.device, store, ac, name, collector)
+    share_importance(collector, run.model, [lp.name for lp in layers], run.parallel)
     lins = {lp.name: run.model.get_submodule(lp.name) for lp in layers}
     weights = {n: lin.weight.detach().float().clone() for n, lin in lins.items()}  # the candidates overwrite them
 
@@ -256,7 +279,7 @@ def _opt_rtn_unit(run: _Run, unit: Sequence[nn.Module], name: str, layers: Seque
         for n, qw in records.items():
             load_record(lins[n], qw)
         outputs.append(_forward_all(unit, q_in, extras, run.device, store, ac, name)[0] if layers else fp_out)
-        errors.append(_output_error(outputs[-1], fp_out, extras, run.device) if searched else 0.0)
+        errors.append(_output_error(outputs[-1], fp_out, extras, run.device, run.parallel) if searched else 0.0)
     best = min(range(len(candidates)), key=lambda i: errors[i])  # ties keep the search (first)
     if best != len(candidates) - 1:
         for n, qw in candidates[best].items():
@@ -287,6 +310,7 @@ def quantize_model(
     progress: bool = True,
     resume_dir: Optional[str] = None,
     hooks: Optional[UnitHooks] = None,
+    parallel: DataParallel = SINGLE,
 ) -> Tuple[Dict[str, QuantizedWeight], List[BlockResult]]:
     """Quantize ``model`` in place following ``plan``; returns integer records and block losses.
 
@@ -296,10 +320,12 @@ def quantize_model(
     ``resume_dir``: checkpoint each tuned unit there and reuse the units found (:mod:`auto_round.tuning.resume`).
     ``hooks``: where the weights come from and where the records go (:class:`UnitHooks`; default: the model
     holds its weights and the records are returned).
+    ``parallel``: this process's share of the batches and how it sums with the others
+    (:mod:`auto_round.tuning.parallel`); every process returns the same records.
     """
     torch.manual_seed(settings.seed)
     run = _Run(model, plan, settings, batches, device, progress, torch.Generator().manual_seed(settings.seed),
-               resume_dir=resume_dir, hooks=hooks or UnitHooks())
+               resume_dir=resume_dir, hooks=hooks or UnitHooks(), parallel=parallel)
     if settings.iters > 0 or opt_rtn_active(settings):
         for path, names in plan.block_lists:
             _tune_list(run, path, names)
