@@ -188,6 +188,8 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
     with watch_inputs(run.model, watched, collector):
         targets, ac, peak = _forward_all(unit, fp_in, extras, run.device, store, ac, name, collector)
     share_importance(collector, run.model, watched, run.parallel)
+    if fp_in is not q_in:  # the FP chain's inputs have served: one cached copy fewer while the unit tunes
+        fp_in.clear()
     if layers:
         index, run.unit_index = run.unit_index, run.unit_index + 1
         saved = run.store.load_unit(index, name) if run.store is not None else None
