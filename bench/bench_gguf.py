@@ -18,18 +18,44 @@ compiles llama.cpp, ~15 min on 2 cores), else it stops with that hint.
     .venv/bin/python bench/bench_gguf.py --model smollm2 --types q4_0 q8_0 --iters 0
     .venv/bin/python bench/bench_gguf.py --model tiny-llama-256 --types q4_k_m q6_k   # K-quants (rows of 256)
 
-``--quality`` (SmolLM2 only): perplexity, from llama.cpp's own logits, of our tuned files against
-llama.cpp's quantizer (``llama_model_quantize`` on an F16 file we write of the FP model) at the
-same type, on held-out BBC windows; llama.cpp's quantizer is told to keep ``token_embd``/``output``
-in F16 as our files do, so the comparison is of the quantized layers only (no importance matrix).
+``--quality`` (SmolLM2 only): perplexity, from llama.cpp's own logits, of our files (one per
+``--iters`` value; 0 is our optimized RTN) against llama.cpp's quantizer (``llama_model_quantize``
+on an F16 file we write of the FP model) at the same type, on held-out BBC windows; llama.cpp's
+quantizer is told to keep ``token_embd``/``output`` in F16 as our files do, so the comparison is
+of the quantized layers only. ``--imatrix`` adds llama.cpp's quantizer with an importance matrix,
+as llama.cpp users run it: ``llama-imatrix`` on the F16 file, then ``llama-quantize --imatrix``
+(embeddings/output F16 again), with two matrices, both from BBC *calibration* articles only:
+``tuner``, the very ``--nsamples`` x ``--seqlen`` samples our tuner calibrates on (decoded to text,
+chunks of ``--seqlen``), and ``calib``, a larger slice of the same articles (``--imatrix-chunks`` x
+``--imatrix-ctx`` tokens). Every file's tensor types are recorded (llama.cpp with an imatrix
+switches a few ffn_down tensors of q4_0 to q4_1, for instance) and a type whose files differ says so.
 
-    .venv/bin/python bench/bench_gguf.py --model smollm2 --quality --types q4_k_m q2_k_s --iters 32
+llama-cpp-python cannot compute an importance matrix and ships neither tool; ``--imatrix`` looks for
+``llama-imatrix``/``llama-quantize`` in ``--llamacpp-bin``, else beside the llama_cpp Python, else on
+PATH, and says plainly that the column was not run when they are missing. Built from the very
+llama.cpp source that llama-cpp-python vendors (so the tools and the evaluator are one version,
+and the tools run on the evaluator's own libllama), reusing the objects of its build:
+
+    pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/lcp && tar xzf /tmp/lcp/*.tar.gz -C /tmp/lcp
+    python3 -m venv .venv-llamacpp
+    .venv-llamacpp/bin/pip install 'scikit-build-core[pyproject]>=0.9.2' numpy typing-extensions diskcache jinja2
+    CMAKE_BUILD_PARALLEL_LEVEL=2 .venv-llamacpp/bin/pip install --no-build-isolation --no-deps \
+        -Cbuild-dir=/tmp/lcp-build /tmp/lcp/llama_cpp_python-*/
+    cmake /tmp/lcp-build -DLLAMA_BUILD_TOOLS=ON -DLLAVA_BUILD=OFF
+    cmake --build /tmp/lcp-build --target llama-imatrix llama-quantize -j2
+    cp /tmp/lcp-build/bin/{llama-imatrix,llama-quantize,libllama-quantize-impl.so} .venv-llamacpp/bin/
+    cp -L /tmp/lcp-build/bin/libllama-common.so.0 .venv-llamacpp/bin/
+
+    .venv/bin/python bench/bench_gguf.py --model smollm2 --quality --imatrix \
+        --types q4_0 q4_k_m q3_k_m q2_k_s --iters 0 32 --work /tmp/gq
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -223,11 +249,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--ppl-seqlen", type=int, default=256)
     p.add_argument("--work", type=Path, default=None,
                    help="--quality: keep the files here and reuse our tuned files found there (default: a temp folder)")
-    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--iters", type=int, nargs="+", default=[2],
+                   help="tuning iterations (0: optimized RTN); --quality takes several, e.g. 0 32")
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--llamacpp-python", type=Path, default=None)
+    p.add_argument("--imatrix", action="store_true",
+                   help="--quality: also llama.cpp's quantizer with importance matrices (needs llama-imatrix, llama-quantize)")
+    p.add_argument("--llamacpp-bin", type=Path, default=None,
+                   help="folder with llama-imatrix and llama-quantize (default: beside the llama_cpp Python, else PATH)")
+    p.add_argument("--imatrix-ctx", type=int, default=512, help="chunk length of the larger imatrix")
+    p.add_argument("--imatrix-chunks", type=int, default=32, help="chunks of the larger imatrix")
     p.add_argument("--json", type=Path, default=RESULTS)
     p.add_argument("--llamacpp-worker", nargs=3, metavar=("GGUF", "REQUEST", "OUT"), help=argparse.SUPPRESS)
     p.add_argument("--quantize-worker", nargs=3, help=argparse.SUPPRESS)
@@ -245,6 +278,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     python = _llamacpp_python(args.llamacpp_python)
     if args.quality:
         return quality(args, python)
+    if len(args.iters) != 1:
+        p.error("one --iters value without --quality")
+    args.iters = args.iters[0]
     if python is None:
         print("SKIPPED: llama_cpp (llama-cpp-python) is not importable here nor in "
               f"{args.llamacpp_python or DEFAULT_LLAMACPP_PYTHON}. Build it in its own venv (not .venv): "
@@ -282,31 +318,105 @@ def _ppl(python: str, gguf_path: Path, windows: Path) -> Dict[str, Any]:
     return json.loads(out.read_text())
 
 
-def _ours(args, qtype: str, make_model, tokenizer, data: Path, windows, work: Path) -> Dict[str, Any]:
-    """Tune and export our file (or reuse the one a previous run left in ``work``)."""
+def _ours(args, qtype: str, iters: int, make_model, tokenizer, data: Path, windows, work: Path) -> Dict[str, Any]:
+    """Tune (or optimized-RTN at ``iters`` 0) and export our file, or reuse the one a previous run left in
+    ``work`` with the same settings."""
     from auto_round import AutoRound
     from auto_round.assets import perplexity_of_windows
 
-    folder, record = work / f"ours-{qtype}", work / f"ours-{qtype}.json"
+    folder, record = work / f"ours-{qtype}-i{iters}", work / f"ours-{qtype}-i{iters}.json"
     if record.is_file() and list(folder.glob("*.gguf")):
-        return json.loads(record.read_text())
+        rec = json.loads(record.read_text())
+        if (rec["nsamples"], rec["seqlen"]) == (args.nsamples, args.seqlen):
+            return rec
     t0 = time.perf_counter()
-    ar = AutoRound(make_model(), tokenizer, **_scheme(qtype), iters=args.iters, nsamples=args.nsamples,
+    ar = AutoRound(make_model(), tokenizer, **_scheme(qtype), iters=iters, nsamples=args.nsamples,
                    seqlen=args.seqlen, batch_size=args.batch_size, dataset=str(data), device="cpu")
     ar.quantize_and_save(folder, format=f"gguf:{qtype}", inplace=False, overwrite=True)
     rec = {"quantize_s": round(time.perf_counter() - t0, 1), "torch_ppl": perplexity_of_windows(ar.model, windows),
-           "iters": args.iters, "nsamples": args.nsamples, "seqlen": args.seqlen, "plan": ar.summary["plan"],
+           "iters": iters, "nsamples": args.nsamples, "seqlen": args.seqlen, "plan": ar.summary["plan"],
            "file": str(next(folder.glob("*.gguf")))}
     record.write_text(json.dumps(rec, indent=1))
     return rec
 
 
+def _tensor_types(path: Path) -> Dict[str, int]:
+    """How many tensors of each GGML type a file holds (the fallbacks and mixes show here)."""
+    from gguf import GGUFReader
+
+    counts: Dict[str, int] = {}
+    for t in GGUFReader(str(path)).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _llamacpp_tools(requested: Optional[Path], python: str) -> Dict[str, Any]:
+    """``llama-imatrix`` and ``llama-quantize``: in ``requested``, else beside the llama_cpp Python (the
+    recipe of the module docstring puts them there), else on PATH. Tools beside that Python run with its
+    ``llama_cpp/lib`` first on LD_LIBRARY_PATH, i.e. on the very libllama that evaluates the files.
+    Returns ``{"error": ...}`` when one is missing."""
+    probe = subprocess.run([python, "-c", "import os, llama_cpp; print(llama_cpp.__version__); "
+                            "print(os.path.join(os.path.dirname(llama_cpp.__file__), 'lib'))"],
+                           capture_output=True, text=True)
+    py_version, lib = probe.stdout.split()[:2]
+    beside = Path(python).parent
+    found: Dict[str, str] = {}
+    for tool in ("llama-imatrix", "llama-quantize"):
+        candidates = [requested / tool] if requested else [beside / tool]
+        if not requested and shutil.which(tool):
+            candidates.append(Path(shutil.which(tool)))
+        path = next((c for c in candidates if c.is_file() and os.access(c, os.X_OK)), None)
+        if path is None:
+            return {"error": f"{tool} not found (looked in {', '.join(str(c.parent) for c in candidates)}). "
+                             "llama-cpp-python cannot compute an importance matrix; build llama.cpp's tools "
+                             "as the docstring of bench/bench_gguf.py says, or pass --llamacpp-bin DIR"}
+        found[tool] = str(path)
+    env = dict(os.environ)
+    if not requested and Path(found["llama-quantize"]).parent == beside:
+        # the tools' own libs (libllama-common, libllama-quantize-impl) sit beside them
+        env["LD_LIBRARY_PATH"] = ":".join([lib, str(beside)] + ([env["LD_LIBRARY_PATH"]] if env.get("LD_LIBRARY_PATH") else []))
+    ver = subprocess.run([found["llama-imatrix"], "--version"], env=env, capture_output=True, text=True)
+    version = " ".join(line for line in (ver.stdout + ver.stderr).splitlines() if line.startswith("version"))
+    return {"imatrix": found["llama-imatrix"], "quantize": found["llama-quantize"], "env": env,
+            "llama_cpp_python": py_version, "tools_version": version or (ver.stdout + ver.stderr)[-300:]}
+
+
+def _run_tool(tools: Dict[str, Any], cmd: List[str], log: Path) -> Optional[str]:
+    """Run a llama.cpp tool, its output to ``log``; the tail of that output on failure, else None."""
+    proc = subprocess.run(cmd, env=tools["env"], capture_output=True, text=True)
+    log.write_text(proc.stdout + proc.stderr)
+    return None if proc.returncode == 0 else f"{Path(cmd[0]).name} exited {proc.returncode}:\n" + \
+        (proc.stdout + proc.stderr)[-2000:]
+
+
+def _imatrix(tools: Dict[str, Any], f16_file: Path, text: Path, ctx: int, chunks: Optional[int],
+             out: Path) -> Dict[str, Any]:
+    """llama-imatrix over ``text`` (chunks of ``ctx`` tokens, each started by BOS as llama.cpp does)."""
+    import re
+
+    cmd = [tools["imatrix"], "-m", str(f16_file), "-f", str(text), "-c", str(ctx), "-t", "2", "--no-ppl",
+           "-o", str(out)] + (["--chunks", str(chunks)] if chunks else [])
+    t0 = time.perf_counter()
+    err = _run_tool(tools, cmd, out.with_suffix(".log"))
+    if err or not out.is_file():
+        return {"error": err or f"llama-imatrix wrote no {out}"}
+    said = re.search(r"computing over (\d+) chunks, n_ctx=(\d+)", out.with_suffix(".log").read_text())
+    n = int(said.group(1)) if said else None
+    return {"file": str(out), "ctx": ctx, "chunks": n, "tokens": n * ctx if n else None, "text": text.name,
+            "s": round(time.perf_counter() - t0, 1)}
+
+
 def quality(args, python: Optional[str]) -> int:
-    """Perplexity (llama.cpp's logits) of our tuned files vs llama.cpp's quantizer, SmolLM2, held-out BBC.
-    Without llama_cpp only our side runs (kept in ``--work`` for a later run)."""
+    """Perplexity (llama.cpp's logits) of our files (each ``--iters``) vs llama.cpp's quantizer, plain and
+    (``--imatrix``) with importance matrices, SmolLM2, held-out BBC. Without llama_cpp only our side runs
+    (kept in ``--work`` for a later run)."""
     import numpy as np
 
+    sys.path.insert(0, str(ROOT / "bench"))
+    from _common import print_table, write_text_for_windows
+
     from auto_round.assets import bbc_split, perplexity_of_windows, token_windows
+    from auto_round.calib.text import get_text_calibration
     from auto_round.export import get_format
 
     make_model, tokenizer = _load("smollm2")
@@ -317,10 +427,12 @@ def quality(args, python: Optional[str]) -> int:
     with tempfile.TemporaryDirectory(prefix="bench_gguf_q_") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        np.save(work / "windows.npy", windows.numpy())
+        win = work / "windows.npy"
+        np.save(win, windows.numpy())
         data = work / "calib.txt"
         data.write_text("\n\n".join(calib), encoding="utf-8")
-        ours = {qtype: _ours(args, qtype, make_model, tokenizer, data, windows, work) for qtype in args.types}
+        ours = {(q, it): _ours(args, q, it, make_model, tokenizer, data, windows, work)
+                for q in args.types for it in args.iters}
         if python is None:
             print("our files are in", work, "; llama_cpp is not importable: the comparison needs it "
                   "(python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install llama-cpp-python numpy)")
@@ -330,29 +442,111 @@ def quality(args, python: Optional[str]) -> int:
         if not list(f16.glob("*.gguf")):
             get_format("gguf:q8_0").export(model, {}, f16, {}, False, tokenizer=tokenizer)  # every tensor F16/F32
         f16_file = next(f16.glob("*.gguf"))
-        base = {"fp32_torch": perplexity_of_windows(model, windows),
-                "f16_llamacpp": _ppl(python, f16_file, work / "windows.npy").get("ppl")}
+        base: Dict[str, Any] = {"fp32_torch": perplexity_of_windows(model, windows),
+                                "f16_llamacpp": _ppl(python, f16_file, win).get("ppl")}
         print(f"SmolLM2 held-out ppl ({windows.shape[0]}x{windows.shape[1]} tokens): fp32 torch "
               f"{base['fp32_torch']:.3f}, F16 file in llama.cpp {base['f16_llamacpp']}")
+
+        # Importance matrices of the FP model (F16 file), on BBC calibration articles only: "tuner" = the
+        # very samples our tuner calibrates on (decoded, nsamples x seqlen), "calib" = a larger slice of
+        # the same articles, as llama.cpp users compute one.
+        imatrices: Dict[str, Dict[str, Any]] = {}
+        tools: Dict[str, Any] = {}
+        if args.imatrix:
+            tools = _llamacpp_tools(args.llamacpp_bin, python)
+            if "error" in tools:
+                print(f"llama.cpp + imatrix: NOT RUN. {tools['error']}")
+                imatrices = {"tuner": {"error": tools["error"]}, "calib": {"error": tools["error"]}}
+            else:
+                print(f"llama.cpp tools {tools['quantize']} ({tools['tools_version']}), "
+                      f"llama-cpp-python {tools['llama_cpp_python']}")
+                samples = get_text_calibration(tokenizer, str(data), nsamples=args.nsamples, seqlen=args.seqlen)
+                tuner_text = work / "imatrix-tuner.txt"
+                tuner_text.write_text("\n\n".join(tokenizer.decode(row, skip_special_tokens=True)
+                                                  for row in samples.input_ids.tolist()), encoding="utf-8")
+                imatrices["tuner"] = _imatrix(tools, f16_file, tuner_text, args.seqlen, None,
+                                              work / "imatrix-tuner.gguf")
+                calib_text = work / "imatrix-calib.txt"
+                write_text_for_windows(tokenizer, calib, calib_text, args.imatrix_ctx * args.imatrix_chunks)
+                imatrices["calib"] = _imatrix(tools, f16_file, calib_text, args.imatrix_ctx, args.imatrix_chunks,
+                                              work / "imatrix-calib.gguf")
+                for name, im in imatrices.items():
+                    print(f"imatrix {name}: " + (im["error"] if "error" in im else
+                                                 f"{im['chunks']} chunks x {im['ctx']} tokens of {im['text']}"))
+
         for qtype in args.types:
             ftype = K_TYPES.get(qtype, LEGACY_FTYPES.get(qtype))
+            rec: Dict[str, Any] = {"type": qtype, "ours": {}, "file_mib": {}, "tensor_types": {}}
+            files: Dict[str, Path] = {}
+            for it in args.iters:
+                key = f"iters{it}"
+                files[f"ours_{key}"] = Path(ours[(qtype, it)]["file"])
+                rec["ours"][key] = {**ours[(qtype, it)], **_ppl(python, files[f"ours_{key}"], win)}
             theirs = work / f"llamacpp-{qtype}.gguf"
             proc = _worker(python, "--quantize-worker", str(f16_file), str(theirs), str(ftype))
-            rec: Dict[str, Any] = {"type": qtype, "ours": {**ours[qtype], **_ppl(python, Path(ours[qtype]["file"]),
-                                                                                    work / "windows.npy")}}
-            rec["llamacpp_quantizer"] = _ppl(python, theirs, work / "windows.npy") if proc.returncode == 0 \
-                else {"error": proc.stderr[-2000:]}
-            rec["file_mib"] = {"ours": round(Path(ours[qtype]["file"]).stat().st_size / 2**20, 1),
-                               "llamacpp": round(theirs.stat().st_size / 2**20, 1) if theirs.exists() else None}
+            if proc.returncode == 0:
+                rec["llamacpp_quantizer"] = _ppl(python, theirs, win)
+            elif "requires an importance matrix" in proc.stderr or "requires an imatrix" in proc.stderr:
+                # recent llama.cpp refuses some types (q2_k_s's q2_K tensors) without an imatrix: no figure
+                rec["llamacpp_quantizer"] = {"refused": "llama.cpp refuses this type without an importance matrix",
+                                             "error": proc.stderr[-600:]}
+            else:
+                rec["llamacpp_quantizer"] = {"error": proc.stderr[-2000:]}
+            files["llamacpp"] = theirs
+            for name, im in imatrices.items():
+                key = f"llamacpp_imatrix_{name}"
+                if "error" in im:
+                    rec[key] = {"error": im["error"]}
+                    continue
+                out = work / f"llamacpp-imatrix-{name}-{qtype}.gguf"
+                # same mix as llama_model_quantize above: embeddings and output kept F16
+                err = _run_tool(tools, [tools["quantize"], "--imatrix", im["file"], "--token-embedding-type", "f16",
+                                        "--output-tensor-type", "f16", str(f16_file), str(out), qtype.upper(), "2"],
+                                out.with_suffix(".log"))
+                rec[key] = {"error": err} if err else _ppl(python, out, win)
+                files[key] = out
+            for key, path in files.items():
+                if path.exists():
+                    rec["file_mib"][key] = round(path.stat().st_size / 2**20, 1)
+                    rec["tensor_types"][key] = _tensor_types(path)
             records.append(rec)
-            print(f"{qtype}: ppl ours {rec['ours'].get('ppl')} (torch {rec['ours']['torch_ppl']:.3f}, iters "
-                  f"{rec['ours']['iters']}) vs llama.cpp's quantizer {rec['llamacpp_quantizer'].get('ppl')}; "
-                  f"files {rec['file_mib']} MiB")
+            if len({json.dumps(v) for v in rec["tensor_types"].values()}) > 1:
+                print(f"{qtype}: the files' tensor types differ: {rec['tensor_types']}")
+            print(f"{qtype}: " + ", ".join(f"{k} {_fmt_ppl(v)}" for k, v in _columns(rec)) +
+                  f"; files {rec['file_mib']} MiB", flush=True)
+
+    headers = ["type"] + [k for k, _ in _columns(records[0])] + ["MiB ours / llama.cpp / +imatrix"] if records else []
+    rows = [[r["type"]] + [_fmt_ppl(v) for _, v in _columns(r)] +
+            [" / ".join(str(r["file_mib"].get(k)) for k in (f"ours_iters{args.iters[-1]}", "llamacpp",
+                                                              "llamacpp_imatrix_calib") if k in r["file_mib"])]
+            for r in records]
+    rows.insert(0, ["FP", f"torch fp32 {base['fp32_torch']:.2f}", f"llama.cpp F16 {_fmt_ppl(base['f16_llamacpp'])}"]
+                + [""] * (len(headers) - 3))
+    table = print_table(headers, rows, title=f"SmolLM2-135M-Instruct, held-out BBC perplexity from llama.cpp's logits "
+                                             f"({windows.shape[0]}x{windows.shape[1]} tokens)") if records else ""
     out_json.parent.mkdir(parents=True, exist_ok=True)
-    out_json.write_text(json.dumps({"base": base, "windows": list(windows.shape), "records": records},
-                                   indent=2, default=str))
+    out_json.write_text(json.dumps({
+        "base": base, "windows": list(windows.shape),
+        "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen, "source": "BBC calibration articles"},
+        "imatrix": {k: {kk: vv for kk, vv in v.items() if kk != "file"} for k, v in imatrices.items()},
+        "llamacpp": {k: tools[k] for k in ("llama_cpp_python", "tools_version") if k in tools},
+        "records": records, "table": table}, indent=2, default=str))
     print(f"wrote {out_json}")
     return 0
+
+
+def _columns(rec: Dict[str, Any]) -> List[tuple]:
+    """(column name, record) of one type's perplexities, in table order."""
+    cols = [(f"ours {k.replace('iters', 'iters ')}", v) for k, v in rec["ours"].items()]
+    cols.append(("llama.cpp", rec["llamacpp_quantizer"]))
+    cols += [(f"llama.cpp+imatrix ({k.rsplit('_', 1)[1]})", rec[k]) for k in rec if k.startswith("llamacpp_imatrix_")]
+    return cols
+
+
+def _fmt_ppl(value: Any) -> str:
+    if isinstance(value, dict):
+        value = "refused (needs imatrix)" if "refused" in value else "FAILED" if "error" in value else value.get("ppl")
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
 if __name__ == "__main__":
