@@ -237,15 +237,15 @@ def share_importance(collector: ImportanceCollector, root: nn.Module, names: Seq
     """Sum the activation statistics of the layers ``names`` over the processes (each saw its own batches), so
     every process searches the same clip factors; a layer no token of this process reached takes part with
     zeros."""
-    if not parallel.distributed:
+    if not parallel.distributed or not names:
         return
     for n in names:
         if n not in collector.sums:
-            collector.sums[n] = torch.zeros(root.get_submodule(n).in_features, device=next(
-                root.get_submodule(n).parameters()).device)
-        counts = collector.counts.get(n, 0)
-        parallel.sum_([collector.sums[n]])
-        collector.counts[n] = int(parallel.sum_floats(counts)[0])
+            lin = root.get_submodule(n)
+            collector.sums[n] = torch.zeros(lin.in_features, device=lin.weight.device)
+    parallel.sum_([collector.sums[n] for n in names])
+    counts = parallel.sum_floats(*(collector.counts.get(n, 0) for n in names))  # one exchange for all the layers
+    collector.counts.update({n: int(c) for n, c in zip(names, counts)})
 
 
 def _opt_rtn_unit(run: _Run, unit: Sequence[nn.Module], name: str, layers: Sequence[Any], extras: List[UnitInputs],

@@ -68,13 +68,13 @@ class DataParallel:
         """True on the process that writes checkpoints and reports (rank 0)."""
         return self.rank == 0
 
-    def local_batches(self, n: int, what: str = "calibration batches") -> int:
+    def local_batches(self, n: int) -> int:
         """The number of batches per shard for ``n`` batches in all; refuses ``n`` not a multiple of ``world``
         (every process must run the same number of steps on the same number of batches)."""
         if n % self.world:
-            raise ValueError(f"{n} {what} do not split evenly over {self.world} data-parallel processes: use "
-                             f"nsamples = a multiple of batch_size x {self.world} (e.g. "
-                             f"{max(1, n // self.world) * self.world} batches)")
+            raise ValueError(f"{n} calibration batches do not split evenly over {self.world} data-parallel "
+                             "processes (the data gave fewer samples than nsamples, or a last partial batch): use an "
+                             "nsamples that is a multiple of batch_size and that the data set can fill")
         return n // self.world
 
     def own(self, items: Iterable[Any]) -> List[Any]:
