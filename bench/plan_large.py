@@ -9,13 +9,16 @@ published A100 numbers can be held against).
 
 Where each figure comes from (every constant is printed and written to the JSON with its source):
 
-- **memory per weight and per token while a block is tuned**: measured here (``--measure``, the default):
-  one Llama block tuned 2 iterations on CPU in a fresh process, its peak RSS over its RSS before, at 64
-  and 1024 tokens (bytes per weight from the first, bytes per token x hidden from the slope);
-- **cached activations**: counted from :mod:`auto_round.tuning.loop` (``_tune_list`` / ``_tune_unit``: while a
-  unit's quantized output is computed, the FP chain's inputs, the quantized chain's inputs, the new FP
-  targets and the new quantized outputs are all alive, every one float32 after the first unit), and
-  checked against ``bench/results/offload_quick.json`` (cache copies that ``offload_dir`` saved);
+- **GPU memory of each mode**: :func:`auto_round.estimate.estimate_run` for the mode's settings on a CUDA
+  device (bf16 autocast): the tuned unit's float32 weights, V, clip params, their gradients and best state,
+  the qdq's buffers and the activations of one micro-batch (per weight and per token, calibrated against a
+  measured run in ``tests/test_estimate.py``), with the block cache the loop holds
+  (:func:`auto_round.estimate.loop_cache_copies`: 2 float32 copies while a unit tunes, 3 while its outputs
+  are computed), at the larger of the two moments; checked against ``bench/results/offload_quick.json``
+  (cache copies that ``offload_dir`` saved);
+- **the estimator against a measured block** (``--measure``, the default): one Llama block tuned 2
+  iterations on CPU in a fresh process (glibc mmap threshold fixed, as tensors of these sizes are mapped),
+  its peak RSS over its RSS before, at 64 and 1024 tokens, beside ``estimate_run`` for the same run;
 - **in-memory RAM per block, streamed RAM flat in depth**: ``bench/results/streaming_trim.json``;
 - **model-free RTN speed and memory**: ``bench/results/model_free.json``;
 - **time**: the tuning's matmul work (``estimate_run().tflops``) over an *assumed* GPU throughput: the
@@ -89,18 +92,22 @@ ASSUMED = {
 }
 # Counted from the code (src/), not measured: named so that a change of the code shows here.
 FROM_CODE = {
-    "LOOP_CACHE_COPIES": (4, "tuning/loop.py _tune_unit: fp_in, q_in (the caller's), targets and q_out alive while "
-                             "q_out is computed; float32 (store.put(out.float())); only the first unit's inputs "
-                             "are the captured bf16 hidden states"),
+    "LOOP_CACHE_COPIES": (None, "estimate.loop_cache_copies (tuning/loop.py _tune_unit): at the peak, q_in, targets "
+                                "and q_out while q_out is computed (the FP chain's inputs are released once the "
+                                "targets exist); float32 (store.put(out.float())); only the first unit's inputs are "
+                                "the captured bf16 hidden states; filled in by main()"),
+    "LOOP_CACHE_COPIES_TUNING": (None, "estimate.loop_cache_copies: q_in and targets while a unit tunes"),
     "STREAMED_BLOCK_BYTES_PER_WEIGHT": (3.52, "streamed unit on CPU: bf16 weights read (2) + uint8 codes of "
                                               "its records (1) + packed int4 + scales/zeros (0.52)"),
     "COPY_CHUNK_MIB": (64, "model_free/core.py COPY_CHUNK_BYTES: kept tensors copied in 64 MiB row chunks"),
     "PACKED_BYTES_PER_WEIGHT": (None, "bits/8 + (fp16 scale + bits-wide zero) per group: the auto_round "
                                       "format's qweight/scales/qzeros"),
 }
-# The recorded block measurement (this CPU, 2 threads, Llama block h1024/i3584, amp bf16), used with --no-measure.
-RECORDED_BLOCK = {"tuning_bytes_per_weight_cpu": 31.0, "activation_bytes_per_token_hidden": 154.0,
-                  "source": "plan_large.py --measure, 2026-12, this 2-core CPU"}
+# The recorded block measurement (this CPU, 2 threads, Llama block h1024/i3584, float32: this CPU has no native
+# bf16, so amp does not autocast), used with --no-measure.
+RECORDED_BLOCK = {"tuning_bytes_per_weight_cpu": 27.62, "activation_bytes_per_token_hidden": 123.6,
+                  "estimated_over_measured": {"64": 1.067, "1024": 0.997},
+                  "source": "plan_large.py --measure, 2026-12, this 2-core CPU, MALLOC_MMAP_THRESHOLD_=131072"}
 STREAMING_WIDTH = dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4,
                        vocab_size=32000)  # bench/bench_streaming.py WIDTH
 MODEL_FREE_SHAPE_KEY = "shape"  # model_free.json: the shape of the model it quantized
@@ -144,7 +151,9 @@ def measured_inputs() -> Dict[str, Any]:
     step = _load("step.json")["models"]["mid"]
     mf = _load("model_free.json")
     st = _load("streaming_trim.json")
-    off = _load("offload_quick.json")["summary"]["llm-it2"]
+    # a local result of bench_offload.py --quick (not committed): the cross-check is left out without it
+    off = _load("offload_quick.json")["summary"]["llm-it2"] if (RESULTS / "offload_quick.json").exists() else \
+        {"saved_cache_copies": None}
     vs = _load("vs_reference.json")["models"]["smollm2"]["summary"]
     w = STREAMING_WIDTH
     block_mib = (_block_params(w["hidden_size"], w["intermediate_size"], w["num_attention_heads"],
@@ -180,6 +189,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from auto_round.config import build_settings
 from auto_round.tuning.plan import resolve_plan
 from auto_round.tuning.loop import quantize_model
+from auto_round.estimate import estimate_run
 torch.set_num_threads(2)
 tokens = int(sys.argv[1])
 cfg = LlamaConfig(hidden_size=1024, intermediate_size=3584, num_hidden_layers=1, num_attention_heads=8,
@@ -189,6 +199,8 @@ s = build_settings(bits=4, group_size=128, iters=2, nsamples=1, seqlen=tokens, b
 plan = resolve_plan(m, s, ["model.layers"])
 params = sum(lp.out_features * lp.in_features for lp in plan.in_block("model.layers.0"))
 ids = torch.randint(0, 256, (1, tokens))
+est = estimate_run(m, plan, s, 0, device=torch.device("cpu"))
+estimated = int((est.host_mib - est.model_mib) * 2**20)  # records + block cache + tuning: what the run adds
 def status(key):
     for line in open("/proc/self/status"):
         if line.startswith(key):
@@ -196,27 +208,31 @@ def status(key):
 open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS (VmHWM) to the current RSS
 before = status("VmRSS:")
 quantize_model(m, plan, s, lambda: [{"input_ids": ids}], torch.device("cpu"), progress=False)
-print(params, status("VmHWM:") - before)
+print(params, status("VmHWM:") - before, estimated)
 """
 
 
 def measure_block() -> Dict[str, Any]:
     """Tune one Llama block (hidden 1024, intermediate 3584: the 8B's ratio) 2 iterations on CPU, in a fresh
-    process per token count (through /bin/sh, so it starts with its own peak RSS): bytes per weight at 64
-    tokens, bytes per token x hidden from the slope to 1024 tokens (the 4 cache copies, 16 B, included)."""
+    process per token count (through /bin/sh, so it starts with its own peak RSS; glibc's mmap threshold fixed
+    at 128 KiB, as every tensor of a 72B block is mapped, so freed activations leave the RSS): bytes per weight
+    at 64 tokens, bytes per token x hidden from the slope to 1024 tokens (the 3 cache copies, 12 B, included),
+    and ``estimate_run``'s records + block cache + tuning for the same run (float32: no native bf16 here)."""
     out = {}
     for tokens in (64, 1024):
-        cmd = f"{sys.executable} - {tokens}; exit $?"
+        cmd = f"MALLOC_MMAP_THRESHOLD_=131072 {sys.executable} - {tokens}; exit $?"
         r = subprocess.run(["/bin/sh", "-c", cmd], input=_BLOCK_PROBE, capture_output=True, text=True, timeout=900)
         if r.returncode:
             raise RuntimeError(f"block probe failed: {r.stderr[-2000:]}")
-        params, delta = map(int, r.stdout.split()[-2:])
-        out[tokens] = (params, delta)
-    (p, d64), (_, d1k) = out[64], out[1024]
+        out[tokens] = tuple(map(int, r.stdout.split()[-3:]))
+    (p, d64, _), (_, d1k, _) = out[64], out[1024]
     return {"tuning_bytes_per_weight_cpu": round(d64 / p, 2),
             "activation_bytes_per_token_hidden": round((d1k - d64) / (1024 - 64) / 1024, 1),
-            "raw": {str(k): {"params": v[0], "peak_delta_bytes": v[1]} for k, v in out.items()},
-            "source": "measured now (plan_large.py --measure): Llama block h1024/i3584, 2 iters, amp bf16, CPU"}
+            "estimated_over_measured": {str(k): round(v[2] / v[1], 3) for k, v in out.items()},
+            "raw": {str(k): {"params": v[0], "peak_delta_bytes": v[1], "estimated_bytes": v[2]}
+                    for k, v in out.items()},
+            "source": "measured now (plan_large.py --measure): Llama block h1024/i3584, 2 iters, float32, CPU, "
+                      "MALLOC_MMAP_THRESHOLD_=131072"}
 
 
 # ------------------------------------------------------------------------------------------ per-model figures
@@ -235,8 +251,41 @@ def packed_bytes_per_weight(bits: int, group: int) -> float:
     return bits / 8 + (2 + bits / 8) / group
 
 
+# What each mode changes in the default recipe's settings, for the estimator's GPU figure (the dp8 process:
+# its share of the samples and of each step's batch).
+MODE_SETTINGS = {
+    "inmem_gpu": {}, "inmem_cpu": {"low_gpu_mem_usage": True}, "stream_gpu": {"low_cpu_mem_usage": True},
+    "stream_cpu": {"low_cpu_mem_usage": True, "low_gpu_mem_usage": True},
+    "stream_cpu_ga": {"low_cpu_mem_usage": True, "low_gpu_mem_usage": True, "batch_size": 1,
+                      "gradient_accumulate_steps": 8},
+    "stream_disk": {"low_cpu_mem_usage": True, "offload_dir": "/nvme/ar_cache"},
+    "dp8": {"per_process": True},
+}
+
+
+def mode_estimates(model, plan, settings) -> Dict[str, Dict[str, float]]:
+    """``estimate_run`` on a CUDA device (on paper) for each mode's settings: bytes of the GPU peak and its parts."""
+    from dataclasses import replace
+
+    import torch
+
+    from auto_round.estimate import estimate_run
+
+    out = {}
+    for key, over in MODE_SETTINGS.items():
+        over = dict(over)
+        if over.pop("per_process", False):
+            over.update(batch_size=settings.batch_size // WORLD, nsamples=settings.nsamples // WORLD)
+        est = estimate_run(model, plan, replace(settings, **over), 0, device=torch.device("cuda"))
+        out[key] = {k: getattr(est, k) * MIB for k in ("device_mib", "tuning_mib", "cache_tuning_mib", "cache_mib")}
+        out[key]["cache_where"] = est.cache_where
+    return out
+
+
 def plan_model(name: str, spec: Dict[str, Any]) -> Dict[str, Any]:
     """The plan and the estimator's figures for each recipe, plus the sizes the modes need."""
+    import torch
+
     from auto_round.autoround import AutoRound
     from auto_round.estimate import estimate_run, tuned_unit_params
 
@@ -245,13 +294,17 @@ def plan_model(name: str, spec: Dict[str, Any]) -> Dict[str, Any]:
     for rname, extra in RECIPES.items():
         ar = AutoRound(model, None, device="cpu", **QUANT, **extra)
         plan = ar.resolve_plan(["auto_round"], read_weights=False)
-        est = estimate_run(model, plan, ar.settings, ar.estimated_checkpoint_bytes())
+        est = estimate_run(model, plan, ar.settings, ar.estimated_checkpoint_bytes(), device=torch.device("cuda"))
         s = ar.settings
         per_recipe[rname] = {"iters": s.iters, "lr": s.resolved_lr, "nsamples": s.nsamples, "seqlen": s.seqlen,
                              "batch_size": s.batch_size, "amp": s.amp,
-                             "estimate": {"model_mib": est.model_mib, "checkpoint_mib": est.checkpoint_mib,
-                                          "cache_mib": est.cache_mib, "tuning_mib": est.tuning_mib,
+                             "estimate": {"model_mib": est.model_mib, "records_mib": est.records_mib,
+                                          "checkpoint_mib": est.checkpoint_mib, "cache_mib": est.cache_mib,
+                                          "cache_tuning_mib": est.cache_tuning_mib, "tuning_mib": est.tuning_mib,
+                                          "host_mib": est.host_mib, "device_mib": est.device_mib,
                                           "tflops": est.tflops}}
+        if rname == "default":
+            modes = mode_estimates(model, plan, s)
     units = tuned_unit_params(model, plan)
     total = sum(p.numel() for p in model.parameters())
     quantized = sum(lp.out_features * lp.in_features for lp in plan.quantized)
@@ -263,7 +316,7 @@ def plan_model(name: str, spec: Dict[str, Any]) -> Dict[str, Any]:
             "input_bytes": total * 2, "embed_bytes": spec["vocab_size"] * h * 2,
             "output_bytes": quantized * packed_bytes_per_weight(QUANT["bits"], QUANT["group_size"])
             + (total - quantized) * 2,
-            "plan": plan.summary_lines(), "recipes": per_recipe}
+            "plan": plan.summary_lines(), "recipes": per_recipe, "mode_estimates": modes}
 
 
 # ------------------------------------------------------------------------------------------ the modes
@@ -280,8 +333,7 @@ MODES = [  # key, label, flags
 ]
 
 
-def mode_figures(m: Dict[str, Any], key: str, meas: Dict[str, Any], block: Dict[str, Any],
-                 gpu_flops: float) -> Dict[str, Any]:
+def mode_figures(m: Dict[str, Any], key: str, meas: Dict[str, Any], gpu_flops: float) -> Dict[str, Any]:
     """RAM, GPU memory, disk and time of one mode, with the time's parts."""
     st, mf = meas["streaming_trim.json"], meas["model_free.json"]
     r = m["recipes"]["default"]
@@ -291,8 +343,6 @@ def mode_figures(m: Dict[str, Any], key: str, meas: Dict[str, Any], block: Dict[
     base = (st["rss_after_imports_mib"] + st["streamed_fixed_mib"]) * MIB  # process + its measured fixed part
     chunk = FROM_CODE["COPY_CHUNK_MIB"][0] * MIB
     copies = FROM_CODE["LOOP_CACHE_COPIES"][0]
-    tune_bpw = block["tuning_bytes_per_weight_cpu"] + 4 - 1  # + the fp32 copy of the block, - codes (on CPU)
-    act_bpth = block["activation_bytes_per_token_hidden"] - copies * 4  # the probe's own cache copies out
     world = WORLD if key == "dp8" else 1
     cache_on = "disk" if key == "stream_disk" else ("cpu" if key.endswith(("_cpu", "_cpu_ga")) else "gpu")
     micro = step_tokens // (8 if key == "stream_cpu_ga" else 1) // (world if key == "dp8" else 1)
@@ -321,12 +371,15 @@ def mode_figures(m: Dict[str, Any], key: str, meas: Dict[str, Any], block: Dict[
             + max(capture_ram, cache_ram)
         out["ram"] = per_proc * world
         out["ram_per_process"] = per_proc
-    # -- GPU (per process)
-    tuning = m["block_params"] * tune_bpw + micro * h * act_bpth
-    cache_gpu = copies * copy / world if cache_on == "gpu" else 2 * micro * h * 4  # else: one batch in + target
-    out["gpu"] = a("CUDA_CONTEXT_GIB") * GIB + tuning + cache_gpu
-    out["gpu_parts"] = {"block tuning (weights, offsets, grads, best state, qdq)": m["block_params"] * tune_bpw,
-                        "activations of one step": micro * h * act_bpth, "cache on GPU": cache_gpu}
+    # -- GPU (per process): the estimator for this mode's settings (mode_estimates)
+    e = m["mode_estimates"][key]
+    on_gpu = e["cache_where"] == "device"
+    out["gpu"] = a("CUDA_CONTEXT_GIB") * GIB + e["device_mib"]
+    out["gpu_parts"] = {"tuning (fp32 unit, V, clip params, grads, best state, qdq, activations of one micro-batch)":
+                        e["tuning_mib"],
+                        "cache on GPU while a unit tunes": e["cache_tuning_mib"] if on_gpu else 2 * micro * h * 4,
+                        "cache on GPU while a unit's outputs are computed": e["cache_mib"] if on_gpu else
+                        2 * micro * h * 4, "peak (the larger moment) + CUDA context": out["gpu"]}
     # -- disk
     offload = 0.0
     if cache_on == "disk":  # files are never deleted before the block list ends (calib/store.py)
@@ -396,6 +449,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--json", type=Path, default=RESULTS / "plan_large.json")
     args = p.parse_args(argv)
     t0 = time.perf_counter()
+    from auto_round.config import build_settings
+    from auto_round.estimate import loop_cache_copies
+
+    tuning_copies, peak_copies = loop_cache_copies(build_settings(**QUANT))
+    FROM_CODE["LOOP_CACHE_COPIES"] = (peak_copies, FROM_CODE["LOOP_CACHE_COPIES"][1])
+    FROM_CODE["LOOP_CACHE_COPIES_TUNING"] = (tuning_copies, FROM_CODE["LOOP_CACHE_COPIES_TUNING"][1])
     meas = measured_inputs()
     block = measure_block() if args.measure else dict(RECORDED_BLOCK)
     step = meas["step.json"]
@@ -420,13 +479,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     checks = {"model_free.json output_gb: formula vs measured": [mf_out / 1e9, meas["model_free.json"]["output_gb"]],
               "offload_quick.json cache copies saved by offload_dir (loop count: "
               f"{FROM_CODE['LOOP_CACHE_COPIES'][0]})": meas["offload_quick.json"]["llm-it2 saved_cache_copies"]}
+    if "estimated_over_measured" in block:
+        checks["block probe h1024/i3584 on CPU: estimate_run over the measured peak RSS delta, by tokens"] = \
+            block["estimated_over_measured"]
 
     models, rows, est_rows = {}, [], []
     for name, spec in MODELS.items():
         m = plan_model(name, spec)
         m["modes"] = {}
         for key, label, flags in MODES:
-            f = mode_figures(m, key, meas, block, gpu_flops)
+            f = mode_figures(m, key, meas, gpu_flops)
             f["label"], f["command"] = label, command(m, key, flags)
             m["modes"][key] = f
         models[name] = m
@@ -452,13 +514,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "-" if key == "rtn" else dur(m["reference_scaled_a100_s"] / (WORLD if key == "dp8" else 1))])
         e = m["recipes"]["default"]["estimate"]
         h, r = m["shape"]["hidden_size"], m["recipes"]["default"]
-        loop_cache = FROM_CODE["LOOP_CACHE_COPIES"][0] * r["nsamples"] * r["seqlen"] * h * 4
-        parts = m["modes"]["stream_gpu"]["gpu_parts"]
-        tuned = parts["block tuning (weights, offsets, grads, best state, qdq)"] + parts["activations of one step"]
+        # the CPU block probe scaled (float32 activations: above a bf16-autocast GPU run's), as a cross-check
+        micro = r["batch_size"] * r["seqlen"]
+        probe = m["block_params"] * (block["tuning_bytes_per_weight_cpu"] + 4 - 1) + micro * h * (
+            block["activation_bytes_per_token_hidden"] - FROM_CODE["LOOP_CACHE_COPIES"][0] * 4)
         est_rows.append([name, f"{m['params'] / 1e9:.1f}", m["blocks"], f"{m['block_params'] / 1e9:.2f}",
                          f"{e['tflops'] / 1e3:,.1f}", f"{e['model_mib'] / 1024:,.0f}",
-                         f"{e['cache_mib'] / 1024:.0f} vs {loop_cache / GIB:.0f}",
-                         f"{e['tuning_mib'] / 1024:.0f} vs {tuned / GIB:.0f}",
+                         f"{e['records_mib'] / 1024:,.0f}",
+                         f"{e['cache_mib'] / 1024:.0f} / {e['cache_tuning_mib'] / 1024:.0f}",
+                         f"{e['tuning_mib'] / 1024:.0f} vs {probe / GIB:.0f}",
                          f"{e['checkpoint_mib'] / 1024:.0f} vs {m['output_bytes'] / GIB:.0f}",
                          dur(e["tflops"] * 1e12 / (step["step_gflops_per_s"] * 1e9))])
     print()
@@ -470,10 +534,10 @@ def main(argv: Optional[List[str]] = None) -> int:
                         "+ W4 out (+ offload files); 'fits' = GPU memory within H100 80 GB / H200 141 GB")
     print()
     est_table = print_table(["model", "params B", "blocks", "block params B", "PFLOP (default)", "est. model GiB",
-                             "cache GiB est. vs loop", "tuning GiB est. vs measured", "checkpoint GiB est. vs exact",
-                             "this CPU (measured step GFLOP/s)"], est_rows,
-                            "the estimator (estimate_run, estimated_checkpoint_bytes) against the loop's count and "
-                            "the measured block figures")
+                             "records GiB", "cache GiB peak / tuning", "tuning GiB est. (GPU) vs CPU probe",
+                             "checkpoint GiB est. vs exact", "this CPU (measured step GFLOP/s)"], est_rows,
+                            "the estimator (estimate_run on CUDA, bf16 autocast; estimated_checkpoint_bytes) against "
+                            "the block probe scaled (CPU, float32 activations) and the exact packed size")
     print()
     for name, m in models.items():
         print(f"{name}:")

@@ -408,16 +408,15 @@ class AutoRound:
         self._packed = True
 
     def estimated_checkpoint_bytes(self) -> int:
-        """About what one checkpoint takes on disk: Linear weights at ``bits`` (plus scales and zeros),
-        everything else at its dtype's size."""
-        linear = {id(m.weight) for m in self.model.modules() if isinstance(m, nn.Linear)}
-        total = 0
-        for p in self.model.parameters():
-            if id(p) in linear:
-                total += p.numel() * self.settings.bits // 8 + p.numel() // 8  # codes + scales/zeros at group 32
-            else:
-                total += p.numel() * p.element_size()
-        return total
+        """About what one checkpoint takes on disk, per the plan's decision for each layer
+        (:func:`auto_round.estimate.checkpoint_bytes`: quantized layers at their bits, with scales and zeros;
+        layers kept in full precision, such as ``lm_head`` by default, and everything else at its dtype's size).
+        Before :meth:`resolve_plan` the plan of the settings is resolved for it (no format's checks)."""
+        from auto_round.estimate import checkpoint_bytes
+
+        plan = self.plan if self.plan is not None else resolve_plan(
+            self.model, self.settings, self.block_list_names(), None, self.forced_fp_layers(), self.outside_reasons())
+        return checkpoint_bytes(self.model, plan)
 
     def export_tokenizer(self) -> Any:
         """What formats that embed the tokenizer get (:meth:`Exporter.check_model` / ``export``): the

@@ -290,7 +290,7 @@ def dry_run_lines(ar: Any, formats: Sequence[str], target: Path, recipe: str, ov
         lines.append(f"output    {target}: ok")
     except (OSError, ValueError) as e:
         lines.append(f"output    {target}: FAILS: {e}")
-    est = estimate_run(ar.model, plan, s, ar.estimated_checkpoint_bytes(), flops_per_second)
+    est = estimate_run(ar.model, plan, s, ar.estimated_checkpoint_bytes(), flops_per_second, ar.device)
     lines += est.lines()
     if tasks:
         from auto_round.evaluation import check_tasks, parse_tasks
