@@ -2,6 +2,8 @@
 
 - :func:`run_ours` / :func:`run_ppl` start ``bench/_worker.py`` in a fresh process of the current
   Python (our package), so that every measured run has its own peak RSS;
+- :func:`run_child` / :func:`main_or_child` do the same for a bench script that runs its jobs in child
+  processes of itself (``script --child SPEC OUT``);
 - :func:`run_reference` starts ``bench/reference_runner.py`` with ``.venv-ref``'s Python (the
   reference auto-round 0.16.1; both packages are called ``auto_round``);
 - calibration/evaluation data helpers (BBC split, token windows exactly as the reference runner
@@ -20,7 +22,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -119,6 +121,48 @@ def run_ours(spec: Dict[str, Any], work: Path, name: str, timeout: Optional[floa
         log(f"  {name}: FAILED (rc={rec['rc']}); see {log_path}: {rec['error']}")
         print(rec["log_tail"], file=sys.stderr)
     return rec
+
+
+Job = Callable[[Dict[str, Any]], Dict[str, Any]]
+
+
+def run_child(script: str, spec: Dict[str, Any], work: Path, name: str) -> Dict[str, Any]:
+    """Run the job ``spec`` of the bench script ``script`` (its ``__file__``) in a fresh process of it,
+    ``script --child SPEC OUT`` (see :func:`main_or_child`), and return its record: spec, record and log are
+    ``work/<name>.spec.json``, ``.out.json`` and ``.log``; on failure the record has ``error`` and the log's tail
+    is printed."""
+    work.mkdir(parents=True, exist_ok=True)
+    spec_path, out_path, log_path = work / f"{name}.spec.json", work / f"{name}.out.json", work / f"{name}.log"
+    spec_path.write_text(json.dumps(spec, indent=2))
+    rec = _timed_job([sys.executable, str(Path(script).resolve()), "--child", str(spec_path), str(out_path)],
+                     out_path, log_path, None)
+    if "error" in rec:
+        log(f"  {name}: FAILED (rc={rec['rc']}); see {log_path}")
+        print(rec.get("log_tail", ""), file=sys.stderr)
+    return rec
+
+
+def _child_main(jobs: Mapping[str, Job], spec_path: str, out_path: str) -> None:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    spec = json.loads(Path(spec_path).read_text())
+    Path(out_path).write_text(json.dumps(jobs[spec["job"]](spec), indent=2))
+
+
+def main_or_child(main: Callable[[], int], jobs: Mapping[str, Job]) -> None:
+    """The ``__main__`` of a bench script that uses :func:`run_child`: ``script --child SPEC OUT`` runs the job
+    ``jobs[SPEC['job']]`` and writes its record to OUT (an exception exits non-zero, its traceback in the log);
+    any other command line is ``sys.exit(main())``."""
+    if len(sys.argv) == 4 and sys.argv[1] == "--child":
+        _child_main(jobs, sys.argv[2], sys.argv[3])
+    else:
+        sys.exit(main())
+
+
+def job_compare(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """The child job ``{"job": "compare", "a": folder, "b": folder}``: :func:`compare_checkpoints`."""
+    return compare_checkpoints(Path(spec["a"]), Path(spec["b"]))
 
 
 def run_ppl(model: str, windows: Path, work: Path, name: str, kind: str = "llm",

@@ -29,7 +29,6 @@ is what the run itself holds.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import shutil
 import sys
@@ -39,8 +38,8 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (WORK, _tests_on_path, _timed_job, compare_checkpoints, fmt, log, machine_info,  # noqa: E402
-                     parse_bench_args, print_table, write_json)
+from _common import (WORK, _tests_on_path, fmt, job_compare, log, machine_info, main_or_child,  # noqa: E402
+                     parse_bench_args, print_table, run_child, write_json)
 
 NAME = "model_free"
 SHAPE = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -125,33 +124,7 @@ def job_in_memory(spec: dict) -> dict:
             "rss_after_imports_mb": before, "peak_rss_mb": _rss_mb()}
 
 
-def job_compare(spec: dict) -> dict:
-    """Byte identity of every tensor (read one at a time) and of the two configs."""
-    return compare_checkpoints(Path(spec["a"]), Path(spec["b"]))
-
-
 JOBS = {"make": job_make, "model_free": job_model_free, "in_memory": job_in_memory, "compare": job_compare}
-
-
-def child_main(spec_path: str, out_path: str) -> None:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    spec = json.loads(Path(spec_path).read_text())
-    rec = JOBS[spec["job"]](spec)
-    Path(out_path).write_text(json.dumps(rec, indent=2))
-
-
-def run_job(spec: dict, work: Path, name: str) -> dict:
-    work.mkdir(parents=True, exist_ok=True)
-    spec_path, out_path, log_path = work / f"{name}.spec.json", work / f"{name}.out.json", work / f"{name}.log"
-    spec_path.write_text(json.dumps(spec, indent=2))
-    rec = _timed_job([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path), str(out_path)],
-                     out_path, log_path, None)
-    if "error" in rec:
-        log(f"  {name}: FAILED (rc={rec['rc']}); see {log_path}")
-        print(rec.get("log_tail", ""), file=sys.stderr)
-    return rec
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -174,8 +147,8 @@ def _model(shape: dict, shard: str, work: Path) -> Optional[Path]:
     if not (src / ".complete").is_file():
         shutil.rmtree(src, ignore_errors=True)
         log(f"writing the random model to {src}")
-        made = run_job({"job": "make", "folder": str(src), "shape": shape, "shard": shard}, work,
-                       f"make-{shape['num_hidden_layers']}")
+        made = run_child(__file__, {"job": "make", "folder": str(src), "shape": shape, "shard": shard}, work,
+                         f"make-{shape['num_hidden_layers']}")
         if "error" in made:
             return None
     return src
@@ -206,11 +179,13 @@ def main(argv=None) -> int:
         outs[name] = work / f"out-{name}"
         shutil.rmtree(outs[name], ignore_errors=True)
         log(f"{name} ...")
-        runs[name] = run_job({"job": kind, "src": str(folder), "out": str(outs[name]), "bits": args.bits,
-                              "group_size": args.group_size, "threads": args.threads}, work, name)
+        runs[name] = run_child(__file__, {"job": kind, "src": str(folder), "out": str(outs[name]),
+                                          "bits": args.bits, "group_size": args.group_size, "threads": args.threads},
+                               work, name)
         if "error" in runs[name]:
             return 1
-    cmp = run_job({"job": "compare", "a": str(outs["model_free"]), "b": str(outs["in_memory"])}, work, "compare")
+    cmp = run_child(__file__, {"job": "compare", "a": str(outs["model_free"]), "b": str(outs["in_memory"])}, work,
+                    "compare")
     rows = [_row(f"{name} ({jobs[name][1].name})", jobs[name][1], r) for name, r in runs.items()]
     out_gb = _input_bytes(outs["model_free"]) / 1e9
     table = print_table(["run (model)", "input GB", "wall s", "GB/s read", "CPU s", "GB per CPU-s", "load before",
@@ -230,7 +205,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        child_main(sys.argv[2], sys.argv[3])
-    else:
-        sys.exit(main())
+    main_or_child(main, JOBS)

@@ -27,7 +27,6 @@ returned to the OS and the streamed peak is flat with depth.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import resource
 import shutil
@@ -38,8 +37,8 @@ from typing import Any, Dict, List
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (WORK, _tests_on_path, _timed_job, compare_checkpoints, fmt, log, machine_info,  # noqa: E402
-                     parse_bench_args, print_table, write_json)
+from _common import (WORK, _tests_on_path, fmt, job_compare, log, machine_info, main_or_child,  # noqa: E402
+                     parse_bench_args, print_table, run_child, write_json)
 
 NAME = "streaming"
 WIDTH = dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4, vocab_size=32000)
@@ -100,32 +99,7 @@ def job_quantize(spec: dict) -> dict:
             "blocks": len(blocks), "last_block_best_loss": blocks[-1]["best"] if blocks else None}
 
 
-def job_compare(spec: dict) -> dict:
-    """Byte identity of every tensor (read one at a time) and of the two configs."""
-    return compare_checkpoints(Path(spec["a"]), Path(spec["b"]))
-
-
 JOBS = {"make": job_make, "quantize": job_quantize, "compare": job_compare}
-
-
-def child_main(spec_path: str, out_path: str) -> None:
-    import logging
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    spec = json.loads(Path(spec_path).read_text())
-    Path(out_path).write_text(json.dumps(JOBS[spec["job"]](spec), indent=2))
-
-
-def run_job(spec: dict, work: Path, name: str) -> dict:
-    work.mkdir(parents=True, exist_ok=True)
-    spec_path, out_path, log_path = work / f"{name}.spec.json", work / f"{name}.out.json", work / f"{name}.log"
-    spec_path.write_text(json.dumps(spec, indent=2))
-    rec = _timed_job([sys.executable, str(Path(__file__).resolve()), "--child", str(spec_path), str(out_path)],
-                     out_path, log_path, None)
-    if "error" in rec:
-        log(f"  {name}: FAILED (rc={rec['rc']}); see {log_path}")
-        print(rec.get("log_tail", ""), file=sys.stderr)
-    return rec
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -134,8 +108,8 @@ def _random_model(width: dict, layers: int, work: Path) -> Path:
     if not (src / ".complete").is_file():
         shutil.rmtree(src, ignore_errors=True)
         log(f"writing the random model to {src}")
-        made = run_job({"job": "make", "folder": str(src), "shape": {**width, "num_hidden_layers": layers}}, work,
-                       f"make-{layers}")
+        made = run_child(__file__, {"job": "make", "folder": str(src), "shape": {**width, "num_hidden_layers": layers}},
+                         work, f"make-{layers}")
         if "error" in made:
             raise SystemExit(1)
     return src
@@ -176,13 +150,13 @@ def main(argv=None) -> int:
             out = work / f"out-{name}"
             shutil.rmtree(out, ignore_errors=True)
             log(f"{label}: {mode} ...")
-            pair[mode] = run_job({"job": "quantize", "src": str(src), "out": str(out), "streamed": mode == "streamed",
-                                  "options": options}, work, name)
+            pair[mode] = run_child(__file__, {"job": "quantize", "src": str(src), "out": str(out),
+                                              "streamed": mode == "streamed", "options": options}, work, name)
             if "error" in pair[mode]:
                 return 1
             pair[mode]["out"] = str(out)
-        cmp = run_job({"job": "compare", "a": pair["in_memory"]["out"], "b": pair["streamed"]["out"]}, work,
-                      f"{src.name}-compare")
+        cmp = run_child(__file__, {"job": "compare", "a": pair["in_memory"]["out"], "b": pair["streamed"]["out"]},
+                        work, f"{src.name}-compare")
         gb = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 1e9
         runs[label] = {"folder": str(src), "input_gb": gb, **pair, "compare": cmp}
         m, s = pair["in_memory"], pair["streamed"]
@@ -203,7 +177,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--child":
-        child_main(sys.argv[2], sys.argv[3])
-    else:
-        sys.exit(main())
+    main_or_child(main, JOBS)

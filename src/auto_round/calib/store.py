@@ -21,7 +21,12 @@ class DiskTensor:
     """A tensor saved to a file; ``.to(...)`` loads it (the only access the tuning loop needs)."""
 
     def __init__(self, tensor: torch.Tensor, path: Path) -> None:
-        torch.save(tensor.detach().cpu(), path)
+        t = tensor.detach().cpu()
+        if t.untyped_storage().nbytes() > t.numel() * t.element_size():
+            # a view (a slice, one of a split's parts): torch.save writes its whole base storage, and every
+            # read-back would load all of it; a compact copy keeps the file and the read to the view's own bytes
+            t = t.clone(memory_format=torch.contiguous_format)
+        torch.save(t, path)
         self.path, self.shape, self.dtype = path, tuple(tensor.shape), tensor.dtype
 
     def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
