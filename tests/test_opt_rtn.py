@@ -39,6 +39,54 @@ def test_search_never_worse_than_full_range_and_better_at_low_bits(scheme, bits)
         assert opt < plain * 0.9, (plain, opt)
 
 
+@pytest.mark.parametrize("ktype", ["q2_k", "q3_k", "q4_k", "q5_k", "q6_k"])
+def test_k_grid_search_never_worse_and_much_better_on_a_massive_channel(ktype):
+    """GGUF K grids: the per-sub-block search, after the super-block scales quantize the sub-block ones.
+
+    A massive input channel (activations thousands of times the others', as SmolLM2's down_proj inputs at
+    layers 11 and 28) must be fitted almost exactly: min-max grids put its weight anywhere in a level."""
+    from auto_round.quant.kquant import kquant_params, kquant_record
+
+    g = torch.Generator().manual_seed(7)
+    w = torch.randn(64, 512, generator=g) * 0.15
+    w[:, 37] *= 30.0  # the weights reading the massive channel are large too
+    imp = torch.rand(512, generator=g) * 0.02
+    imp[37] = 1.5e5
+    p = kquant_params(ktype)
+    alpha, beta = search_clip(w, p, imp)
+    assert alpha.shape == beta.shape == (64, 512 // p.group_size)
+    plain, opt = weighted_error(w, p, imp), weighted_error(w, p, imp, alpha, beta)
+    assert opt <= plain * (1 + 1e-6)
+    # (q5_k/q6_k: the fp16 rounding of the super-block scale d is most of what is left on the massive channel)
+    assert opt < plain * {2: 0.1, 3: 0.1, 4: 0.5, 5: 0.75, 6: 0.5}[p.bits], (plain, opt)
+    # the clip factors are exactly what the record (and so the GGUF file) stores
+    qw = kquant_record(w, p, None, alpha, beta)
+    deq = qw.dequantize(torch.float32)
+    assert float(((w - deq) ** 2 * imp).sum()) == pytest.approx(opt, rel=1e-4)
+    # uniform importance: never worse than the full range in the plain weight error either
+    ua, ub = search_clip(w, p, None)
+    assert weighted_error(w, p, None, ua, ub) <= weighted_error(w, p, None) * (1 + 1e-6)
+
+
+def test_k_grid_search_handles_one_signed_sub_blocks():
+    """Sub-blocks with no negative (or no positive) weight, and all-zero rows, stay valid grids."""
+    from auto_round.quant.kquant import kquant_params
+
+    w = torch.randn(8, 256, generator=torch.Generator().manual_seed(3))
+    w[0] = w[0].abs()
+    w[1] = -w[1].abs()
+    w[2] = 0.0
+    for ktype in ("q2_k", "q3_k", "q4_k"):
+        p = kquant_params(ktype)
+        alpha, beta = search_clip(w, p, torch.rand(256))
+        assert torch.isfinite(alpha).all() and torch.isfinite(beta).all()
+        assert weighted_error(w, p, None, alpha, beta) <= weighted_error(w, p, None) * 1.5  # and not degenerate
+        for row in range(3):
+            one = w[row:row + 1]
+            assert weighted_error(one, p, None, alpha[row:row + 1], beta[row:row + 1]) <= \
+                weighted_error(one, p, None) * (1 + 1e-6)
+
+
 def test_search_result_is_what_quantize_weight_stores():
     w, imp = _weight(1)
     p = QuantParams(3, 64, "sym")
@@ -167,6 +215,7 @@ def test_outlier_suppression_and_the_clip_box_of_the_extended_tuner():
 
     class W:  # one wrapper's parameters, gradients pushing the clip factors up
         v = None
+        clip_max = 1.0
         alpha = torch.nn.Parameter(torch.full((2, 2), 0.99))
         beta = torch.nn.Parameter(torch.full((2, 2), 0.99))
 
@@ -176,5 +225,6 @@ def test_outlier_suppression_and_the_clip_box_of_the_extended_tuner():
     assert torch.all(W.alpha == 1.0)  # the default box ends at the full range
     for p in (W.alpha, W.beta):
         p.grad = -torch.ones_like(p)
-    block._sign_step([W], 0.1, 0.1, clip_max=2.0)
+    W.clip_max = 2.0
+    block._sign_step([W], 0.1, 0.1)
     assert torch.allclose(W.alpha, torch.full((2, 2), 1.1))

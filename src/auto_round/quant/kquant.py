@@ -42,7 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover
 
 SUPER_BLOCK = 256  # QK_K: weights per super-block in every K type
 DQ_SCHEMES = ("asym_dq", "sym_dq")
-_FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): d and dmin never round to 0
+FP16_TINY = 2.0 ** -24  # smallest positive fp16 (subnormal): d and dmin never round to 0
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def _double_quant(x: torch.Tensor, spec: KQuantSpec, signed: bool) -> Tuple[torc
     out, g = x.shape
     xs = x.reshape(out, g // spec.per_super, spec.per_super)
     top = xs.abs().amax(-1) if signed else xs.amax(-1)
-    d = (top / spec.sc_max).clamp(min=_FP16_TINY).to(torch.float16).to(x.dtype)
+    d = (top / spec.sc_max).clamp(min=FP16_TINY).to(torch.float16).to(x.dtype)
     k = round_ste(xs / d.unsqueeze(-1))
     if signed:  # keep the sign, at least 1 in magnitude
         sign = torch.where(xs < 0, -torch.ones_like(xs), torch.ones_like(xs))

@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from auto_round.calib.cache import to_device
 from auto_round.config import Settings
-from auto_round.quant.opt_rtn import search_clip
+from auto_round.quant.opt_rtn import K_SCHEMES, search_clip
 from auto_round.quant.types import QuantizedWeight
 from auto_round.tuning.parallel import SINGLE, DataParallel
 from auto_round.tuning.plan import LayerPlan
@@ -199,12 +199,13 @@ def _gradients(wrappers: Sequence[TunableLinear]) -> List[torch.Tensor]:
 
 
 @torch.no_grad()
-def _sign_step(wrappers: Sequence[TunableLinear], lr: float, minmax_lr: float, clip_max: float = 1.0) -> None:
-    """``p -= lr * sign(grad)``, clamped; gradients are zeroed in place, not dropped: the next
-    backward accumulates into the same storage instead of allocating weight-sized tensors."""
+def _sign_step(wrappers: Sequence[TunableLinear], lr: float, minmax_lr: float) -> None:
+    """``p -= lr * sign(grad)``, clamped (clip factors to each wrapper's ``[0, clip_max]``); gradients are zeroed
+    in place, not dropped: the next backward accumulates into the same storage instead of allocating
+    weight-sized tensors."""
     for w in wrappers:
-        for p, step, lo, hi in ((w.v, lr, -0.5, 0.5), (w.alpha, minmax_lr, 0.0, clip_max),
-                                (w.beta, minmax_lr, 0.0, clip_max)):
+        for p, step, lo, hi in ((w.v, lr, -0.5, 0.5), (w.alpha, minmax_lr, 0.0, w.clip_max),
+                                (w.beta, minmax_lr, 0.0, w.clip_max)):
             if p is None or p.grad is None:
                 continue
             g = p.grad.sign_()
@@ -243,7 +244,14 @@ def tune_unit(
         lin = root.get_submodule(lp.name)
         wrappers[lp.name] = TunableLinear(lin, lp.params, settings.enable_minmax_tuning, torch.float32)
         if clip_init is not None and lp.name in clip_init:
-            wrappers[lp.name].init_clip(*search_clip(lin.weight, lp.params, clip_init[lp.name]), tuner.clip_max)
+            alpha, beta = search_clip(lin.weight, lp.params, clip_init[lp.name])
+            if lp.params.scheme in K_SCHEMES:
+                # a K grid's searched factors reproduce its refitted integer scales and mins: the box takes
+                # them whole (they may exceed 1) instead of clamping them into another grid
+                wrappers[lp.name].clip_max = max(tuner.clip_max, float(alpha.max()), float(beta.max()))
+            wrappers[lp.name].init_clip(alpha, beta)
+        else:
+            wrappers[lp.name].clip_max = tuner.clip_max
         set_module(root, lp.name, wrappers[lp.name])
     # A unit that is itself a Linear (Llama-3.2-Vision's projector) must run through its wrapper.
     blocks = [wrappers.get(n, b) for n, b in zip(name.split(","), blocks)]
@@ -288,7 +296,7 @@ def tune_unit(
                 if not settings.not_use_best_mse:
                     snap = {k: w.snapshot() for k, w in wrappers.items()}
             decay = 1.0 - it / iters
-            _sign_step(list(wrappers.values()), lr0 * decay, mlr0 * decay, tuner.clip_max)
+            _sign_step(list(wrappers.values()), lr0 * decay, mlr0 * decay)
         if snap is not None:
             for k, w in wrappers.items():
                 w.restore(snap[k])

@@ -22,7 +22,7 @@ from auto_round.calib.cache import CapturedBatch, capture_block_inputs, to_devic
 from auto_round.calib.store import TensorStore
 from auto_round.config import Settings
 from auto_round.quant.types import QuantizedWeight
-from auto_round.quant.opt_rtn import SEARCHABLE, search_clip
+from auto_round.quant.opt_rtn import K_SCHEMES, SEARCHABLE, search_clip
 from auto_round.tuning.block import (BlockResult, UnitInputs, squared_error, amp_dtype, cast_input, run_unit_amp,
                                      tune_unit, tuner_of)
 from auto_round.tuning.importance import ImportanceCollector, watch_inputs
@@ -183,8 +183,10 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
         return _opt_rtn_unit(run, unit, name, layers, extras, q_in, store, ac, home, orig_dtype)
     res: Optional[BlockResult] = None
     collector = ImportanceCollector()
-    searchable = [lp.name for lp in layers if lp.params.scheme in SEARCHABLE]
-    watched = searchable if tuner_of(run.settings).clip_init else []
+    # The tuner's clip factors start from the search with the extended tuner, and always on a GGUF K grid:
+    # min-max sub-block ranges, double-quantized, put a massive channel's weight anywhere within a level.
+    clip_init = tuner_of(run.settings).clip_init
+    watched = [lp.name for lp in layers if lp.params.scheme in SEARCHABLE and (clip_init or lp.params.scheme in K_SCHEMES)]
     with watch_inputs(run.model, watched, collector):
         targets, ac, peak = _forward_all(unit, fp_in, extras, run.device, store, ac, name, collector)
     share_importance(collector, run.model, watched, run.parallel)
@@ -271,7 +273,6 @@ def _opt_rtn_unit(run: _Run, unit: Sequence[nn.Module], name: str, layers: Seque
             else (None, None)
         return quantized_record(weights[lp.name], lp.params, None, alpha, beta, lins[lp.name].bias)
 
-    # GGUF K-quant grids quantize their sub-block scales themselves: no range search, so nothing to compare.
     searched = any(lp.params.scheme in SEARCHABLE for lp in layers)
     candidates = [{lp.name: record(lp, lp.params.scheme in SEARCHABLE) for lp in layers}]
     if searched:

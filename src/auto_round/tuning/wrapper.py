@@ -39,6 +39,7 @@ class TunableLinear(nn.Module):
         # CPU: compute the qdq in reused buffers (fresh weight-sized tensors cost page faults each step).
         self._work = QDQWorkspace(self.wg) if dev.type == "cpu" else None
         self._cache: Optional[Tuple[Tuple[Any, ...], torch.Tensor]] = None
+        self.clip_max = 1.0  # upper bound of the clip factors (the tuner's box; the sign step clamps to it)
         if self._work is not None:
             # The backward hands ``v`` its gradient in a workspace buffer. With ``v.grad`` already
             # allocated, autograd adds that into it rather than adopting the buffer (which the next
@@ -70,13 +71,13 @@ class TunableLinear(nn.Module):
         return w
 
     @torch.no_grad()
-    def init_clip(self, alpha: torch.Tensor, beta: torch.Tensor, clip_max: float = 1.0) -> None:
+    def init_clip(self, alpha: torch.Tensor, beta: torch.Tensor) -> None:
         """Start the clip factors at ``alpha``/``beta`` ``[out, G]`` (e.g. the optimized-RTN search), clamped
         to the tuner's ``[0, clip_max]`` box."""
         if self.alpha is None or self.beta is None:
             raise ValueError("clip factors can only be initialised with min-max tuning on (enable_minmax_tuning)")
-        self.alpha.copy_(alpha.to(self.alpha).clamp(0.0, clip_max))
-        self.beta.copy_(beta.to(self.beta).clamp(0.0, clip_max))
+        self.alpha.copy_(alpha.to(self.alpha).clamp(0.0, self.clip_max))
+        self.beta.copy_(beta.to(self.beta).clamp(0.0, self.clip_max))
         self._cache = None
 
     def _drop_cache(self, grad: torch.Tensor) -> None:
