@@ -26,7 +26,7 @@ LOCK_VENV ?= $(VENV)
 PIP_FLAGS := --disable-pip-version-check
 BENCH_SCRIPTS := $(sort $(wildcard bench/bench_*.py))
 
-.PHONY: venv assets demo test test-latest test-vlm-eval lock bench ref-venv clean distclean
+.PHONY: venv assets demo test test-latest test-vlm-eval lock bench ref-venv llamacpp-venv clean distclean
 
 venv: $(STAMP)
 
@@ -73,6 +73,10 @@ bench: venv
 
 ref-venv:
 	PY=$(PY) scripts/setup_reference_venv.sh
+
+# llama-cpp-python built from source with llama.cpp's llama-imatrix/llama-quantize (bench/bench_gguf.py)
+llamacpp-venv:
+	PY=$(PY) scripts/setup_llamacpp_venv.sh
 
 clean:
 	rm -rf build dist .pytest_cache src/*.egg-info tmp_autoround*

@@ -32,22 +32,14 @@ switches a few ffn_down tensors of q4_0 to q4_1, for instance) and a type whose 
 
 llama-cpp-python cannot compute an importance matrix and ships neither tool; ``--imatrix`` looks for
 ``llama-imatrix``/``llama-quantize`` in ``--llamacpp-bin``, else beside the llama_cpp Python, else on
-PATH, and says plainly that the column was not run when they are missing. Built from the very
-llama.cpp source that llama-cpp-python vendors (so the tools and the evaluator are one version,
-and the tools run on the evaluator's own libllama), reusing the objects of its build:
-
-    pip download --no-deps --no-binary :all: llama-cpp-python -d /tmp/lcp && tar xzf /tmp/lcp/*.tar.gz -C /tmp/lcp
-    python3 -m venv .venv-llamacpp
-    .venv-llamacpp/bin/pip install 'scikit-build-core[pyproject]>=0.9.2' numpy typing-extensions diskcache jinja2
-    CMAKE_BUILD_PARALLEL_LEVEL=2 .venv-llamacpp/bin/pip install --no-build-isolation --no-deps \
-        -Cbuild-dir=/tmp/lcp-build /tmp/lcp/llama_cpp_python-*/
-    cmake /tmp/lcp-build -DLLAMA_BUILD_TOOLS=ON -DLLAVA_BUILD=OFF
-    cmake --build /tmp/lcp-build --target llama-imatrix llama-quantize -j2
-    cp /tmp/lcp-build/bin/{llama-imatrix,llama-quantize,libllama-quantize-impl.so} .venv-llamacpp/bin/
-    cp -L /tmp/lcp-build/bin/libllama-common.so.0 .venv-llamacpp/bin/
+PATH, and says plainly that the column was not run when they are missing. ``make llamacpp-venv``
+(``scripts/setup_llamacpp_venv.sh``, about 15 minutes on 2 cores) builds ``.venv-llamacpp`` with
+llama-cpp-python from source and both tools from the very llama.cpp source it vendors, reusing the
+objects of its build (so the tools and the evaluator are one version, and the tools run on the
+evaluator's own libllama). Measured figures (``bench/results/gguf_quality.json``):
 
     .venv/bin/python bench/bench_gguf.py --model smollm2 --quality --imatrix \
-        --types q4_0 q4_k_m q3_k_m q2_k_s --iters 0 32 --work /tmp/gq
+        --types q4_0 q4_k_m q3_k_m q2_k_s --iters 0 --nsamples 32 --seqlen 256 --work .cache/gq
 """
 
 from __future__ import annotations
@@ -284,7 +276,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if python is None:
         print("SKIPPED: llama_cpp (llama-cpp-python) is not importable here nor in "
               f"{args.llamacpp_python or DEFAULT_LLAMACPP_PYTHON}. Build it in its own venv (not .venv): "
-              "python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install llama-cpp-python numpy")
+              "make llamacpp-venv")
         return 0
     records = []
     with tempfile.TemporaryDirectory(prefix="bench_gguf_") as tmp:
@@ -369,7 +361,7 @@ def _llamacpp_tools(requested: Optional[Path], python: str) -> Dict[str, Any]:
         if path is None:
             return {"error": f"{tool} not found (looked in {', '.join(str(c.parent) for c in candidates)}). "
                              "llama-cpp-python cannot compute an importance matrix; build llama.cpp's tools "
-                             "as the docstring of bench/bench_gguf.py says, or pass --llamacpp-bin DIR"}
+                             "with make llamacpp-venv, or pass --llamacpp-bin DIR"}
         found[tool] = str(path)
     env = dict(os.environ)
     if not requested and Path(found["llama-quantize"]).parent == beside:
