@@ -85,7 +85,10 @@ def _clip_of_scale(s: torch.Tensor, z: torch.Tensor, lo: torch.Tensor, hi: torch
 
 
 def _exact_error(wg, lo, hi, params, alpha, beta, imp) -> torch.Tensor:
-    """The weighted error per group of what :func:`quantize_weight` makes of ``(alpha, beta)``."""
+    """The weighted error per group of what :func:`quantize_weight` makes of ``(alpha, beta)`` (on a K grid:
+    after its super-block scales quantize the sub-block ones, as the record stores it)."""
+    if params.scheme in K_SCHEMES:
+        return ((wg - qdq_groups_k(wg, lo, hi, params, None, alpha, beta)).pow_(2) * imp).sum(-1)
     s, z = scale_zero_from_range(lo, hi, params, alpha, beta)
     return _weighted_error(wg, s, _codes(wg, s, z, params.maxq), imp)
 
@@ -337,7 +340,7 @@ def _search_k(weight: torch.Tensor, params: QuantParams, imp: torch.Tensor, rows
         ones = torch.ones_like(lo)
 
         def exact(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:  # [R, S]: per super-block
-            err = ((wg - qdq_groups_k(wg, lo, hi, params, None, a, b)).pow_(2) * imp).sum(-1)
+            err = _exact_error(wg, lo, hi, params, a, b, imp)
             return err.reshape(err.shape[0], -1, per_super).sum(-1)
 
         keep_full = (exact(ones, ones) <= exact(alpha, beta)).repeat_interleave(per_super, dim=1)
@@ -351,6 +354,4 @@ def weighted_error(weight: torch.Tensor, params: QuantParams, importance: Option
     """Total importance-weighted squared error of quantizing ``weight`` with clip factors (None = full range)."""
     wg = group_view(weight.float(), params.group_size)
     imp = group_importance(importance, weight.shape[1], params.group_size).to(weight.device)
-    if params.scheme in K_SCHEMES:
-        return float(((wg - qdq_groups_k(wg, *group_range(wg), params, None, alpha, beta)).pow(2) * imp).sum())
     return float(_exact_error(wg, *group_range(wg), params, alpha, beta, imp).sum())
