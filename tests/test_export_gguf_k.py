@@ -192,6 +192,14 @@ def test_every_k_mix_round_trips(tmp_path, mix):
     assert reader.fields["general.file_type"].contents() == KMIXES[mix].file_type
 
 
+def test_k_grid_tunes_without_minmax_tuning(tmp_path):
+    """With ``enable_minmax_tuning=False`` there are no clip factors to start from the K search: the K layers
+    tune their rounding from the full range (this raised in init_clip once the search became the K start)."""
+    ar = AutoRound(llama_256(), make_tokenizer(), enable_minmax_tuning=False, **{**RUN, "iters": 2})
+    ar.quantize_and_save(tmp_path, format="gguf:q4_k_m", inplace=False)
+    _assert_file_holds(ar, tmp_path)
+
+
 def test_tuned_q4_k_m_with_quantized_lm_head(tmp_path):
     """iters > 0: the tuned K grid is what the file holds; attn_v/ffn_down of the last block and the
     output get q6_k as llama.cpp's q4_k_m gives them; transformers' GGUF reader rebuilds the model."""

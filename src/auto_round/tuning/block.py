@@ -243,6 +243,7 @@ def tune_unit(
     for lp in layers:
         lin = root.get_submodule(lp.name)
         wrappers[lp.name] = TunableLinear(lin, lp.params, settings.enable_minmax_tuning, torch.float32)
+        wrappers[lp.name].clip_max = tuner.clip_max
         if clip_init is not None and lp.name in clip_init:
             alpha, beta = search_clip(lin.weight, lp.params, clip_init[lp.name])
             if lp.params.scheme in K_SCHEMES:
@@ -250,8 +251,6 @@ def tune_unit(
                 # them whole (they may exceed 1) instead of clamping them into another grid
                 wrappers[lp.name].clip_max = max(tuner.clip_max, float(alpha.max()), float(beta.max()))
             wrappers[lp.name].init_clip(alpha, beta)
-        else:
-            wrappers[lp.name].clip_max = tuner.clip_max
         set_module(root, lp.name, wrappers[lp.name])
     # A unit that is itself a Linear (Llama-3.2-Vision's projector) must run through its wrapper.
     blocks = [wrappers.get(n, b) for n, b in zip(name.split(","), blocks)]

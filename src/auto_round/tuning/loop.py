@@ -183,10 +183,13 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
         return _opt_rtn_unit(run, unit, name, layers, extras, q_in, store, ac, home, orig_dtype)
     res: Optional[BlockResult] = None
     collector = ImportanceCollector()
-    # The tuner's clip factors start from the search with the extended tuner, and always on a GGUF K grid:
-    # min-max sub-block ranges, double-quantized, put a massive channel's weight anywhere within a level.
+    # The tuner's clip factors start from the search with the extended tuner, and on a GGUF K grid whenever
+    # they are tuned at all (min-max tuning): min-max sub-block ranges, double-quantized, put a massive
+    # channel's weight anywhere within a level. Without clip factors a K layer starts from its full range.
     clip_init = tuner_of(run.settings).clip_init
-    watched = [lp.name for lp in layers if lp.params.scheme in SEARCHABLE and (clip_init or lp.params.scheme in K_SCHEMES)]
+    k_init = run.settings.enable_minmax_tuning
+    watched = [lp.name for lp in layers
+               if lp.params.scheme in SEARCHABLE and (clip_init or (k_init and lp.params.scheme in K_SCHEMES))]
     with watch_inputs(run.model, watched, collector):
         targets, ac, peak = _forward_all(unit, fp_in, extras, run.device, store, ac, name, collector)
     share_importance(collector, run.model, watched, run.parallel)
