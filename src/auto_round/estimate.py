@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from auto_round.config import Settings
+from auto_round.models import text_config
 from auto_round.tuning.plan import LayerPlan, QuantPlan
 
 MIB = 2**20
@@ -137,13 +138,8 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _text_config(model: nn.Module):
-    cfg = getattr(model, "config", None)
-    return cfg.get_text_config() if cfg is not None and hasattr(cfg, "get_text_config") else cfg
-
-
 def _hidden_size(model: nn.Module) -> int:
-    hidden = getattr(_text_config(model), "hidden_size", None)
+    hidden = getattr(text_config(model), "hidden_size", None)
     if isinstance(hidden, int):
         return hidden
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -152,7 +148,7 @@ def _hidden_size(model: nn.Module) -> int:
 
 def block_shape(model: nn.Module) -> BlockShape:
     """Hidden, key/value and intermediate widths of ``model``'s (text) blocks."""
-    cfg, hidden = _text_config(model), _hidden_size(model)
+    cfg, hidden = text_config(model), _hidden_size(model)
     heads = getattr(cfg, "num_attention_heads", None) or 1
     head_dim = getattr(cfg, "head_dim", None) or hidden // heads
     kv = (getattr(cfg, "num_key_value_heads", None) or heads) * head_dim

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 import torch.nn as nn
 
+from auto_round.models import text_config  # noqa: F401  (also read as archmod.text_config)
+
 # Rope types llama.cpp reads for these families ("llama3" through a rope_freqs tensor).
 ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 
@@ -53,12 +55,6 @@ FAMILIES: Tuple[GGUFFamily, ...] = (
 def supported_model_types() -> List[str]:
     """The ``model_type`` values of the text causal LMs written alone."""
     return sorted(t for f in FAMILIES if f.standalone for t in f.model_types)
-
-
-def text_config(model: nn.Module) -> Any:
-    cfg = getattr(model, "config", None)
-    get = getattr(cfg, "get_text_config", None)
-    return get() if callable(get) else cfg
 
 
 def is_vlm(model: nn.Module) -> bool:
