@@ -19,6 +19,20 @@ Built-in backends (``"auto"`` tries them from the top):
   size again (its own int4 copy). Calls with more tokens than :data:`CPU_INT4_MAX_TOKENS` for
   their dtype (64 for bf16, 2 for fp32; fp16 never uses the kernel: slower at any count on the
   CPU measured) go through the ``"torch"`` path.
+- ``"cuda_int4"`` (priority 10, CUDA, compute capability 8.0+): torch's tinygemm kernel
+  (``aten._convert_weight_to_int4pack`` / ``aten._weight_int4pack_mm``), bf16 inputs. Bits 4; group
+  size 32, 64, 128 or 256; ``out_features % 8 == 0``; a padded last group is padded at prepare time as
+  for ``cpu_int4``. Same ``(q - 8) * scale + zero_term`` dequantization, scales and zero terms held in
+  bf16 (the kernel's dtype: the dequantized weight then differs from the ``"torch"`` path's by bf16
+  rounding of the scales). fp16/fp32 inputs, which tinygemm does not take, go through the Triton
+  kernel (or the ``"torch"`` path without Triton).
+- ``"triton"`` (priority 5, CUDA): :mod:`auto_round.inference.triton_kernels`, a Triton kernel that
+  dequantizes the checkpoint's packed words tile by tile while it multiplies; bits 2, 4 and 8, any
+  group size, any ``in_features``/``out_features``; weights bit-identical to the ``"torch"`` path's,
+  products summed in float32. The widths tinygemm does not cover.
+  Neither CUDA backend has been run on a GPU by this project yet: their tests are marked ``gpu``
+  (``tests/test_backends_cuda.py``); the Triton kernel's arithmetic is checked on CPU in Triton's
+  interpreter.
 - ``"torch"`` (priority 0): any device, bits 2-8, any group size, padded last groups. Each call
   unpacks and dequantizes the weight (codes turned into floats by bit tricks, in place) and runs
   ``F.linear`` in the input's dtype. On CPU, bf16/fp16 calls do this block by block of output
@@ -52,6 +66,7 @@ from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 
+from auto_round.inference import triton_kernels
 from auto_round.quant.pack import unpack_bits
 
 logger = logging.getLogger(__name__)
@@ -487,6 +502,114 @@ CPU_INT4 = Backend(
 
 
 # ----------------------------------------------------------------------------------------------
+# "triton": a Triton kernel dequantizing tile by tile (CUDA; see auto_round.inference.triton_kernels)
+
+
+def _triton_available() -> bool:
+    return torch.cuda.is_available() and triton_kernels.triton_available()
+
+
+def _triton_prepare(p: PackedTensors) -> State:
+    state = _torch_prepare(p)
+    state["qweight"] = state["qweight"].contiguous()
+    return state
+
+
+TRITON = Backend(
+    name="triton",
+    devices=("cuda",),
+    bits=triton_kernels.TRITON_BITS,
+    priority=5,
+    group_size_ok=lambda gs: gs > 0,
+    group_size_rule="> 0",
+    shape_check=lambda gs, i, o: None,
+    is_available=_triton_available,
+    prepare=_triton_prepare,
+    matmul=triton_kernels.wq_matmul,
+    description="Triton kernel, weights dequantized per tile in registers; CUDA, bits 2/4/8, any shape",
+)
+
+
+# ----------------------------------------------------------------------------------------------
+# "cuda_int4": torch's CUDA int4 kernel (tinygemm: aten._weight_int4pack_mm)
+
+_CUDA_INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def _cuda_int4_available() -> bool:
+    if not (torch.cuda.is_available() and hasattr(torch.ops.aten, "_weight_int4pack_mm")
+            and hasattr(torch.ops.aten, "_convert_weight_to_int4pack")):
+        return False
+    return torch.cuda.get_device_capability()[0] >= 8  # tinygemm: Ampere or newer
+
+
+def _cuda_int4_shape(group_size: int, in_features: int, out_features: int) -> Optional[str]:
+    # in_features are padded to whole groups at prepare time, as for cpu_int4.
+    if out_features % 8:
+        return f"needs out_features % 8 == 0, got out_features={out_features}"
+    return None
+
+
+def _inner_k_tiles(k: int) -> int:
+    """tinygemm's innerKTiles: 8, 4 or 2, the largest with ``k % (16 * tiles) == 0`` (k is whole groups
+    of at least 32, so 2 always fits)."""
+    return next(t for t in (8, 4, 2) if k % (16 * t) == 0)
+
+
+def _cuda_int4_prepare(p: PackedTensors) -> State:
+    codes = unpack_codes(p).t()  # [out, in] int32
+    zeros = unpack_zeros(p)  # [G, out]
+    padded = p.scales.shape[0] * p.group_size
+    if padded > p.in_features:  # a padded last group: code = z there, zero inputs at call time
+        fill = zeros[-1].unsqueeze(1).expand(p.out_features, padded - p.in_features)
+        codes = torch.cat([codes, fill], dim=1)
+    # The CUDA conversion takes two codes per byte, the even input column in the high nibble.
+    pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()  # [out, K/2]
+    tiles = _inner_k_tiles(padded)
+    packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
+    scales = p.scales.float()
+    zero_term = scales * (8 - zeros.float())  # kernel: (q - 8) * s + zero_term
+    return {
+        "packed": packed,
+        "group_size": p.group_size,
+        "out_features": p.out_features,
+        "pad_inputs": padded - p.in_features,
+        "sz_bfloat16": torch.stack([scales, zero_term], dim=-1).to(torch.bfloat16).contiguous(),  # [G, out, 2]
+        "dequant": _torch_prepare(p),  # other dtypes; references the checkpoint buffers
+    }
+
+
+def _cuda_int4_matmul(state: State, x: torch.Tensor) -> torch.Tensor:
+    """bf16 inputs on tinygemm; other dtypes (tinygemm takes bf16 only) through the Triton kernel
+    when there is one, else dequantize + F.linear."""
+    if x.dtype != torch.bfloat16:
+        if triton_kernels.triton_available() and state["dequant"]["bits"] in triton_kernels.TRITON_BITS:
+            return triton_kernels.wq_matmul(state["dequant"], x)
+        return _torch_matmul(state["dequant"], x)
+    x2 = x.reshape(-1, x.shape[-1])
+    if state["pad_inputs"]:
+        x2 = F.pad(x2, (0, state["pad_inputs"]))
+    y = torch.ops.aten._weight_int4pack_mm(x2.contiguous(), state["packed"], state["group_size"],
+                                           state["sz_bfloat16"])
+    return y.reshape(*x.shape[:-1], state["out_features"])
+
+
+CUDA_INT4 = Backend(
+    name="cuda_int4",
+    devices=("cuda",),
+    bits=(4,),
+    priority=10,
+    group_size_ok=lambda gs: gs in _CUDA_INT4_GROUP_SIZES,
+    group_size_rule=f"in {_CUDA_INT4_GROUP_SIZES}",
+    shape_check=_cuda_int4_shape,
+    is_available=_cuda_int4_available,
+    prepare=_cuda_int4_prepare,
+    matmul=_cuda_int4_matmul,
+    description="torch aten int4 CUDA kernel (tinygemm), bf16 inputs; other dtypes via Triton; 4 bits",
+)
+
+
+# ----------------------------------------------------------------------------------------------
 # registry and selection
 
 _BACKENDS: Dict[str, Backend] = {}
@@ -555,3 +678,5 @@ def select_backend(
 register_backend(TORCH)
 register_backend(TORCH_CACHED)
 register_backend(CPU_INT4)
+register_backend(TRITON)
+register_backend(CUDA_INT4)
