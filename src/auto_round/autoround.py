@@ -376,7 +376,9 @@ class AutoRound:
                                                                 if k != "scores"},
             "blocks": [{"name": r.name, "first": r.first_loss, "last": r.last_loss, "best": r.best_loss,
                         "best_iter": r.best_iter, "seconds": round(r.seconds, 3), "losses": list(r.losses),
-                        "peak_activation": r.peak_activation} for r in self.block_results],
+                        "peak_activation": r.peak_activation, "output_error": r.output_error,
+                        "start_output_error": r.start_output_error, "kept_start": r.kept_start}
+                       for r in self.block_results],
         }
 
     def run_report(self, fmt: str) -> Dict[str, Any]:

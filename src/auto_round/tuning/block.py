@@ -25,7 +25,7 @@ from auto_round.quant.opt_rtn import K_SCHEMES, search_clip
 from auto_round.quant.types import QuantizedWeight
 from auto_round.tuning.parallel import SINGLE, DataParallel
 from auto_round.tuning.plan import LayerPlan
-from auto_round.tuning.wrapper import TunableLinear, set_module
+from auto_round.tuning.wrapper import TunableLinear, quantized_record, set_module
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +54,14 @@ class BlockResult:
     layers: Dict[str, QuantizedWeight] = field(default_factory=dict, repr=False)
     peak_activation: float = 0.0  # largest |output| of the unit's FP forward (fp16 overflows beyond 65504)
     losses: List[float] = field(default_factory=list, repr=False)  # the loss of every iteration, in order
+    # The unit's starting point (round-to-nearest, or the optimized-RTN clip search it started from) as
+    # records, for the loop's final check (:func:`auto_round.tuning.loop._keep_better`); emptied there.
+    start_layers: Dict[str, QuantizedWeight] = field(default_factory=dict, repr=False)
+    # Output errors over every calibration batch (the loss's mean squared error) of the tuned result and of
+    # the starting point, and whether the starting point was kept because it was lower (None: not compared).
+    output_error: Optional[float] = None
+    start_output_error: Optional[float] = None
+    kept_start: bool = False
 
 
 def cast_input(x, device, dtype):
@@ -252,6 +260,8 @@ def tune_unit(
                 wrappers[lp.name].clip_max = max(tuner.clip_max, float(alpha.max()), float(beta.max()))
             wrappers[lp.name].init_clip(alpha, beta)
         set_module(root, lp.name, wrappers[lp.name])
+    start = {k: quantized_record(w.weight, w.params, None, w.alpha, w.beta, w.linear.bias)
+             for k, w in wrappers.items()}
     # A unit that is itself a Linear (Llama-3.2-Vision's projector) must run through its wrapper.
     blocks = [wrappers.get(n, b) for n, b in zip(name.split(","), blocks)]
     order = _BatchOrder(len(inputs) // len(parallel.shards), generator)
@@ -303,4 +313,5 @@ def tune_unit(
     finally:
         for k, w in wrappers.items():
             set_module(root, k, w.linear)
-    return BlockResult(name, first, last, best, best_iter, time.perf_counter() - t0, qlayers, losses=history)
+    return BlockResult(name, first, last, best, best_iter, time.perf_counter() - t0, qlayers, losses=history,
+                       start_layers=start)

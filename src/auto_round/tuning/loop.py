@@ -182,6 +182,7 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
     if run.settings.iters == 0:  # optimized RTN: no targets, no loss; the importance of what the layers will see
         return _opt_rtn_unit(run, unit, name, layers, extras, q_in, store, ac, home, orig_dtype)
     res: Optional[BlockResult] = None
+    q_out: Optional[List[Any]] = None
     collector = ImportanceCollector()
     # The tuner's clip factors start from the search with the extended tuner, and on a GGUF K grid whenever
     # they are tuned at all (min-max tuning): min-max sub-block ranges, double-quantized, put a massive
@@ -211,18 +212,71 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
             init = {n: collector.importance(n) for n in watched}
             res = tune_unit(run.model, name, unit, layers, q_in, targets, extras, run.settings, run.device,
                             run.gen, torch.float32, ac, clip_init=init, parallel=run.parallel)
+            q_out = _keep_better(run, unit, name, res, q_in, targets, extras, store, ac)
             if run.store is not None:
                 result = {k: getattr(res, k) for k in ("name", "first_loss", "last_loss", "best_loss", "best_iter",
-                                                        "seconds")}
+                                                        "seconds", "output_error", "start_output_error",
+                                                        "kept_start")}
                 run.store.save_unit(index, name, res.layers, result, run.gen.get_state())
         res.peak_activation = peak
         logger.info("%s: loss first %.6g  last %.6g  best %.6g @%d  (%.1fs)", res.name, res.first_loss,
                     res.last_loss, res.best_loss, res.best_iter, res.seconds)
-    q_out = _forward_all(unit, q_in, extras, run.device, store, ac, name)[0] if run.settings.enable_quanted_input \
-        else targets
+    if not run.settings.enable_quanted_input:
+        q_out = targets
+    elif q_out is None:
+        q_out = _forward_all(unit, q_in, extras, run.device, store, ac, name)[0]
     for b in unit:
         b.to(device=home, dtype=orig_dtype)
     return targets, q_out, dict(res.layers) if res is not None else {}, res
+
+
+@torch.no_grad()
+def _unit_error(blocks, inputs: Sequence[Any], targets: Sequence[Any], extras: Sequence[UnitInputs], device,
+                autocast: Optional[torch.dtype], name: str, parallel: DataParallel) -> float:
+    """:func:`_output_error` of ``blocks``' outputs, computed batch by batch without keeping them."""
+    total, count = 0.0, 0
+    for x, t, ex in zip(inputs, targets, extras):
+        out, autocast = run_unit_amp(blocks, cast_input(x, device, torch.float32), ex, device, autocast, name)
+        sq, n = squared_error(out.float(), t.to(device), None if ex.mask is None else ex.mask.to(device))
+        total, count = total + float(sq), count + n
+    total, count = parallel.sum_floats(total, count)
+    return total / max(count, 1)
+
+
+def _keep_better(run: _Run, unit: Sequence[nn.Module], name: str, res: BlockResult, q_in: List[Any],
+                 targets: List[Any], extras: List[UnitInputs], store: TensorStore,
+                 ac: Optional[torch.dtype]) -> Optional[List[Any]]:
+    """Never worse than where tuning started: the unit's output error over every calibration batch with the
+    tuned records against its starting point's (round-to-nearest, or the clip search it started from); the
+    starting point is kept when its error is lower (logged, ``res.kept_start``). Tuning picks its best
+    iteration by the loss of one batch at a time, which can favour a state that does worse on the rest.
+
+    Costs one forward of the unit over the calibration batches (the starting point's error, not stored) on
+    top of the one that computes the next unit's inputs, which returns here (with ``enable_quanted_input``);
+    a second one only when the start is kept. Returns the quantized outputs when computed, else None."""
+    start, res.start_layers = res.start_layers, {}
+    if not start:
+        return None
+    lins = {n: run.model.get_submodule(n) for n in res.layers}
+    for n, qw in start.items():
+        load_record(lins[n], qw)
+    res.start_output_error = _unit_error(unit, q_in, targets, extras, run.device, ac, name, run.parallel)
+    for n, qw in res.layers.items():
+        load_record(lins[n], qw)
+    outs: Optional[List[Any]] = None
+    if run.settings.enable_quanted_input:
+        outs = _forward_all(unit, q_in, extras, run.device, store, ac, name)[0]
+        res.output_error = _output_error(outs, targets, extras, run.device, run.parallel)
+    else:
+        res.output_error = _unit_error(unit, q_in, targets, extras, run.device, ac, name, run.parallel)
+    if res.start_output_error < res.output_error:
+        logger.info("%s: the starting point is kept (output error %.6g vs %.6g tuned)", name,
+                    res.start_output_error, res.output_error)
+        res.layers, res.kept_start = start, True
+        for n, qw in start.items():
+            load_record(lins[n], qw)
+        outs = None  # the tuned outputs are not the next unit's inputs
+    return outs
 
 
 def _output_error(outs: Sequence[Any], targets: Sequence[Any], extras: Sequence[UnitInputs], device,
