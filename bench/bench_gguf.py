@@ -246,6 +246,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--nsamples", type=int, default=8)
     p.add_argument("--seqlen", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--alg-ext", action="store_true",
+                   help="our runs with enable_alg_ext (the tuner starts from the optimized-RTN clip search)")
     p.add_argument("--llamacpp-python", type=Path, default=None)
     p.add_argument("--imatrix", action="store_true",
                    help="--quality: also llama.cpp's quantizer with importance matrices (needs llama-imatrix, llama-quantize)")
@@ -316,17 +318,19 @@ def _ours(args, qtype: str, iters: int, make_model, tokenizer, data: Path, windo
     from auto_round import AutoRound
     from auto_round.assets import perplexity_of_windows
 
-    folder, record = work / f"ours-{qtype}-i{iters}", work / f"ours-{qtype}-i{iters}.json"
+    tag = f"ours-{qtype}-i{iters}" + ("-ext" if args.alg_ext else "")
+    folder, record = work / tag, work / f"{tag}.json"
     if record.is_file() and list(folder.glob("*.gguf")):
         rec = json.loads(record.read_text())
         if (rec["nsamples"], rec["seqlen"]) == (args.nsamples, args.seqlen):
             return rec
     t0 = time.perf_counter()
     ar = AutoRound(make_model(), tokenizer, **_scheme(qtype), iters=iters, nsamples=args.nsamples,
-                   seqlen=args.seqlen, batch_size=args.batch_size, dataset=str(data), device="cpu")
+                   seqlen=args.seqlen, batch_size=args.batch_size, dataset=str(data), device="cpu",
+                   enable_alg_ext=args.alg_ext)
     ar.quantize_and_save(folder, format=f"gguf:{qtype}", inplace=False, overwrite=True)
     rec = {"quantize_s": round(time.perf_counter() - t0, 1), "torch_ppl": perplexity_of_windows(ar.model, windows),
-           "iters": iters, "nsamples": args.nsamples, "seqlen": args.seqlen, "plan": ar.summary["plan"],
+           "iters": iters, "enable_alg_ext": args.alg_ext, "nsamples": args.nsamples, "seqlen": args.seqlen, "plan": ar.summary["plan"],
            "file": str(next(folder.glob("*.gguf")))}
     record.write_text(json.dumps(rec, indent=1))
     return rec
