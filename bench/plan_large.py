@@ -119,8 +119,8 @@ NOTES = [
     "(autoround.py _check_parallel): every process holds the whole model in RAM.",
     "in-memory: the capture runs the first calibration batch through every block but the last on the CPU the "
     "model lives on (calib/cache.py, pass-throughs from the second batch); streamed runs stand in on the meta device.",
-    "offload_dir: DiskTensor files are only removed when the block list ends (calib/store.py TensorStore.close), "
-    "so 2 float32 copies per block pile up on disk (the 'if freed' figure is in the JSON).",
+    "offload_dir: a DiskTensor's file is deleted when the loop drops the copy it belongs to (calib/store.py), so "
+    "the files on disk are the cached copies in use at the loop's peak (3 float32 copies while tuning).",
     "not counted: attention's seqlen^2 FLOPs (~8% at 8B, ~2% at 405B), the clip-search initialisation, "
     "torch.compile, attention masks held in the cache; GPU time at batch 1 (torchrun) is taken at the same "
     "efficiency as batch 8.",
@@ -382,9 +382,8 @@ def mode_figures(m: Dict[str, Any], key: str, meas: Dict[str, Any], gpu_flops: f
                         2 * micro * h * 4, "peak (the larger moment) + CUDA context": out["gpu"]}
     # -- disk
     offload = 0.0
-    if cache_on == "disk":  # files are never deleted before the block list ends (calib/store.py)
-        offload = tokens * h * 2 + 2 * m["blocks"] * copy
-        out["offload_if_freed"] = copies * copy
+    if cache_on == "disk":  # the copies in use; each file is deleted when its copy is dropped (calib/store.py)
+        offload = copies * copy
     out["disk"] = m["input_bytes"] + m["output_bytes"] + offload
     out["offload_disk"] = offload
     # -- time, per recipe

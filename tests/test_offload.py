@@ -111,6 +111,39 @@ def test_the_public_keyword_puts_the_cache_in_files(model_dir, tmp_path, monkeyp
     assert len(ar.summary["blocks"]) == 2 and list(cache.iterdir()) == []
 
 
+def test_files_are_freed_block_by_block_and_the_capture_stores_each_batch_at_once(tmp_path, monkeypatch):
+    """With ``offload_dir``, a unit's cached inputs are deleted once the next unit's are computed: the folder holds
+    the copies in use, the same count after the last of 6 blocks as after the second (before: one more set of
+    files per block, 1.3 TB at 72B). And the capture hands each batch's hidden state to the store as soon as it is
+    captured, so the whole first input is never in memory at once."""
+    from auto_round.tuning import loop
+
+    counts, puts = [], []
+    real_unit, real_capture = loop._tune_unit, loop.capture_block_inputs
+
+    def unit(run, *a, **k):
+        out = real_unit(run, *a, **k)
+        counts.append(sum(1 for _ in tmp_path.rglob("*.pt")))
+        return out
+
+    def capture(*a, put=None, **k):
+        def recorded(h):
+            puts.append(len(puts))
+            return put(h)
+        return real_capture(*a, put=recorded, **k)
+
+    monkeypatch.setattr(loop, "_tune_unit", unit)
+    monkeypatch.setattr(loop, "capture_block_inputs", capture)
+    data = _batches(16, 32, 4)  # 4 batches
+    layers_off, _ = _run(tiny_llama(layers=6), data=data, bits=4, iters=2, offload_dir=str(tmp_path), batch_size=4)
+    assert puts == [0, 1, 2, 3]
+    assert len(counts) == 6 and max(counts) <= 3 * 4 and counts[-1] <= counts[1], counts  # measured: 12 after each unit; before: 12 up to 52
+    monkeypatch.undo()
+    layers_mem, _ = _run(tiny_llama(layers=6), data=data, bits=4, iters=2, batch_size=4)
+    assert _same_layers(layers_off, layers_mem)
+    assert not any(tmp_path.rglob("*.pt"))
+
+
 # ------------------------------------------------------------------------------------------ GPU
 def _llama(hidden: int, layers: int = 3):
     """A random Llama like ``tiny_models.tiny_llama`` but wider, with eager attention."""

@@ -64,8 +64,8 @@ class BlockShape:
 
 @dataclass(frozen=True)
 class LoopCache:
-    """Bytes of the block cache: held while a unit tunes, at the loop's peak, and the ``offload_dir``
-    files left until the block list ends (``TensorStore.close``)."""
+    """Bytes of the block cache: held while a unit tunes, at the loop's peak, and the most ``offload_dir``
+    files at once (each copy's files are deleted when the loop drops it, so the peak copies)."""
 
     tuning: float
     peak: float
@@ -87,7 +87,7 @@ class RunEstimate:
     cache_tuning_mib: float  # the block cache while a unit tunes (quantized inputs and FP targets)
     cache_copies: int
     cache_where: str  # "device", "host RAM" or "offload_dir"
-    offload_mib: float  # offload_dir files at the end of a block list
+    offload_mib: float  # the most offload_dir files at once
     tuning_mib: float  # the largest tuned unit while it tunes (fp32 weights, V, clip params, grads, activations)
     host_mib: float
     device_mib: Optional[float]
@@ -122,7 +122,7 @@ class RunEstimate:
         lines.append(f"memory    peak {peak}")
         disk = f"disk      checkpoint about {self.checkpoint_mib:.3g} MiB per format"
         if self.offload_mib:
-            disk += f"; offload_dir files up to {_mib(self.offload_mib)} MiB (removed when the block list ends)"
+            disk += f"; offload_dir files up to {_mib(self.offload_mib)} MiB (each freed once consumed)"
         return lines + [disk, time_line]
 
 
@@ -194,8 +194,7 @@ def loop_cache(settings: Settings, plan: QuantPlan, units: int, copy_elems: int,
         tuning_b, peak_b = (first + f if tuning else 0.0), first + (peak - 1) * f
     else:
         tuning_b, peak_b = tuning * f, peak * f
-    written = (2 if settings.enable_quanted_input else 1) if settings.iters > 0 else peak - 1
-    return LoopCache(tuning_b, peak_b, peak, first + units * written * f)
+    return LoopCache(tuning_b, peak_b, peak, peak_b)  # files: the copies in use (calib.store.DiskTensor)
 
 
 def tuning_bytes(layers: Sequence[LayerPlan], settings: Settings, shape: BlockShape, device: torch.device,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -145,6 +145,7 @@ def capture_block_inputs(
     cache_device: torch.device,
     pass_through: bool = True,
     shapes_only: bool = False,
+    put: Optional[Callable[[Any], Any]] = None,
 ) -> List[CapturedBatch]:
     """Run ``model(**batch)`` for every batch and return what each block of ``blocks`` received.
 
@@ -152,6 +153,9 @@ def capture_block_inputs(
     reaches the blocks (the data does not exercise this block list). With ``pass_through``, blocks
     after the first batch are stood in for where their output allows; with ``shapes_only``, every
     block but the last from the first batch on, from its meta-device forward (see the module docstring).
+    ``put``: applied to each batch's hidden state as soon as it is captured (the tuning loop's
+    :meth:`~auto_round.calib.store.TensorStore.put`: with ``offload_dir`` each batch goes to its file at once, so
+    the whole first input is never in memory).
     """
     out: List[CapturedBatch] = []
     state: Dict[str, Any] = {}
@@ -233,6 +237,8 @@ def capture_block_inputs(
             cap.loss_mask = _loss_mask(batch, cap.hidden)
             if cap.loss_mask is not None:
                 cap.loss_mask = cap.loss_mask.to(cache_device)
+            if put is not None:
+                cap.hidden = put(cap.hidden)
             out.append(cap)
     finally:
         restore()

@@ -3,7 +3,7 @@
 Image-text calibration produces long sequences, and the block loop keeps two copies of every
 block's activations (the FP chain and the quantized chain). :class:`TensorStore` puts them on a
 device (the default) or, with a folder, in one file each; either way the loop reads them back with
-``.to(device, dtype)``.
+``.to(device, dtype)``. A file lives as long as its :class:`DiskTensor`: deleted when the last reference goes.
 """
 
 from __future__ import annotations
@@ -31,6 +31,14 @@ class DiskTensor:
 
     def to(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         return torch.load(self.path, weights_only=True).to(*args, **kwargs)
+
+    def __del__(self) -> None:
+        # The loop drops a unit's inputs once the next unit's are computed: their files go with them, so the
+        # folder holds about the cached copies in use (3-4), not one set per block of the list.
+        try:
+            self.path.unlink(missing_ok=True)
+        except Exception:  # noqa: BLE001 - at interpreter exit, or the folder already removed by close()
+            pass
 
 
 class TensorStore:

@@ -37,7 +37,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -181,10 +181,10 @@ class StreamedUnits(UnitHooks):
         self.planned = {lp.name for lp in plan.quantized}
 
     def capture(self, model: nn.Module, blocks: Sequence[nn.Module], batches: Iterable[Mapping[str, Any]],
-                cache_device: torch.device) -> List[CapturedBatch]:
+                cache_device: torch.device, put: Optional[Callable[[Any], Any]] = None) -> List[CapturedBatch]:
         with self.weights.outside(self.block_paths):
             try:
-                return capture_block_inputs(model, blocks, batches, cache_device, shapes_only=True)
+                return capture_block_inputs(model, blocks, batches, cache_device, shapes_only=True, put=put)
             except (RuntimeError, NotImplementedError) as e:
                 if "meta" not in str(e):
                     raise

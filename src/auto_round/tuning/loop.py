@@ -43,9 +43,10 @@ class UnitHooks:
     loaded, and their records are kept as they are. A streamed model overrides all three."""
 
     def capture(self, model: nn.Module, blocks: Sequence[nn.Module], batches: Iterable[Mapping[str, Any]],
-                cache_device: torch.device) -> List[CapturedBatch]:
-        """The inputs of every block of ``blocks`` for every batch (:func:`capture_block_inputs`)."""
-        return capture_block_inputs(model, blocks, batches, cache_device)
+                cache_device: torch.device, put: Optional[Callable[[Any], Any]] = None) -> List[CapturedBatch]:
+        """The inputs of every block of ``blocks`` for every batch (:func:`capture_block_inputs`; ``put`` stores
+        each batch's hidden state as it is captured)."""
+        return capture_block_inputs(model, blocks, batches, cache_device, put=put)
 
     def load(self, model: nn.Module, names: Sequence[str]) -> None:
         """Make the modules ``names`` (the blocks of a unit, or one layer) hold their weights."""
@@ -118,14 +119,14 @@ def _tune_list(run: _Run, path: str, block_names: Sequence[str]) -> None:
     store = TensorStore(cache_device, s.offload_dir)
     try:
         blocks = [run.model.get_submodule(b) for b in block_names]
-        captured = run.hooks.capture(run.model, blocks, run.parallel.own(run.batches()), cache_device)
+        captured = run.hooks.capture(run.model, blocks, run.parallel.own(run.batches()), cache_device, put=store.put)
         if run.resume_dir is not None and run.store is None:  # opened once the calibration data exists
             fingerprint = {**run_fingerprint(s, run.plan, run.model, run.hooks.fingerprint(run.model)),
                            "data": data_fingerprint(run.batches())}
             run.store = ResumeStore(Path(run.resume_dir), fingerprint)
-        q_in = [store.put(c.hidden) for c in captured]
+        q_in = [c.hidden for c in captured]  # stored by capture
         for c in captured:
-            c.hidden = None  # held by the store from here on
+            c.hidden = None  # held by q_in from here on: each batch is freed (its file deleted) once consumed
         fp_in = q_in
         bar = _progress(len(blocks), f"tuning {path}", run.progress)
         for start in range(0, len(blocks), s.nblocks):
