@@ -26,6 +26,8 @@ bench_vs_reference.py.) Our "RSS in quantize()" column is the peak during ``quan
     .venv/bin/python bench/bench_quant_cost.py            # real settings (about 5 min here)
     .venv/bin/python bench/bench_quant_cost.py --quick    # smoke test (about 2 min)
     .venv/bin/python bench/bench_quant_cost.py --models mid --iters 50 --nsamples 32 --batch-size 8
+    .venv/bin/python bench/bench_quant_cost.py --models mid --compile --repeats 2 \
+        --json bench/results/quant_cost_compile.json   # + ours with enable_torch_compile, same rounds
     .venv/bin/python bench/bench_quant_cost.py --models mid --no-reference --model-dtype bf16 \
         --json bench/results/quant_cost_bf16.json   # our RSS with the model held in bf16
 """
@@ -33,6 +35,7 @@ bench_vs_reference.py.) Our "RSS in quantize()" column is the peak during ``quan
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -56,6 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bits", type=int, default=4)
     p.add_argument("--repeats", type=int, default=1, help="rounds of (ours, reference) per model")
     p.add_argument("--no-reference", action="store_true", help="measure ours only")
+    p.add_argument("--compile", action="store_true",
+                   help="also ours with enable_torch_compile=True (side 'ours-compiled'), in the same rounds")
     p.add_argument("--model-dtype", default="fp32", choices=["fp32", "bf16"],
                    help="dtype ours loads the model in (the reference always gets the fp32 folder)")
     return parse_bench_args(p, argv, NAME, "iters 2, nsamples 4, seqlen 64, batch 2",
@@ -84,7 +89,7 @@ def main(argv=None) -> int:
                          for k, v in models.items()}, "runs": []}
     for r in range(args.repeats):
         for m, info in models.items():
-            sides = ["ours", "reference"] if not args.no_reference else ["ours"]
+            sides = ["ours"] + (["ours-compiled"] if args.compile else []) + ([] if args.no_reference else ["reference"])
             if r % 2:
                 sides.reverse()
             for side in sides:
@@ -92,11 +97,15 @@ def main(argv=None) -> int:
                 log(f"run {tag}")
                 out_dir = work / "out" / tag
                 shutil.rmtree(out_dir, ignore_errors=True)
-                if side == "ours":
+                if side.startswith("ours"):
+                    extra = {"enable_torch_compile": True} if side == "ours-compiled" else {}
+                    # a cold compile every compiled run (inductor caches compiled kernels on disk across processes)
+                    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(work / "inductor" / tag)
+                    shutil.rmtree(work / "inductor" / tag, ignore_errors=True)
                     rec = run_ours({"job": "quantize", "kind": "llm", "model": str(info["dir"]), "model_dtype": args.model_dtype,
                                     "save_dir": str(out_dir), "save_inplace": True,
                                     "options": {**settings, "group_size": info["group_size"], "device": "cpu",
-                                                "dataset": "auto_round:offline_corpus"}}, work, tag)
+                                                "dataset": "auto_round:offline_corpus", **extra}}, work, tag)
                     row = {"quantize_s": rec.get("quantize_s"), "save_s": rec.get("save_s"),
                            "quantize_save_s": (rec["quantize_s"] + rec["save_s"]) if "save_s" in rec else None,
                            "load_s": rec.get("load_s"), "peak_rss_mb": rec.get("peak_rss_mb"),
@@ -123,23 +132,29 @@ def main(argv=None) -> int:
 
     rows, summary = [], {}
     for m in models:
-        for side in ("ours", "reference"):
+        for side in ("ours", "ours-compiled", "reference"):
             runs = [x for x in record["runs"] if x["model"] == m and x["side"] == side and not x["error"]]
             if not runs:
                 continue
             best = min(runs, key=lambda x: x["quantize_save_s"] or float("inf"))
             summary[(m, side)] = best
-        o, rf = summary.get((m, "ours")), summary.get((m, "reference"))
+        o, oc, rf = summary.get((m, "ours")), summary.get((m, "ours-compiled")), summary.get((m, "reference"))
         speedup = (rf["quantize_save_s"] / o["quantize_save_s"]) if o and rf else None
         rss_ratio = (rf["peak_rss_mb"] / o["peak_rss_mb"]) if o and rf else None
-        for side, x in (("ours", o), ("reference", rf)):
+        if oc:
+            record.setdefault("compile", {})[m] = {
+                "eager_over_compiled": o["quantize_save_s"] / oc["quantize_save_s"] if o else None,
+                "ref_over_compiled": rf["quantize_save_s"] / oc["quantize_save_s"] if rf else None}
+        for side, x in (("ours", o), ("ours-compiled", oc), ("reference", rf)):
             if x is None:
                 continue
             rows.append([f"{m} ({models[m]['params'] / 1e6:.1f}M, G{models[m]['group_size']})", side,
                          fmt(x["load_s"]), fmt(x["quantize_save_s"], ".1f"), fmt(x["process_wall_s"], ".1f"),
                          fmt(x["peak_rss_mb"], ".0f"), fmt(x["peak_rss_quantize_mb"], ".0f"),
                          fmt(x["mean_best_loss"], ".4g"),
-                         fmt(speedup, ".2f") + "x" if side == "ours" and speedup else "",
+                         (fmt(speedup, ".2f") + "x" if side == "ours" and speedup else
+                          fmt(record["compile"][m]["ref_over_compiled"], ".2f") + "x"
+                          if side == "ours-compiled" and rf else ""),
                          fmt(rss_ratio, ".2f") + "x" if side == "ours" and rss_ratio else ""])
         record.setdefault("speedup", {})[m] = {"time_ref_over_ours": speedup, "rss_ref_over_ours": rss_ratio}
     title = (f"W{args.bits} sym, iters {args.iters}, nsamples {args.nsamples}, seqlen {args.seqlen}, "

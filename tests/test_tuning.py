@@ -412,3 +412,28 @@ def test_never_worse_than_the_starting_point():
     _, results = _run(tiny_llama(), data, bits=2, iters=12)
     for r in results:
         assert not r.kept_start and r.output_error < r.start_output_error, r
+
+
+def test_torch_compile_tunes_through_the_compiled_forward_with_eager_like_results():
+    """``enable_torch_compile``: the tuning forward runs through one compiled ``run_unit`` (both blocks of the tiny
+    Llama share its graph: one frame compiled); losses and records as eager up to float rounding (inductor's fused
+    kernels sum in another order): first losses equal within 1e-3 (measured 3e-4: the loss is a squared difference of
+    outputs, so their 1e-7 relative rounding weighs more in it), best losses within 25% (20 iterations of
+    sign steps amplify a rounding difference into another path), records on the same grid."""
+    import torch._dynamo
+
+    from auto_round.tuning import block
+
+    torch._dynamo.reset()
+    block._COMPILED.clear()
+    data = _batches()
+    eager_layers, eager = _run(tiny_llama(), data, bits=2, iters=20)
+    compiled_layers, compiled = _run(tiny_llama(), data, bits=2, iters=20, enable_torch_compile=True)
+    assert "run_unit" in block._COMPILED
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert abs(compiled[0].first_loss - eager[0].first_loss) <= 1e-3 * eager[0].first_loss
+    for e, c in zip(eager, compiled):
+        assert c.best_loss < c.first_loss * 0.9 and abs(c.best_loss - e.best_loss) <= 0.25 * e.best_loss, (e, c)
+    for k, qw in compiled_layers.items():
+        assert qw.codes.shape == eager_layers[k].codes.shape and int(qw.codes.max()) <= 3
+    block._COMPILED.clear()

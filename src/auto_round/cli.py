@@ -45,7 +45,6 @@ LOADER_OPTIONS = ("model_dtype", "trust_remote_code")
 UNSUPPORTED = {
     "--adam": "only signed gradient descent (SignRound) is implemented",
     "--enable_norm_bias_tuning": "norm/bias tuning is not implemented",
-    "--enable_torch_compile": "torch.compile of the tuning step is not implemented",
     "--device_map": "multi-device tuning is not implemented; use --device",
 }
 TAKES_VALUE = ("--device_map",)
@@ -69,7 +68,7 @@ SETTING_GROUP = {
     "iters": "tuning", "disable_opt_rtn": "tuning", "lr": "tuning", "minmax_lr": "tuning",
     "enable_minmax_tuning": "tuning", "enable_quanted_input": "tuning", "nblocks": "tuning",
     "not_use_best_mse": "tuning", "seed": "tuning", "amp": "tuning", "gradient_accumulate_steps": "tuning",
-    "resume_dir": "tuning", "enable_alg_ext": "tuning",
+    "resume_dir": "tuning", "enable_alg_ext": "tuning", "enable_torch_compile": "tuning",
     "nsamples": "data", "seqlen": "data", "batch_size": "data", "dataset": "data",
     "device": "device", "threads": "device", "low_gpu_mem_usage": "device", "offload_dir": "device",
     "low_cpu_mem_usage": "device",

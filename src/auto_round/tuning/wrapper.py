@@ -40,6 +40,7 @@ class TunableLinear(nn.Module):
         self._work = QDQWorkspace(self.wg) if dev.type == "cpu" else None
         self._cache: Optional[Tuple[Tuple[Any, ...], torch.Tensor]] = None
         self.clip_max = 1.0  # upper bound of the clip factors (the tuner's box; the sign step clamps to it)
+        self.compiled = False  # set when the unit's forward runs under torch.compile (see qdq)
         if self._work is not None:
             # The backward hands ``v`` its gradient in a workspace buffer. With ``v.grad`` already
             # allocated, autograd adds that into it rather than adopting the buffer (which the next
@@ -53,22 +54,27 @@ class TunableLinear(nn.Module):
         the same tensor (one graph node, gradients accumulate); an update of ``v``/``alpha``/``beta``
         (their version counters) or the backward through it starts a new one.
         """
+        if self.compiled:  # traced by torch.compile: no cache (its version keys), no in-place buffers; fused
+            return self._qdq(None)
         key = (self.v._version, -1 if self.alpha is None else self.alpha._version,
                -1 if self.beta is None else self.beta._version, torch.is_grad_enabled())
         if self._cache is not None and self._cache[0] == key:
             return self._cache[1]
-        out, in_ = self.weight.shape
-        if is_kquant(self.params):  # GGUF K-quant: sub-block scales/mins quantized per super-block
-            w = qdq_groups_k(self.wg, self.lo, self.hi, self.params, self.v.view(self.wg.shape), self.alpha,
-                             self.beta, self._work)
-        else:
-            s, z = scale_zero_from_range(self.lo, self.hi, self.params, self.alpha, self.beta)
-            w = qdq_groups(self.wg, s, z, self.v.view(self.wg.shape), self.params.maxq, self._work)
-        w = w.reshape(out, -1)[:, :in_]
+        w = self._qdq(self._work)
         self._cache = (key, w)
         if w.requires_grad:
             w.register_hook(self._drop_cache)
         return w
+
+    def _qdq(self, work: Optional[QDQWorkspace]) -> torch.Tensor:
+        out, in_ = self.weight.shape
+        if is_kquant(self.params):  # GGUF K-quant: sub-block scales/mins quantized per super-block
+            w = qdq_groups_k(self.wg, self.lo, self.hi, self.params, self.v.view(self.wg.shape), self.alpha,
+                             self.beta, work)
+        else:
+            s, z = scale_zero_from_range(self.lo, self.hi, self.params, self.alpha, self.beta)
+            w = qdq_groups(self.wg, s, z, self.v.view(self.wg.shape), self.params.maxq, work)
+        return w.reshape(out, -1)[:, :in_]
 
     @torch.no_grad()
     def init_clip(self, alpha: torch.Tensor, beta: torch.Tensor) -> None:
