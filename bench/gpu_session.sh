@@ -15,12 +15,13 @@
 #
 # Steps, each under `timeout` of what is left of BUDGET_S (default 570 s, inside the 600 s command limit):
 #   1. bench_gpu.py --quick --device cuda              (sanity: seconds)
+#   1b. bench_qlinear_cuda.py                          (the CUDA inference kernels: cuda_int4, triton, torch vs bf16)
 #   2. bench_gpu.py --model 1b                         (all 16 blocks, low_gpu_mem_usage off and on)
 #   3. bench_gpu.py --model 8b --blocks 8              (8 of 32 blocks, times reported scaled x4), leaving
 #                                                      TEST_RESERVE_S (default 60 s) for step 4
 #   4. python -m pytest -q -m gpu tests/               (the GPU-marked tests; pyproject deselects them by default)
 # Output under $OUT (default ./gpu_out), at most 8 files as the device tool returns them: session.log,
-# nvidia-smi.txt, gpu_quick.json, gpu_1b.json, gpu_8b.json, pytest.log, logs.tar.gz (the child processes'
+# nvidia-smi.txt, gpu_quick.json, qlinear_cuda.json, gpu_1b.json, gpu_8b.json, pytest.log, logs.tar.gz (the child processes'
 # specs, records and logs). A step that runs out of time is killed and the next one still runs.
 set -u
 cd "$(dirname "$0")/.."
@@ -52,6 +53,7 @@ step() {  # step NAME RESERVE_S CMD...: run CMD under timeout (time left - RESER
 
 B="bench/bench_gpu.py"
 step quick 0 "$PYTHON" "$B" --quick --device cuda --work "$WORK" --json "$OUT/gpu_quick.json" "${REF_ARGS[@]}"
+step kernels "$(( TEST_RESERVE_S + 360 ))" "$PYTHON" bench/bench_qlinear_cuda.py --rounds 20 --json "$OUT/qlinear_cuda.json"
 step 1b "$(( TEST_RESERVE_S + 150 ))" "$PYTHON" "$B" --model 1b --work "$WORK" --json "$OUT/gpu_1b.json" "${REF_ARGS[@]}"
 step 8b "$TEST_RESERVE_S" "$PYTHON" "$B" --model 8b --blocks 8 --work "$WORK" --json "$OUT/gpu_8b.json" "${REF_ARGS[@]}"
 step gpu-tests 0 bash -c "set -o pipefail; '$PYTHON' -m pytest -q -m gpu tests/ 2>&1 | tee '$OUT/pytest.log'"
