@@ -2,7 +2,9 @@
 
 Facts follow llama.cpp's ``convert_hf_to_gguf.py`` (``conversion/llama.py`` ``LlamaModel``,
 ``conversion/qwen.py`` ``Qwen2Model``, ``conversion/qwenvl.py`` ``Qwen2VLModel``,
-``TextModel.set_gguf_parameters``). A vision-language model's language model is matched by its text
+``conversion/gemma.py`` ``Gemma3Model``, ``TextModel.set_gguf_parameters``) and, for what llama.cpp
+hard-codes, ``src/llama-model.cpp`` (gemma3: ``set_swa_pattern(6)``, SWA rope base 10000, the
+attention scale). A vision-language model's language model is matched by its text
 config's ``model_type`` (:func:`model_type_of`); its vision side is :mod:`.mmproj`'s.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -36,6 +38,60 @@ class GGUFFamily:
     mrope: bool = False
     # False: only the language model of a VLM (written beside its mmproj, see .mmproj), never a model alone.
     standalone: bool = True
+    # Added to every ``*norm.weight`` of the language model (Gemma's RMSNorm scales by 1 + weight; convert
+    # writes weight + 1, which llama.cpp multiplies by).
+    norm_shift: float = 0.0
+    # The arch runs the config's sliding-window attention (no note that llama.cpp ignores it).
+    sliding_window: bool = False
+    # Family-specific: why llama.cpp cannot run this text config (or None), and more {arch}.* keys.
+    problem: Optional[Callable[[Any], Optional[str]]] = None
+    extra_keys: Optional[Callable[[Any, Any], None]] = None  # (writer, text config)
+
+
+# ---------------------------------------------------------------------------------- Gemma 3
+GEMMA3_SWA_PATTERN = 6  # llama.cpp's gemma3: layer i uses the sliding window unless i % 6 == 5
+GEMMA3_SWA_ROPE_BASE = 10000.0  # llama.cpp's gemma3: rope base of the sliding layers, hard-coded
+GEMMA3_27B_LAYERS = 62  # llama.cpp scales attention by 1/sqrt(n_embd/n_head) at this depth only
+
+
+def gemma3_layer_types(n_layers: int) -> List[str]:
+    """The attention type of each layer in llama.cpp's gemma3 arch (``set_swa_pattern(6)``)."""
+    return ["full_attention" if i % GEMMA3_SWA_PATTERN == GEMMA3_SWA_PATTERN - 1 else "sliding_attention"
+            for i in range(n_layers)]
+
+
+def _gemma3_problem(cfg: Any) -> Optional[str]:
+    n = int(cfg.num_hidden_layers)
+    types = list(getattr(cfg, "layer_types", None) or [])
+    if types and types != gemma3_layer_types(n):
+        return (f"layer_types={types}: llama.cpp's gemma3 arch hard-codes full attention on every "
+                f"{GEMMA3_SWA_PATTERN}th layer ({gemma3_layer_types(n)}); a config with another pattern "
+                "cannot be written")
+    if getattr(cfg, "hidden_activation", "gelu_pytorch_tanh") != "gelu_pytorch_tanh":
+        return f"hidden_activation={cfg.hidden_activation!r}: llama.cpp's gemma3 FFN runs gelu (tanh)"
+    if getattr(cfg, "attn_logit_softcapping", None) is not None:
+        return f"attn_logit_softcapping={cfg.attn_logit_softcapping}: llama.cpp's gemma3 has no attention softcap"
+    if getattr(cfg, "use_bidirectional_attention", False):
+        return "use_bidirectional_attention=True (an embedding model): llama.cpp's gemma3 arch is causal"
+    scale = (cfg.hidden_size / cfg.num_attention_heads) if n == GEMMA3_27B_LAYERS else head_dim(cfg)
+    if float(getattr(cfg, "query_pre_attn_scalar", scale)) != float(scale):
+        return (f"query_pre_attn_scalar={cfg.query_pre_attn_scalar}: llama.cpp's gemma3 scales attention by "
+                f"1/sqrt({scale:g}) for a {n}-layer model")
+    raw = getattr(cfg, "rope_parameters", None) or {}
+    local = dict(raw["sliding_attention"]) if isinstance(raw.get("sliding_attention"), dict) else {
+        "rope_type": "default", "rope_theta": getattr(cfg, "rope_local_base_freq", GEMMA3_SWA_ROPE_BASE)}
+    local.setdefault("rope_type", "default")
+    if local["rope_type"] != "default" or float(local.get("rope_theta", GEMMA3_SWA_ROPE_BASE)) != GEMMA3_SWA_ROPE_BASE:
+        return (f"sliding-layer rope {local}: llama.cpp's gemma3 hard-codes rope_theta "
+                f"{GEMMA3_SWA_ROPE_BASE:g} without scaling there")
+    return None
+
+
+def _gemma3_keys(writer: Any, cfg: Any) -> None:
+    """convert's Gemma3Model: the sliding window, and the final logit softcap when the config has one."""
+    writer.add_sliding_window(int(cfg.sliding_window))
+    if getattr(cfg, "final_logit_softcapping", None):
+        writer.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
 
 
 FAMILIES: Tuple[GGUFFamily, ...] = (
@@ -49,6 +105,14 @@ FAMILIES: Tuple[GGUFFamily, ...] = (
                "the language model of Qwen2-VL / Qwen2.5-VL: qwen2's tensors, NEOX-style M-RoPE whose "
                "(temporal, height, width) sections convert_hf_to_gguf writes as rope.dimension_sections",
                mrope=True, standalone=False),
+    GGUFFamily(("gemma3_text",), "gemma3", False, ("default", "linear"),
+               "the language model of Gemma-3 (Gemma3ForConditionalGeneration, written beside its mmproj): NEOX "
+               "rope (rows as they are), q/k norms and pre/post norms, every *norm.weight + 1 (Gemma3RMSNorm's "
+               "1 + weight, as Gemma3Model writes it); llama.cpp hard-codes the sliding pattern (every 6th layer "
+               "full) and the sliding layers' rope base 10000, so other configs are refused; the full layers' "
+               "rope is rope_parameters['full_attention']; lm_head is tied",
+               standalone=False, norm_shift=1.0, sliding_window=True, problem=_gemma3_problem,
+               extra_keys=_gemma3_keys),
 )
 
 
@@ -75,10 +139,14 @@ def family_of(model: nn.Module) -> Optional[GGUFFamily]:
     return next((f for f in FAMILIES if model_type in f.model_types), None)
 
 
-def rope_parameters(cfg: Any) -> Dict[str, Any]:
+def rope_parameters(cfg: Any, layer_type: str = "full_attention") -> Dict[str, Any]:
     """rope settings as one dict (transformers >= 5 ``rope_parameters``, older ``rope_scaling`` +
-    ``rope_theta``), with ``rope_type`` always set."""
+    ``rope_theta``), with ``rope_type`` always set. A config with one rope per layer type (Gemma-3:
+    ``{"sliding_attention": {...}, "full_attention": {...}}``) gives ``layer_type``'s (convert writes
+    the full-attention one as the arch's rope)."""
     params = dict(getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {})
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
     if "rope_theta" not in params and getattr(cfg, "rope_theta", None) is not None:
         params["rope_theta"] = cfg.rope_theta
     params.setdefault("rope_type", params.get("type", "default"))
@@ -107,12 +175,17 @@ def config_problem(model: nn.Module, family: GGUFFamily) -> Optional[str]:
         if not sections or len(sections) > 4 or 2 * sum(sections) != head_dim(cfg):
             return (f"M-RoPE needs rope_parameters['mrope_section'] (at most 4 sections summing to head_dim/2="
                     f"{head_dim(cfg) // 2}), not {sections!r}")
+    why = family.problem(cfg) if family.problem is not None else None
+    if why:
+        return f"{why}; export this model with format='auto_round' instead"
     return None
 
 
 def config_notes(model: nn.Module, family: GGUFFamily) -> List[str]:
     """What llama.cpp will run differently from transformers for this config (announced, not refused)."""
     cfg = text_config(model)
+    if family.sliding_window:
+        return []
     window = getattr(cfg, "sliding_window", None)
     uses_window = getattr(cfg, "use_sliding_window", True)
     if window and uses_window and window < int(getattr(cfg, "max_position_embeddings", 0) or 0):
@@ -174,6 +247,8 @@ def add_hparams(writer: Any, model: nn.Module, family: GGUFFamily) -> None:
         sections = [int(x) for x in params["mrope_section"]]
         writer.add_rope_dimension_sections(sections + [0] * (4 - len(sections)))
     _add_rope_scaling(writer, params, int(getattr(cfg, "max_position_embeddings", 2048)))
+    if family.extra_keys is not None:
+        family.extra_keys(writer, cfg)
 
 
 def _add_rope_scaling(writer: Any, params: Dict[str, Any], ctx: int) -> None:

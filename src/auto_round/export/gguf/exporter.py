@@ -92,7 +92,7 @@ class GGUFExporter(Exporter):
         tokenizer, image_processor = mmproj.split_processor(tokenizer)
         family = archmod.family_of(model)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        why = mmproj.vlm_problem(model, image_processor)
+        why = mmproj.vlm_problem(model, image_processor, tokenizer)
         if why is None and family is None:
             if archmod.is_vlm(model):
                 why = (f"its language model ({archmod.model_type_of(model)!r}) is not a llama.cpp text arch "
@@ -178,7 +178,8 @@ class GGUFExporter(Exporter):
             writer.close()
         if mm_path is not None:
             written = mmproj.write_mmproj(mm_path, model, layers, image_processor,
-                                          [("auto_round.quantization_config", json.dumps(config, sort_keys=True))])
+                                          [("auto_round.quantization_config", json.dumps(config, sort_keys=True))],
+                                          tokenizer=tokenizer)
             logger.info("wrote %s: %d tensors (%d tuned vision layers dequantized to F16, %.1f MiB)", mm_path,
                         len(written), len(vision_layers), mm_path.stat().st_size / 2**20)
         with open(output_dir / CONFIG_FILE, "w", encoding="utf-8") as f:
@@ -205,6 +206,8 @@ class GGUFExporter(Exporter):
                 heads = n_head if ".attn_q." in gguf_name else n_kv
             if hf_name in by_weight:
                 planned.append(self._quantized(gguf_name, layers[by_weight[hf_name]], heads))
+            elif family.norm_shift and hf_name.endswith("norm.weight"):  # Gemma: 1 + weight, as convert writes
+                planned.append(_float_tensor(gguf_name, params[hf_name].detach().float() + family.norm_shift, heads))
             else:
                 planned.append(_float_tensor(gguf_name, params[hf_name], heads))
         planned += [_float_tensor(n, t, None) for n, t in archmod.extra_tensors(model).items()]
