@@ -22,6 +22,7 @@ from auto_round.mllm.autoround_mllm import AutoRoundMLLM  # noqa: E402
 from auto_round.quant.qdq import QuantParams, quantize_weight  # noqa: E402
 from auto_round.quant.types import QuantizedWeight  # noqa: E402
 from tiny_vlms import FAMILIES, make_image  # noqa: E402
+from tiny_vlms_gguf import GGUF_FAMILIES  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN = dict(bits=4, sym=True, group_size=32, iters=0, nsamples=2, seqlen=32, dataset="auto_round:offline_corpus")
@@ -42,10 +43,11 @@ def exports(tmp_path_factory):
     cache = {}
 
     def get(family: str):
+        """``family``: a seed-zoo name, or ``gguf:<name>`` for a tests/tiny_vlms_gguf.py variant."""
         if family not in cache:
-            vlm = FAMILIES[family]()
+            vlm = GGUF_FAMILIES[family[5:]]() if family.startswith("gguf:") else FAMILIES[family]()
             ar = AutoRoundMLLM(vlm.model, vlm.tokenizer, vlm.processor, **RUN)
-            folder = tmp_path_factory.mktemp(family)
+            folder = tmp_path_factory.mktemp(family.replace(":", "_"))
             ar.quantize_and_save(folder, format="gguf:q4_0", inplace=False, overwrite=True)
             cache[family] = (ar, vlm, folder)
         return cache[family]
@@ -238,13 +240,30 @@ def test_tuned_vision_layers_are_written_dequantized(exports, tmp_path):
     assert torch.equal(torch.from_numpy(np.array(t.data).astype(np.float32)), qw.dequantize().half().float())
 
 
-@pytest.mark.parametrize("family", ["gemma3", "mistral3", "llava_next", "mllama", "qwen3_vl"])
+@pytest.mark.parametrize("family", ["mllama", "qwen3_vl"])
 def test_unsupported_vlms_refused_before_tuning(family):
     vlm = FAMILIES[family]()
     ar = AutoRoundMLLM(vlm.model, vlm.tokenizer, vlm.processor, **RUN)
-    supported = r"\['idefics3', 'llava', 'qwen2_5_vl', 'qwen2_vl', 'smolvlm'\]"
+    supported = (r"\['gemma3', 'idefics3', 'llava', 'llava_next', 'mistral3', 'qwen2_5_vl', 'qwen2_vl', "
+                 r"'smolvlm'\]")
     with pytest.raises(ValueError, match=rf"'{family}'.*VLMs supported: {supported}"):
         ar.quantize(format="gguf:q4_0")
+    assert ar.quantized_layers == {}
+
+
+# The seed zoo's shapes of the newer families are ones llama.cpp cannot run (tests/tiny_vlms_gguf.py).
+@pytest.mark.parametrize("family, needles", [
+    ("gemma3", ["layer_types=['sliding_attention', 'full_attention']", "every 6th layer", "format='auto_round'"]),
+    ("mistral3", ["text rms_norm_eps=1e-06", "vision eps 1e-05", "format='auto_round'"]),
+    ("llava_next", ["language model ('granite')", "['llama', 'mistral', 'qwen2']"]),
+])
+def test_seed_shapes_llama_cpp_cannot_run_are_refused_before_tuning(family, needles):
+    vlm = FAMILIES[family]()
+    ar = AutoRoundMLLM(vlm.model, vlm.tokenizer, vlm.processor, **RUN)
+    with pytest.raises(ValueError) as err:
+        ar.quantize(format="gguf:q4_0")
+    for needle in needles:
+        assert needle in str(err.value), (needle, str(err.value))
     assert ar.quantized_layers == {}
 
 
@@ -256,6 +275,177 @@ def test_llava_configs_llama_cpp_cannot_run_are_refused():
     # a VLM given with its tokenizer only: the mmproj needs the image processor's mean / std
     why = get_format("gguf:q4_k_m").check_model(FAMILIES["llava"]().model, vlm.tokenizer)
     assert "image_mean" in why and "processor" in why
+
+
+def _siglip_block(p, pre, i):
+    """A SigLIP / CLIP encoder block's tensors (fc1 -> ffn_up, fc2 -> ffn_down)."""
+    parts = {"attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+             "attn_out": "self_attn.out_proj", "ffn_up": "mlp.fc1", "ffn_down": "mlp.fc2", "ln1": "layer_norm1",
+             "ln2": "layer_norm2"}
+    out = {}
+    for g, hf in parts.items():
+        w, b = p[f"{pre}encoder.layers.{i}.{hf}.weight"], p[f"{pre}encoder.layers.{i}.{hf}.bias"]
+        out[f"v.blk.{i}.{g}.weight"] = (w, F32 if w.dim() == 1 else F16)
+        out[f"v.blk.{i}.{g}.bias"] = (b, F32)
+    return out
+
+
+def test_gemma3_mmproj_and_text_file(exports):
+    """Gemma3VisionModel's file: F32 embeddings, soft_emb_norm + 1, the [vision, text] projection as
+    stored, the pooling factor; the text file is llama.cpp's gemma3 arch with every norm + 1."""
+    ar, vlm, folder = exports("gguf:gemma3")
+    text, mm, _, _ = _files(folder)
+    p = dict(ar.model.named_parameters())
+    v, proj = "model.vision_tower.", "model.multi_modal_projector."
+    expected = {
+        "v.patch_embd.weight": (p[v + "embeddings.patch_embedding.weight"], F32),
+        "v.patch_embd.bias": (p[v + "embeddings.patch_embedding.bias"], F32),
+        "v.position_embd.weight": (p[v + "embeddings.position_embedding.weight"], F32),
+        "v.post_ln.weight": (p[v + "post_layernorm.weight"], F32), "v.post_ln.bias": (p[v + "post_layernorm.bias"], F32),
+        "mm.input_projection.weight": (p[proj + "mm_input_projection_weight"], F16),  # [32 vision, 64 text]
+        "mm.soft_emb_norm.weight": (p[proj + "mm_soft_emb_norm.weight"] + 1, F32),
+        **_siglip_block(p, v, 0),
+    }
+    _check_tensors(mm, expected)
+    assert next(t for t in mm.tensors if t.name == "mm.input_projection.weight").data.shape == (32, 64)
+    meta = {"clip.projector_type": "gemma3", "clip.use_gelu": True, "clip.vision.projector.scale_factor": 2,
+            "clip.vision.image_size": 56, "clip.vision.patch_size": 14, "clip.vision.block_count": 1,
+            "clip.vision.embedding_length": 32, "clip.vision.projection_dim": 64}
+    for key, value in meta.items():
+        assert _field(mm, key) == value, key
+    assert _field(mm, "clip.vision.attention.layer_norm_epsilon") == pytest.approx(1e-6)
+    # text: gemma3 arch, tied output, Gemma's norms written as 1 + weight
+    assert _field(text, "general.architecture") == "gemma3"
+    assert _field(text, "gemma3.attention.sliding_window") == 16
+    assert _field(text, "gemma3.rope.freq_base") == pytest.approx(1e6)  # the full-attention layers' rope
+    assert _field(text, "gemma3.attention.key_length") == 16
+    got = {t.name: t for t in text.tensors}
+    assert "output.weight" not in got and len(got) == 2 + 6 * 13
+    lm = "model.language_model."
+    for gname, hf in (("blk.0.attn_norm", "layers.0.input_layernorm"), ("blk.0.post_attention_norm",
+                      "layers.0.post_attention_layernorm"), ("blk.0.ffn_norm", "layers.0.pre_feedforward_layernorm"),
+                      ("blk.5.post_ffw_norm", "layers.5.post_feedforward_layernorm"),
+                      ("blk.0.attn_q_norm", "layers.0.self_attn.q_norm"), ("blk.3.attn_k_norm", "layers.3.self_attn.k_norm"),
+                      ("output_norm", "norm")):
+        t = got[gname + ".weight"]
+        assert t.tensor_type == F32
+        assert torch.equal(torch.from_numpy(np.array(t.data)), p[f"{lm}{hf}.weight"].detach().float() + 1), gname
+    assert _field(text, "tokenizer.ggml.tokens")[ar.model.config.image_token_id] == "<image_soft_token>"
+
+
+def test_gemma3_configs_llama_cpp_cannot_run_are_refused():
+    fmt = get_format("gguf:q4_0")
+    vlm = GGUF_FAMILIES["gemma3"]()
+    assert fmt.check_model(vlm.model, vlm.processor) is None
+    vlm.model.config.text_config.query_pre_attn_scalar = 32
+    why = fmt.check_model(vlm.model, vlm.processor)
+    assert "query_pre_attn_scalar=32" in why and "1/sqrt(16)" in why
+    vlm = GGUF_FAMILIES["gemma3"]()
+    vlm.model.config.mm_tokens_per_image = 2
+    why = fmt.check_model(vlm.model, vlm.processor)
+    assert "mm_tokens_per_image=2" in why and "square" in why
+
+
+@pytest.mark.parametrize("family", ["llava_next", "llava_next_siglip"])
+def test_llava_next_mmproj_tensors_and_metadata(exports, family):
+    ar, vlm, folder = exports(f"gguf:{family}")
+    text, mm, _, _ = _files(folder)
+    p = dict(ar.model.named_parameters())
+    v = "model.vision_tower."
+    clip = family == "llava_next"
+    expected = {
+        "v.patch_embd.weight": (p[v + "embeddings.patch_embedding.weight"], F16),
+        "v.position_embd.weight": (p[v + "embeddings.position_embedding.weight"], F32),
+        "v.image_newline": (p["model.image_newline"], F32),
+        "mm.0.weight": (p["model.multi_modal_projector.linear_1.weight"], F16),
+        "mm.0.bias": (p["model.multi_modal_projector.linear_1.bias"], F32),
+        "mm.2.weight": (p["model.multi_modal_projector.linear_2.weight"], F16),
+        "mm.2.bias": (p["model.multi_modal_projector.linear_2.bias"], F32),
+        **_siglip_block(p, v, 0),
+    }
+    if clip:  # CLS + pre_layrnorm; feature layer -2 of 2: block 0 only
+        expected.update({"v.class_embd": (p[v + "embeddings.class_embedding"], F32),
+                         "v.pre_ln.weight": (p[v + "pre_layrnorm.weight"], F32),
+                         "v.pre_ln.bias": (p[v + "pre_layrnorm.bias"], F32)})
+    else:  # SigLIP: patch bias; feature layers [-2, -1]: both blocks; never post_layernorm
+        expected["v.patch_embd.bias"] = (p[v + "embeddings.patch_embedding.bias"], F32)
+        expected.update(_siglip_block(p, v, 1))
+    _check_tensors(mm, expected)
+    meta = {"clip.projector_type": "mlp", "clip.has_llava_projector": True, "clip.use_gelu": not clip,
+            "clip.vision.image_grid_pinpoints": [28, 56, 56, 28, 56, 56],
+            "clip.vision.mm_patch_merge_type": "spatial_unpad", "clip.vision.feature_layer": [1] if clip else [1, 2],
+            "clip.vision.block_count": 1 if clip else 2, "clip.vision.image_size": 28, "clip.vision.projection_dim": 64}
+    for key, value in meta.items():
+        assert _field(mm, key) == value, key
+    assert _field(text, "general.architecture") == "llama"
+    assert not any(t.name.startswith(("v.", "mm.")) or "newline" in t.name for t in text.tensors)
+
+
+def test_llava_next_configs_llama_cpp_cannot_run_are_refused():
+    fmt = get_format("gguf:q4_0")
+    vlm = GGUF_FAMILIES["llava_next_siglip"]()
+    vlm.model.config.vision_feature_select_strategy = "default"  # would drop SigLIP's first patch
+    why = fmt.check_model(vlm.model, vlm.processor)
+    assert "vision_feature_select_strategy='default'" in why and "'full'" in why and "format='auto_round'" in why
+
+
+def _permuted(w, n_head):
+    """convert's LlamaModel.permute: per head, rows (2, hd/2) -> (hd/2, 2)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape)
+
+
+def test_mistral3_mmproj_tensors_and_metadata(exports):
+    """LlavaVisionModel's pixtral file: q/k rows permuted per head, the patch merger, mm.1 / mm.2, and
+    the [IMG_BREAK] embedding taken from the language model's embed_tokens."""
+    ar, vlm, folder = exports("gguf:mistral3")
+    text, mm, _, _ = _files(folder)
+    p = dict(ar.model.named_parameters())
+    v, proj = "model.vision_tower.", "model.multi_modal_projector."
+    brk = vlm.tokenizer.convert_tokens_to_ids("[IMG_BREAK]")
+    expected = {
+        "v.patch_embd.weight": (p[v + "patch_conv.weight"], F16), "v.pre_ln.weight": (p[v + "ln_pre.weight"], F32),
+        "mm.input_norm.weight": (p[proj + "norm.weight"], F32),
+        "mm.patch_merger.weight": (p[proj + "patch_merger.merging_layer.weight"], F16),
+        "mm.1.weight": (p[proj + "linear_1.weight"], F16), "mm.2.weight": (p[proj + "linear_2.weight"], F16),
+        "v.token_embd.img_break": (p["model.language_model.embed_tokens.weight"][brk], F32),
+    }
+    for i in range(2):
+        pre = f"{v}transformer.layers.{i}."
+        expected.update({
+            f"v.blk.{i}.attn_q.weight": (_permuted(p[pre + "attention.q_proj.weight"], 2), F16),
+            f"v.blk.{i}.attn_k.weight": (_permuted(p[pre + "attention.k_proj.weight"], 2), F16),
+            f"v.blk.{i}.attn_v.weight": (p[pre + "attention.v_proj.weight"], F16),
+            f"v.blk.{i}.attn_out.weight": (p[pre + "attention.o_proj.weight"], F16),
+            f"v.blk.{i}.ffn_gate.weight": (p[pre + "feed_forward.gate_proj.weight"], F16),
+            f"v.blk.{i}.ffn_up.weight": (p[pre + "feed_forward.up_proj.weight"], F16),
+            f"v.blk.{i}.ffn_down.weight": (p[pre + "feed_forward.down_proj.weight"], F16),
+            f"v.blk.{i}.ln1.weight": (p[pre + "attention_norm.weight"], F32),
+            f"v.blk.{i}.ln2.weight": (p[pre + "ffn_norm.weight"], F32)})
+    _check_tensors(mm, expected)
+    meta = {"clip.projector_type": "pixtral", "clip.use_silu": True, "clip.vision.spatial_merge_size": 2,
+            "clip.vision.block_count": 2, "clip.vision.image_size": 112, "clip.vision.patch_size": 14,
+            "clip.vision.attention.head_count": 2, "clip.vision.projection_dim": 64}
+    for key, value in meta.items():
+        assert _field(mm, key) == value, key
+    assert "clip.use_gelu" not in mm.fields
+    assert _field(mm, "clip.vision.attention.layer_norm_epsilon") == pytest.approx(1e-5)
+    assert _field(text, "general.architecture") == "llama"  # Mistral's text model, lm_head untied
+    assert {"output.weight", "token_embd.weight"} <= {t.name for t in text.tensors}
+
+
+def test_mistral3_feature_layer_and_refusals(tmp_path):
+    fmt = get_format("gguf:q4_0")
+    vlm = GGUF_FAMILIES["mistral3"]()
+    vlm.model.config.vision_feature_layer = -2  # the output of block 0: the file holds that block only
+    path = tmp_path / "mmproj-x-F16.gguf"
+    write_mmproj(path, vlm.model, {}, vlm.processor.image_processor, tokenizer=vlm.tokenizer)
+    mm = gguf.GGUFReader(path)
+    assert _field(mm, "clip.vision.block_count") == 1 and not any(t.name.startswith("v.blk.1.") for t in mm.tensors)
+    vlm.model.config.vision_feature_layer = [-2, -1]
+    assert "vision_feature_layer=[-2, -1]" in fmt.check_model(vlm.model, vlm.processor)
+    vlm = GGUF_FAMILIES["mistral3"]()
+    with pytest.raises(ValueError, match=r"\[IMG_BREAK\]'s embedding: give the processor"):
+        write_mmproj(path, vlm.model, {}, vlm.processor.image_processor)  # no tokenizer
 
 
 # ---------------------------------------------------------------------------------- llama.cpp (optional)
@@ -310,3 +500,20 @@ def test_llama_cpp_mtmd_runs_the_pair(exports, family, tmp_path):
                          "<|vision_start|><|image_pad|><|vision_end|>", image, got)
     assert cmp["prompt_ids_equal"] and cmp["top1_agree"], cmp
     assert cmp["max_logit_diff"] < 0.05 * cmp["logit_range"], cmp
+
+
+@pytest.mark.parametrize("family", ["gemma3", "llava_next_siglip", "mistral3"])
+def test_llama_cpp_mtmd_runs_the_new_families(family, tmp_path):
+    """bench_gguf_mmproj's comparison for the tests/tiny_vlms_gguf.py variants: llama.cpp's image
+    embeddings equal ours to fp16 noise (LLaVA-NeXT: per tile, in mtmd's order, tiles then overview);
+    Gemma-3 and Mistral-3: the same next-token argmax on llama.cpp's own token ids."""
+    python = _llamacpp_python()
+    if python is None:
+        pytest.skip("llama_cpp is not importable (build .venv-llamacpp: see bench/bench_gguf_mmproj.py)")
+    from bench_gguf_mmproj import bench_one
+
+    rec = bench_one(family, "q4_0", python, tmp_path)
+    assert "error" not in rec and "shape_mismatch" not in rec, rec
+    assert rec["max_diff_vs_ours_fp16"] < 2e-3 * rec["max_abs_ours"], rec
+    if family != "llava_next_siglip":
+        assert rec["top1_agree"] and rec["max_logit_diff"] < 0.05 * rec["logit_range"], rec

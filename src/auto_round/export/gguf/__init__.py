@@ -84,13 +84,20 @@ unrecognised byte-level pre-tokenizers); and ``auto_round.quantization_config`` 
 
 Vision-language models (:mod:`.mmproj`; ``AutoRoundMLLM`` hands the exporter its processor): the
 language model is written as above (``model.language_model.*`` + ``lm_head``, the VLM's tokenizer,
-image token included, as the vocabulary; LLaVA's llama/mistral/qwen2 LM by its text arch, Qwen2-VL /
-Qwen2.5-VL's as arch ``qwen2vl`` with ``rope.dimension_sections`` = ``mrope_section`` padded to 4),
+image token included, as the vocabulary; LLaVA's / LLaVA-NeXT's / Mistral-3's llama/mistral/qwen2 LM by
+its text arch, Qwen2-VL / Qwen2.5-VL's as arch ``qwen2vl`` with ``rope.dimension_sections`` =
+``mrope_section`` padded to 4, Gemma-3's as arch ``gemma3``: every ``*norm.weight`` written + 1 (convert's
+Gemma3Model; Gemma3RMSNorm scales by 1 + weight), ``attention.sliding_window``, the full-attention layers'
+rope as ``rope.freq_base``, ``final_logit_softcapping`` when set; llama.cpp hard-codes the sliding
+pattern (every 6th layer full), the sliding layers' rope base 10000 and the attention scale, so
+Gemma-3 configs with another ``layer_types``, sliding rope or ``query_pre_attn_scalar`` are refused),
 plus ``mmproj-<name>-F16.gguf`` (``general.architecture clip``, ``general.type mmproj``) for
 llama.cpp's mtmd. Supported: ``llava`` (CLIP tower, strategy ``default``, projector ``mlp``),
 ``qwen2_vl`` (``qwen2vl_merger``), ``qwen2_5_vl`` (``qwen2.5vl_merger``), ``idefics3`` / ``smolvlm``
-(``idefics3``; Llama text model). Any other VLM (gemma3, whose gemma3 text arch this exporter lacks
-too, mistral3, llava_next, mllama, qwen3_vl, ...) is refused before tuning, naming its model_type
+(``idefics3``; Llama text model), ``gemma3`` (``gemma3``: SigLIP, avg-pool, soft_emb_norm, input
+projection), ``llava_next`` (``mlp`` with AnyRes: a CLIP tower with strategy ``default`` or a SigLIP one
+with ``full``, one or several feature layers) and ``mistral3`` (``pixtral``: Pixtral tower, patch merger,
+``[IMG_BREAK]``). Any other VLM (mllama, qwen3_vl, ...) is refused before tuning, naming its model_type
 and these. Keys: ``clip.projector_type``, ``clip.has_vision_encoder``,
 ``clip.vision.{image_size, patch_size, embedding_length, feed_forward_length, block_count,
 attention.head_count, attention.layer_norm_epsilon, projection_dim (= text hidden), image_mean,
@@ -100,7 +107,13 @@ image_std}`` (mean / std from the processor's image processor); llava: ``clip.ha
 560 (the converter's default), 2.5: ``clip.use_silu``, ``clip.vision.n_wa_pattern``
 (``fullatt_block_indexes[0] + 1``); idefics3: ``clip.use_gelu`` True,
 ``clip.vision.projector.scale_factor``, ``clip.vision.preproc_image_size`` (the processor's
-``longest_edge``). ``L`` = vision block, ``e`` = vision hidden, ``m`` = its MLP
+``longest_edge``); gemma3: ``clip.use_gelu`` True, ``clip.vision.projector.scale_factor`` (the pool
+kernel, patches per side / sqrt(``mm_tokens_per_image``), written only when not clip.cpp's default 4);
+llava_next: llava's keys plus ``clip.vision.image_grid_pinpoints`` (flattened) and
+``clip.vision.mm_patch_merge_type`` = ``spatial_unpad`` (``clip.use_gelu`` True for a SigLIP tower);
+mistral3: ``clip.use_silu`` (or ``use_gelu``), ``clip.vision.spatial_merge_size``, layer-norm eps 1e-5
+(Pixtral's; the text ``rms_norm_eps`` transformers uses in the patch merger must equal it),
+``block_count`` = the blocks before ``vision_feature_layer`` (an int). ``L`` = vision block, ``e`` = vision hidden, ``m`` = its MLP
 width, ``p`` = patch size, ``P`` = positions, ``d`` = text hidden, ``i`` = projector input:
 
 ===============================  ================  ====  ==========================================
@@ -133,6 +146,15 @@ mm.2.{weight,bias}               [d, *] / [d]      F16/  llava: linear_2; qwen: 
                                                    F32
 mm.model.fc.weight               [d, e*s*s]        F16   idefics3: connector.modality_projection.proj
                                                          (after pixel shuffle by s = scale_factor)
+mm.input_projection.weight       [e, d]            F16   gemma3: mm_input_projection_weight as stored
+mm.soft_emb_norm.weight          [e]               F32   gemma3: mm_soft_emb_norm + 1
+v.image_newline                  [d]               F32   llava_next: image_newline (not used by mtmd)
+v.blk.L.ffn_gate.weight          [m, e]            F16   mistral3: feed_forward.gate_proj (pixtral's
+                                                         q/k rows permuted per head, like convert)
+mm.input_norm.weight             [e]               F32   mistral3: multi_modal_projector.norm
+mm.patch_merger.weight           [e, e*s*s]        F16   mistral3: patch_merger.merging_layer
+mm.1 / mm.2.weight               [d, e] / [d, d]   F16   mistral3: linear_1 / linear_2 (+ biases F32)
+v.token_embd.img_break           [d]               F32   mistral3: embed_tokens[[IMG_BREAK]]
 ===============================  ================  ====  ==========================================
 
 LLaVA writes blocks ``0 .. max(feature_layer) - 1`` only and no ``post_ln`` (its features precede
@@ -141,7 +163,11 @@ post_layernorm), as llama.cpp's legacy converter does. A vision layer tuned with
 with a K-quant mix the plan keeps vision layers FP instead, noted there). Known llama.cpp defect:
 its llava graph appends the CLS embedding after the patches (ggml-org/llama.cpp#25814), so
 llama.cpp's LLaVA-1.5 image embeddings differ from transformers' for any correct file
-(``bench/bench_gguf_mmproj.py`` measures it); Qwen2-VL and Idefics3 agree to fp16 noise.
+(``bench/bench_gguf_mmproj.py`` measures it); Qwen2-VL, Idefics3, Gemma-3 and Mistral-3 agree to
+fp16 noise. LLaVA-NeXT in mtmd: each AnyRes tile, then the overview, is encoded as its own image of
+``(image_size/patch_size)^2`` tokens, without transformers' unpadding, ``image_newline`` rows and order
+(overview first), so llama.cpp's image token sequence differs from transformers' for any correct file;
+per tile the embeddings agree (SigLIP tower; a CLIP tower also has the CLS-last defect).
 
 Limitations: text causal LMs and the VLMs above only; a legacy type is one block type per file (mixed bits are refused; keep odd layers FP instead; the K types mix by their rules); Mistral's
 sliding window is not represented (as in llama.cpp's own converter; a warning says so).

@@ -9,7 +9,11 @@ read, and the ``clip.*`` hyperparameters. Facts follow llama.cpp's converters: `
 (qkv and Conv3d splits, window-attention pattern), ``conversion/smolvlm.py`` ``SmolVLMModel``
 (Idefics3 / SmolVLM: F32 embeddings, scale factor, preprocessing size) and, for CLIP-based LLaVA-1.5 (which the HF
 converter no longer handles), ``tools/mtmd/legacy-models/convert_image_encoder_to_gguf.py``
-(``mm.0``/``mm.2``, feature layers, no ``post_ln``), checked against ``tools/mtmd/clip.cpp``.
+(``mm.0``/``mm.2``, feature layers, no ``post_ln``; LLaVA-NeXT's ``image_grid_pinpoints``,
+``mm_patch_merge_type`` and ``image_newline``), ``conversion/gemma.py`` ``Gemma3VisionModel`` (F32
+embeddings, ``soft_emb_norm`` + 1, the pooling factor), ``conversion/llava.py`` ``LlavaVisionModel``
+(Mistral-3 / Pixtral: q/k rows permuted for llama.cpp's 2D rope, ``[IMG_BREAK]``'s embedding), checked
+against ``tools/mtmd/clip.cpp`` and ``tools/mtmd/models/{siglip,llava,pixtral}.cpp``.
 
 Tensor types as ``convert_hf_to_gguf`` writes an F16 mmproj: F32 for 1-D tensors, ``*_norm.weight``,
 ``v.position_embd`` and names not ending in ``.weight`` (``v.class_embd``); F16 for the patch
@@ -41,8 +45,15 @@ MMPROJ_ARCH = "clip"  # general.architecture of every mmproj file (gguf.MODEL_AR
 KEY_FEATURE_LAYER = "clip.vision.feature_layer"
 PROJECTOR_MLP = "mlp"  # clip-impl.h PROJECTOR_TYPE_MLP (LLaVA-1.5); not in gguf.VisionProjectorType
 
+KEY_IMAGE_GRID_PINPOINTS = "clip.vision.image_grid_pinpoints"
+KEY_MM_PATCH_MERGE_TYPE = "clip.vision.mm_patch_merge_type"
+
 HParams = Dict[str, Any]  # GGUF key -> value (bool, int -> uint32, float -> float32, str, list)
-Split = Callable[[str, torch.Tensor], List[Tuple[str, torch.Tensor]]]
+# (GGUF name, value, model config) -> the tensors written in its place (split, reordered or shifted)
+Split = Callable[[str, torch.Tensor, Any], List[Tuple[str, torch.Tensor]]]
+# (model, tokenizer) -> more tensors the file needs that are no vision parameter, or why they cannot be made
+Extra = Callable[[nn.Module, Any], List[Tuple[str, torch.Tensor]]]
+ExtraProblem = Callable[[nn.Module, Any], Optional[str]]
 
 
 @dataclass(frozen=True)
@@ -60,8 +71,10 @@ class VisionArch:
     problem: Callable[[Any], Optional[str]]  # why llama.cpp cannot run this config, or None
     skip: Tuple[str, ...] = ()  # regexes of in-memory names llama.cpp does not read
     fixes: Tuple[Tuple[str, str], ...] = ()  # (regex, replacement) on GGUF names: names clip.cpp reads
-    splits: Tuple[Tuple[str, Split], ...] = ()  # (GGUF-name regex, split into several tensors)
+    splits: Tuple[Tuple[str, Split], ...] = ()  # (GGUF-name regex, rewrite: split, permute or shift)
     f32: Tuple[str, ...] = ()  # regexes of in-memory names the converter writes F32 whatever their shape
+    extra: Optional[Extra] = None  # tensors taken from elsewhere (Pixtral: [IMG_BREAK]'s text embedding)
+    extra_problem: Optional[ExtraProblem] = None  # why ``extra`` cannot be made (checked before tuning)
     why: str = ""
 
 
@@ -115,8 +128,19 @@ def _llava_hparams(cfg: Any, ip: Any) -> HParams:
                    v.num_attention_heads, v.layer_norm_eps, v.image_size, v.patch_size)
     keys[gguf.Keys.Clip.HAS_LLAVA_PROJECTOR] = True
     keys[KEY_FEATURE_LAYER] = _llava_feature_layers(cfg)
-    # CLIP's quick_gelu is clip.cpp's default (gelu_quick); clip.use_gelu selects ggml's gelu.
-    keys[gguf.Keys.ClipVision.USE_GELU] = v.hidden_act == "gelu"
+    # CLIP's quick_gelu is clip.cpp's default (gelu_quick); clip.use_gelu selects ggml's (tanh) gelu, which
+    # is SigLIP's gelu_pytorch_tanh and, to ggml's approximation, CLIP's erf gelu.
+    keys[gguf.Keys.ClipVision.USE_GELU] = v.hidden_act in ("gelu", "gelu_pytorch_tanh")
+    return keys
+
+
+def _llava_next_hparams(cfg: Any, ip: Any) -> HParams:
+    """LLaVA's keys plus the AnyRes ones the legacy converter writes from the surgery's vision config:
+    the pinpoints flattened (``[[a, b], ...]`` -> ``[a, b, ...]``) and ``spatial_unpad`` (the only merge
+    type transformers' LLaVA-NeXT has)."""
+    keys = _llava_hparams(cfg, ip)
+    keys[KEY_IMAGE_GRID_PINPOINTS] = [int(x) for pair in cfg.image_grid_pinpoints for x in pair]
+    keys[KEY_MM_PATCH_MERGE_TYPE] = "spatial_unpad"
     return keys
 
 
@@ -124,20 +148,42 @@ def _llava_blocks(cfg: Any) -> int:
     return max(_llava_feature_layers(cfg))
 
 
+# vision tower model_type -> (the select strategy llama.cpp's llava graph implements, activations it runs)
+LLAVA_TOWERS = {
+    "clip_vision_model": ("default", ("quick_gelu", "gelu")),  # CLS first, dropped ('default')
+    "siglip_vision_model": ("full", ("gelu_pytorch_tanh",)),  # no CLS: every patch is kept ('full')
+}
+
+
 def _llava_problem(cfg: Any) -> Optional[str]:
     v = _vision(cfg)
-    if getattr(v, "model_type", None) != "clip_vision_model":
-        return (f"llama.cpp's 'mlp' projector graph is written here for CLIP vision towers, not "
-                f"{getattr(v, 'model_type', None)!r}")
-    if cfg.vision_feature_select_strategy != "default":
-        return (f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: llama.cpp's llava "
-                "graph always drops the CLS position ('default')")
-    if getattr(v, "hidden_act", None) not in ("quick_gelu", "gelu"):
-        return f"vision hidden_act {v.hidden_act!r} (llama.cpp's CLIP graph runs quick_gelu or gelu)"
+    tower = getattr(v, "model_type", None)
+    if tower not in LLAVA_TOWERS:
+        return (f"llama.cpp's 'mlp' projector graph is written here for the vision towers {sorted(LLAVA_TOWERS)}, "
+                f"not {tower!r}")
+    strategy, acts = LLAVA_TOWERS[tower]
+    if cfg.vision_feature_select_strategy != strategy:
+        return (f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} with a {tower} tower: "
+                f"llama.cpp's llava graph keeps every patch and drops the CLS position only, which is "
+                f"{strategy!r} for this tower")
+    if getattr(v, "hidden_act", None) not in acts:
+        return f"vision hidden_act {v.hidden_act!r} (llama.cpp's graph runs {list(acts)} for a {tower} tower)"
     if getattr(cfg, "projector_hidden_act", "gelu") != "gelu" or not getattr(cfg, "multimodal_projector_bias", True):
         return "llama.cpp's 'mlp' projector is linear + bias, gelu, linear + bias"
     if any(not 0 <= x <= int(v.num_hidden_layers) for x in _llava_feature_layers(cfg)):
         return f"vision_feature_layer={cfg.vision_feature_layer!r} is outside the vision tower"
+    if max(_llava_feature_layers(cfg)) == 0:
+        return f"vision_feature_layer={cfg.vision_feature_layer!r}: llama.cpp's llava graph runs at least one block"
+    return None
+
+
+def _llava_next_problem(cfg: Any) -> Optional[str]:
+    why = _llava_problem(cfg)
+    if why:
+        return why
+    pinpoints = getattr(cfg, "image_grid_pinpoints", None) or []
+    if not pinpoints or any(len(p) != 2 for p in pinpoints):
+        return f"image_grid_pinpoints={pinpoints!r}: llama.cpp reads AnyRes resolutions as [height, width] pairs"
     return None
 
 
@@ -179,13 +225,13 @@ def _qwen2vl_problem(cfg: Any) -> Optional[str]:
     return None
 
 
-def _split_qkv(name: str, t: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
+def _split_qkv(name: str, t: torch.Tensor, cfg: Any = None) -> List[Tuple[str, torch.Tensor]]:
     """A fused ``attn_qkv`` (rows q, k, v) as ``attn_q``, ``attn_k``, ``attn_v`` (Qwen2VLVisionModel)."""
     c = t.shape[0] // 3
     return [(name.replace(".attn_qkv.", f".attn_{k}."), t[i * c:(i + 1) * c]) for i, k in enumerate("qkv")]
 
 
-def _split_conv3d(name: str, t: torch.Tensor) -> List[Tuple[str, torch.Tensor]]:
+def _split_conv3d(name: str, t: torch.Tensor, cfg: Any = None) -> List[Tuple[str, torch.Tensor]]:
     """The Conv3d patch embedding ``[out, 3, 2, p, p]`` as two Conv2d ``[out, 3, p, p]``, one per frame:
     ``v.patch_embd.weight`` and ``v.patch_embd.weight.1`` (clip.cpp adds the two convolutions)."""
     return [(name, t[:, :, 0]), (name + ".1", t[:, :, 1])]
@@ -213,6 +259,138 @@ def _idefics3_problem(cfg: Any) -> Optional[str]:
     return None
 
 
+# ---------------------------------------------------------------------------------- Gemma 3
+GEMMA3_DEFAULT_POOL = 4  # clip.cpp's gemma3 n_merge when the file has no clip.vision.projector.scale_factor
+
+
+def _gemma3_pool(cfg: Any) -> int:
+    """The avg-pool kernel: patches per side / image tokens per side (Gemma3VisionModel's
+    proj_scale_factor, from ``mm_tokens_per_image``)."""
+    v = _vision(cfg)
+    side = int(round(int(cfg.mm_tokens_per_image) ** 0.5))
+    return (int(v.image_size) // int(v.patch_size)) // max(side, 1)
+
+
+def _gemma3_hparams(cfg: Any, ip: Any) -> HParams:
+    import gguf
+
+    v = _vision(cfg)
+    keys = _common(cfg, ip, gguf.VisionProjectorType.GEMMA3, v.hidden_size, v.intermediate_size,
+                   v.num_hidden_layers, v.num_attention_heads, v.layer_norm_eps, v.image_size, v.patch_size)
+    keys[gguf.Keys.ClipVision.USE_GELU] = True  # SigLIP's gelu_pytorch_tanh is ggml's (tanh) gelu
+    if _gemma3_pool(cfg) != GEMMA3_DEFAULT_POOL:  # the converter writes it only when not clip.cpp's default
+        keys[gguf.Keys.ClipVision.Projector.SCALE_FACTOR] = _gemma3_pool(cfg)
+    return keys
+
+
+def _gemma3_problem(cfg: Any) -> Optional[str]:
+    v = _vision(cfg)
+    if getattr(v, "model_type", None) != "siglip_vision_model":
+        return f"vision tower {getattr(v, 'model_type', None)!r}: llama.cpp's gemma3 graph is SigLIP's"
+    if v.hidden_act != "gelu_pytorch_tanh":
+        return f"vision hidden_act {v.hidden_act!r}: llama.cpp's gemma3 graph runs gelu (tanh)"
+    tokens, per_side = int(cfg.mm_tokens_per_image), int(v.image_size) // int(v.patch_size)
+    side = int(round(tokens ** 0.5))
+    if side * side != tokens or per_side % side:
+        return (f"mm_tokens_per_image={tokens}: llama.cpp avg-pools the {per_side}x{per_side} patches by a whole "
+                "kernel to a square grid, so it must be a square whose side divides "
+                f"image_size/patch_size={per_side}")
+    return None
+
+
+def _plus_one(name: str, t: torch.Tensor, cfg: Any = None) -> List[Tuple[str, torch.Tensor]]:
+    """``mm.soft_emb_norm.weight`` + 1: Gemma3RMSNorm scales by 1 + weight, clip.cpp by the weight."""
+    return [(name, t + 1.0)]
+
+
+# ---------------------------------------------------------------------------------- Mistral-3 (Pixtral)
+PIXTRAL_EPS = 1e-5  # PixtralRMSNorm's eps (hard-coded in transformers; LlavaVisionModel writes it)
+PIXTRAL_ROPE_THETA = 10000.0  # clip.cpp's pixtral rope base, hard-coded
+IMG_BREAK = "[IMG_BREAK]"
+
+
+def _pixtral_blocks(cfg: Any) -> int:
+    """Blocks before the feature layer: Pixtral has no final norm, so ``hidden_states[k]`` is the output
+    of ``k`` blocks and a file with ``k`` blocks computes it (``-1`` = all of them)."""
+    n, layer = int(_vision(cfg).num_hidden_layers), cfg.vision_feature_layer
+    return n + int(layer) + 1 if int(layer) < 0 else int(layer)
+
+
+def _mistral3_hparams(cfg: Any, ip: Any) -> HParams:
+    import gguf
+
+    v = _vision(cfg)
+    keys = _common(cfg, ip, gguf.VisionProjectorType.PIXTRAL, v.hidden_size, v.intermediate_size,
+                   _pixtral_blocks(cfg), v.num_attention_heads, PIXTRAL_EPS, v.image_size, v.patch_size)
+    keys[gguf.Keys.ClipVision.USE_SILU if v.hidden_act == "silu" else gguf.Keys.ClipVision.USE_GELU] = True
+    keys[gguf.Keys.ClipVision.SPATIAL_MERGE_SIZE] = int(cfg.spatial_merge_size)
+    return keys
+
+
+def _mistral3_problem(cfg: Any) -> Optional[str]:
+    v = _vision(cfg)
+    if getattr(v, "model_type", None) != "pixtral":
+        return f"vision tower {getattr(v, 'model_type', None)!r}: llama.cpp's pixtral graph is Pixtral's"
+    if v.hidden_act not in ("silu", "gelu"):
+        return f"vision hidden_act {v.hidden_act!r}: llama.cpp's pixtral graph runs silu or gelu"
+    theta = (getattr(v, "rope_parameters", None) or {}).get("rope_theta", getattr(v, "rope_theta", PIXTRAL_ROPE_THETA))
+    if float(theta) != PIXTRAL_ROPE_THETA:
+        return f"vision rope_theta={theta}: clip.cpp's pixtral graph hard-codes {PIXTRAL_ROPE_THETA:g}"
+    head_dim = getattr(v, "head_dim", None) or v.hidden_size // v.num_attention_heads
+    if int(head_dim) * int(v.num_attention_heads) != int(v.hidden_size):
+        return (f"vision head_dim={head_dim} with {v.num_attention_heads} heads is not hidden_size={v.hidden_size}: "
+                "clip.cpp's heads are hidden_size / n_head wide")
+    layer = cfg.vision_feature_layer
+    if not isinstance(layer, int) or not 1 <= _pixtral_blocks(cfg) <= int(v.num_hidden_layers):
+        return (f"vision_feature_layer={layer!r}: llama.cpp's pixtral graph reads one layer's output (an int, "
+                f"after at least one of the {v.num_hidden_layers} blocks)")
+    if getattr(cfg, "projector_hidden_act", "gelu") != "gelu":
+        return f"projector_hidden_act={cfg.projector_hidden_act!r}: llama.cpp's pixtral projector runs gelu"
+    eps = float(text_config_of(cfg).rms_norm_eps)
+    if eps != PIXTRAL_EPS:
+        return (f"text rms_norm_eps={eps:g}: transformers normalises the patch merger's input with it, llama.cpp "
+                f"with the vision eps {PIXTRAL_EPS:g}")
+    if int(cfg.spatial_merge_size) < 1:
+        return f"spatial_merge_size={cfg.spatial_merge_size}"
+    return None
+
+
+def _permute_rope_rows(name: str, t: torch.Tensor, cfg: Any) -> List[Tuple[str, torch.Tensor]]:
+    """q/k rows (weights and biases) from HF's half-split rope layout to llama.cpp's pairs, per head
+    (LlavaVisionModel applies LlamaModel.permute to Pixtral's q_proj / k_proj)."""
+    from auto_round.export.gguf.arch import rope_order
+
+    return [(name, t[rope_order(t.shape[0], int(_vision(cfg).num_attention_heads))])]
+
+
+def _img_break_id(tokenizer: Any) -> Optional[int]:
+    vocab = tokenizer.get_vocab() if hasattr(tokenizer, "get_vocab") else {}
+    return vocab.get(IMG_BREAK)
+
+
+def _img_break_problem(model: nn.Module, tokenizer: Any) -> Optional[str]:
+    if tokenizer is None:
+        return f"the mmproj file holds {IMG_BREAK}'s embedding: give the processor (or its tokenizer)"
+    tok_id = _img_break_id(tokenizer)
+    n_vocab = model.get_input_embeddings().weight.shape[0]
+    if tok_id is None or not 0 <= tok_id < n_vocab:
+        return (f"the tokenizer has no {IMG_BREAK} token inside the {n_vocab}-row embedding (got {tok_id}); "
+                "llama.cpp's pixtral graph ends every image row but the last with its embedding")
+    return None
+
+
+def _img_break_embedding(model: nn.Module, tokenizer: Any) -> List[Tuple[str, torch.Tensor]]:
+    """``v.token_embd.img_break``: the language model's embedding of ``[IMG_BREAK]`` (clip.cpp appends it
+    after each row of image tokens but the last, where transformers' processor puts the token)."""
+    import gguf
+
+    why = _img_break_problem(model, tokenizer)
+    if why:
+        raise ValueError(why)
+    row = model.get_input_embeddings().weight[_img_break_id(tokenizer)].detach().float()
+    return [(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.V_TOK_EMBD_IMG_BREAK], row)]
+
+
 VISION_ARCHS: Tuple[VisionArch, ...] = (
     VisionArch(
         "llava", ("llava",), "model.language_model.",
@@ -237,6 +415,37 @@ VISION_ARCHS: Tuple[VisionArch, ...] = (
         f32=(r"\.embeddings\.",),
         why="SigLIP-style tower (post_layernorm used), pixel-shuffle by scale_factor then one linear "
             "(connector.modality_projection.proj -> mm.model.fc); SmolVLMModel writes the embeddings F32"),
+    VisionArch(
+        "gemma3", ("gemma3",), "model.language_model.",
+        (("model.multi_modal_projector.mm_input_projection_weight",
+          "multi_modal_projector.mm_input_projection.weight"),
+         ("model.vision_tower.", "vision_tower.vision_model."),
+         ("model.multi_modal_projector.", "multi_modal_projector.")),
+        _gemma3_hparams, lambda cfg: int(_vision(cfg).num_hidden_layers), _gemma3_problem,
+        skip=(r"^model\.vision_tower\.head\.",), splits=((r"^mm\.soft_emb_norm\.weight$", _plus_one),),
+        f32=(r"\.embeddings\.",),
+        why="SigLIP tower (post_layernorm used), avg-pool to mm_tokens_per_image, RMSNorm (soft_emb_norm, "
+            "written + 1), then x @ mm_input_projection_weight ([vision, text] as stored: clip.cpp transposes "
+            "it); Gemma3VisionModel writes the embeddings F32"),
+    VisionArch(
+        "llava_next", ("llava_next",), "model.language_model.",
+        (("model.image_newline", "model.image_newline"), ("model.vision_tower.", "vision_tower.vision_model."),
+         ("model.multi_modal_projector.", "multi_modal_projector.")),
+        _llava_next_hparams, _llava_blocks, _llava_next_problem,
+        skip=(r"\.post_layernorm\.", r"^model\.vision_tower\.head\."), fixes=((r"^mm\.1\.", "mm.0."),),
+        why="LLaVA-NeXT: LLaVA's 'mlp' file (CLIP tower with 'default', or SigLIP with 'full'; feature layers, "
+            "mm.0 / mm.2) plus the AnyRes pinpoints, spatial_unpad and image_newline (v.image_newline, "
+            "gguf-py's name; clip.cpp 0c1e570 reads it under that name and mtmd does not use it for this "
+            "projector)"),
+    VisionArch(
+        "mistral3", ("mistral3",), "model.language_model.",
+        (("model.vision_tower.", "vision_tower."), ("model.multi_modal_projector.", "multi_modal_projector.")),
+        _mistral3_hparams, _pixtral_blocks, _mistral3_problem,
+        splits=((r"\.attn_[qk]\.(weight|bias)$", _permute_rope_rows),),
+        extra=_img_break_embedding, extra_problem=_img_break_problem,
+        why="Pixtral tower (RMSNorm, gated MLP, 2D rope: q/k rows permuted per head), patch merger "
+            "(norm -> mm.input_norm, merging_layer -> mm.patch_merger), linear_1/2 -> mm.1/2 with gelu; the "
+            "[IMG_BREAK] embedding from the language model's embed_tokens (v.token_embd.img_break)"),
 )
 
 
@@ -259,8 +468,9 @@ def split_processor(tokenizer: Any) -> Tuple[Any, Any]:
     return tokenizer, None
 
 
-def vlm_problem(model: nn.Module, image_processor: Any) -> Optional[str]:
-    """Why the mmproj of VLM ``model`` cannot be written (None if it can, or if ``model`` is no VLM)."""
+def vlm_problem(model: nn.Module, image_processor: Any, tokenizer: Any = None) -> Optional[str]:
+    """Why the mmproj of VLM ``model`` cannot be written (None if it can, or if ``model`` is no VLM);
+    ``tokenizer``: for the families whose file holds a token's embedding (Mistral-3)."""
     if not is_vlm(model):
         return None
     model_type = getattr(model.config, "model_type", None)
@@ -270,13 +480,16 @@ def vlm_problem(model: nn.Module, image_processor: Any) -> Optional[str]:
                 f"{supported_vlm_types()}); export with format='auto_round' instead")
     why = arch.problem(model.config)
     if why:
-        return f"its vision tower cannot be written for llama.cpp: {why}"
+        return (f"its vision tower cannot be written for llama.cpp: {why}; export this model with "
+                "format='auto_round' instead")
     if image_processor is None or getattr(image_processor, "image_mean", None) is None:
         return ("the mmproj file needs the image processor's image_mean / image_std; give the processor "
                 "(AutoRoundMLLM(..., processor=...), or pass it as the tokenizer)")
     unnamed = [n for n, g in mmproj_names(model, arch) if g is None]
     if unnamed:
         return f"{len(unnamed)} vision parameters have no llama.cpp mmproj tensor name: {unnamed[:4]}"
+    if arch.extra_problem is not None:
+        return arch.extra_problem(model, tokenizer)
     return None
 
 
@@ -344,7 +557,8 @@ def ggml_float_type(name: str, ndim: int) -> Any:
     return np.float16
 
 
-def plan_mmproj(model: nn.Module, layers: Dict[str, QuantizedWeight], arch: VisionArch) -> List[MmprojTensor]:
+def plan_mmproj(model: nn.Module, layers: Dict[str, QuantizedWeight], arch: VisionArch,
+                tokenizer: Any = None) -> List[MmprojTensor]:
     """Every tensor of the mmproj file, in order (values made lazily, one at a time)."""
     params = dict(model.named_parameters())
     planned: List[MmprojTensor] = []
@@ -355,7 +569,7 @@ def plan_mmproj(model: nn.Module, layers: Dict[str, QuantizedWeight], arch: Visi
         parts = [(gname, value)]
         for pattern, split in arch.splits:
             if re.search(pattern, gname):
-                parts = split(gname, value)
+                parts = split(gname, value, model.config)
                 break
         forced = any(re.search(r, hf_name) for r in arch.f32)
         for name, t in parts:
@@ -364,6 +578,8 @@ def plan_mmproj(model: nn.Module, layers: Dict[str, QuantizedWeight], arch: Visi
                 logger.warning("gguf mmproj: %s has values beyond fp16's range; written as F32", name)
                 dtype = np.float32
             planned.append(MmprojTensor(name, tuple(t.shape), dtype, lambda t=t: t))
+    for name, t in arch.extra(model, tokenizer) if arch.extra is not None else ():
+        planned.append(MmprojTensor(name, tuple(t.shape), ggml_float_type(name, t.dim()), lambda t=t: t))
     return planned
 
 
@@ -399,17 +615,18 @@ def _add_key(writer: Any, key: str, value: Any) -> None:
 
 
 def write_mmproj(path: Path, model: nn.Module, layers: Dict[str, QuantizedWeight], image_processor: Any,
-                 extra: Sequence[Tuple[str, Any]] = ()) -> List[MmprojTensor]:
+                 extra: Sequence[Tuple[str, Any]] = (), tokenizer: Any = None) -> List[MmprojTensor]:
     """Write the mmproj GGUF of VLM ``model`` to ``path`` (streamed, one tensor in memory at a time);
-    returns the tensors written. ``extra``: more ``(key, value)`` metadata."""
+    returns the tensors written. ``extra``: more ``(key, value)`` metadata; ``tokenizer``: the VLM's
+    (Mistral-3's file holds the ``[IMG_BREAK]`` embedding)."""
     import gguf
 
     arch = vision_arch_of(model)
-    why = vlm_problem(model, image_processor)
+    why = vlm_problem(model, image_processor, tokenizer)
     if arch is None or why:
         raise ValueError(f"cannot write the mmproj of this {getattr(model.config, 'model_type', None)!r} model: "
                          f"{why or 'not a supported VLM'}")
-    tensors = plan_mmproj(model, layers, arch)
+    tensors = plan_mmproj(model, layers, arch, tokenizer)
     writer = gguf.GGUFWriter(path, MMPROJ_ARCH)
     writer.add_type(gguf.GGUFType.MMPROJ)
     writer.add_name(path.stem)
