@@ -15,6 +15,16 @@ still assume CLS first (ggml-org/llama.cpp#25814, fix in PR #25844), so llama.cp
 embeddings differ from transformers' for every correct file; the ``vs CLS-last emulation`` column
 runs our model with that same ordering to show that everything else in our file agrees.
 
+Gemma-3, LLaVA-NeXT and Mistral-3 use the variants of ``tests/tiny_vlms_gguf.py`` (the seed zoo's are
+shaped so that llama.cpp cannot run them; the exporter refuses those). Their next-token logits are
+compared on llama.cpp's own token sequence (its image positions filled with the image token, and
+Mistral-3's with [IMG] / [IMG_BREAK] in the processor's layout), as mtmd's image markers differ from the
+processors'. LLaVA-NeXT: mtmd encodes each AnyRes tile (row by row) and then the overview as separate
+images of ``(image_size / patch_size)^2`` tokens, without transformers' unpadding and ``image_newline``
+rows and in another order (transformers: overview first; a llama.cpp limitation: 20 image tokens here
+against transformers' 24), so each of its images is compared with our projector output for the same
+tile and no logits are compared; a CLIP tower also has llava's CLS-last defect (emulation column).
+
 llama-cpp-python is not a project dependency: the llama.cpp side runs in ``.venv-llamacpp``
 (``python3 -m venv .venv-llamacpp && .venv-llamacpp/bin/pip install llama-cpp-python==0.3.36
 numpy``) unless the running Python has ``llama_cpp``.
@@ -38,10 +48,13 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "gguf_mmproj.json"
 WORK = ROOT / ".cache" / "bench" / "gguf_mmproj"
 DEFAULT_LLAMACPP_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"
-TINY = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm")
-# Images of the size each processor keeps as it is (llama.cpp's qwen2vl graph needs >= 8 tokens).
+TINY = ("llava", "qwen2_vl", "qwen2_5_vl", "idefics3", "smolvlm", "gemma3", "llava_next", "mistral3")
+GGUF_VARIANTS = ("gemma3", "llava_next", "llava_next_siglip", "mistral3")  # from tests/tiny_vlms_gguf.py
+# Images of the size each processor keeps as it is (llama.cpp's qwen2vl graph needs >= 8 tokens, its pixtral
+# preprocessing >= 8 too; a LLaVA-NeXT image of a pinpoint's size is cut into tiles without resizing).
 IMAGE_SIZES = {"llava": (28, 28), "qwen2_vl": (112, 112), "qwen2_5_vl": (112, 112), "demo": (64, 64),
-               "idefics3": (64, 64), "smolvlm": (64, 64)}
+               "idefics3": (64, 64), "smolvlm": (64, 64), "gemma3": (56, 56), "llava_next": (56, 56),
+               "llava_next_siglip": (56, 56), "mistral3": (112, 112)}
 
 
 # ------------------------------------------------------------------ llama.cpp side (numpy + llama_cpp only)
@@ -201,6 +214,88 @@ def our_image_features(model, inputs) -> "Any":
     return out.reshape(-1, out.shape[-1]).float().numpy()
 
 
+def llava_next_tile_features(model, inputs) -> "Any":
+    """``[n_tiles, n, d]``: our LLaVA-NeXT projector output for each AnyRes image (the overview first,
+    then the tiles row by row), before transformers packs them (unpadding, ``image_newline``)."""
+    import torch
+
+    cfg = model.config
+    layers = cfg.vision_feature_layer
+    with torch.no_grad():
+        out = model.model.vision_tower(inputs["pixel_values"][0], output_hidden_states=True)
+        hs = [out.hidden_states[i] for i in ([layers] if isinstance(layers, int) else layers)]
+        x = torch.cat(hs, -1)
+        if cfg.vision_feature_select_strategy == "default":
+            x = x[:, 1:]
+        return model.model.multi_modal_projector(x).float().numpy()
+
+
+def pixtral_features_with_breaks(model, inputs, tokenizer) -> "Any":
+    """``[n, d]``: our Mistral-3 projector output laid out as the processor lays out the image tokens,
+    each row of [IMG] followed by [IMG_BREAK]'s embedding except the last (llama.cpp's output; the
+    [IMG_END] that follows is a text token on both sides)."""
+    import torch
+
+    cfg = model.config
+    h, w = (int(x) for x in inputs["image_sizes"][0])
+    per = cfg.vision_config.patch_size * cfg.spatial_merge_size
+    rows, cols = h // per, w // per
+    with torch.no_grad():
+        feats = torch.cat(list(model.model.get_image_features(pixel_values=inputs["pixel_values"],
+                                                              image_sizes=inputs["image_sizes"]).pooler_output))
+        brk = model.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids("[IMG_BREAK]")].float()
+    out = []
+    for r in range(rows):
+        out.append(feats[r * cols:(r + 1) * cols].float())
+        if r < rows - 1:
+            out.append(brk[None])
+    return torch.cat(out).detach().numpy()
+
+
+def image_token_fill(model, tokenizer, n: int, inputs) -> List[int]:
+    """The token ids transformers has at llama.cpp's ``n`` image positions: the image token, and for
+    Mistral-3 its rows separated by [IMG_BREAK]."""
+    cfg = model.config
+    image_id = getattr(cfg, "image_token_id", None) or getattr(cfg, "image_token_index", None)
+    if cfg.model_type != "mistral3":
+        return [image_id] * n
+    cols = int(inputs["image_sizes"][0][1]) // (cfg.vision_config.patch_size * cfg.spatial_merge_size)
+    brk = tokenizer.convert_tokens_to_ids("[IMG_BREAK]")
+    return [brk if (i + 1) % (cols + 1) == 0 else image_id for i in range(n)]
+
+
+def compare_logits_on_ids(model, tokenizer, inputs, got: Dict[str, Any]) -> Dict[str, Any]:
+    """Our model on llama.cpp's exact token sequence (its image positions filled by
+    :func:`image_token_fill`): the next-token logits and greedy tokens against llama.cpp's."""
+    import numpy as np
+    import torch
+
+    ids, run = [], []
+    for t in got["prompt_ids"] + [None]:
+        if t == -1:
+            run.append(t)
+            continue
+        if run:
+            ids += image_token_fill(model, tokenizer, len(run), inputs)
+            run = []
+        if t is not None:
+            ids.append(t)
+    input_ids = torch.tensor([ids])
+    kw = {k: inputs[k] for k in ("pixel_values", "image_sizes") if k in inputs}
+    kw.update(input_ids=input_ids, attention_mask=torch.ones_like(input_ids))
+    if model.config.model_type == "gemma3":  # image tokens attend to each other both ways (mtmd: non-causal)
+        kw["token_type_ids"] = (input_ids == model.config.image_token_id).long()
+    with torch.no_grad():
+        ref = model(**kw).logits[0, -1].float().numpy()
+        gen = model.generate(**kw, max_new_tokens=len(got["tokens"]), do_sample=False)
+    theirs = got["logits"]
+    out = {"logits_on": "llama.cpp's token ids", "prompt_tokens": len(ids),
+           "max_logit_diff": float(np.abs(ref - theirs).max()), "logit_range": float(ref.max() - ref.min()),
+           "top1_agree": bool(ref.argmax() == theirs.argmax()), "greedy_tokens_ours": gen[0, len(ids):].tolist()}
+    out["greedy_tokens_equal"] = out["greedy_tokens_ours"] == got["tokens"]
+    return out
+
+
 def cls_last_features(model, pixel_values) -> "Any":
     """Our LLaVA (CLIP) model run the way llama.cpp's llava graph orders the sequence (CLS appended
     after the patches, positions 0..n, rows 1..n kept; ggml-org/llama.cpp#25814)."""
@@ -259,6 +354,12 @@ def build(name: str):
         model.config.name_or_path = "smollm2-llava-demo"
         prompt = "<|im_start|>user\n<image>\nWhat is in the picture?<|im_end|>\n<|im_start|>assistant\n"
         return model, tok, proc, make_image(IMAGE_SIZES[name]), prompt, "<image>"
+    if name in GGUF_VARIANTS:
+        from tiny_vlms_gguf import GGUF_FAMILIES
+
+        vlm = GGUF_FAMILIES[name]()
+        return (vlm.model, vlm.tokenizer, vlm.processor, make_image(IMAGE_SIZES[name]),
+                "<|user|>\n<image>What is shown?<|assistant|>\n", None)
     vlm = FAMILIES[name]()
     proc = vlm.processor
     if name.startswith("qwen"):  # processor sized for the bench image (llama.cpp's qwen2vl needs >= 8 tokens)
@@ -297,6 +398,8 @@ def bench_one(name: str, qtype: str, python: str, work: Path) -> Dict[str, Any]:
     if "eval_error" in got:
         rec["eval_error"] = got["eval_error"]
     inputs = proc.image_processor(images=[image], return_tensors="pt")
+    if name in GGUF_VARIANTS:
+        return _bench_variant(rec, ar, tok, inputs, got)
     ours = our_image_features(ar.model, inputs)
     as_files = as_in_files(ar.model, ar.quantized_layers)
     ours16 = our_image_features(as_files, inputs)
@@ -318,12 +421,52 @@ def bench_one(name: str, qtype: str, python: str, work: Path) -> Dict[str, Any]:
     return rec
 
 
+def _bench_variant(rec: Dict[str, Any], ar, tok, inputs, got: Dict[str, Any]) -> Dict[str, Any]:
+    """Gemma-3 / LLaVA-NeXT / Mistral-3: llama.cpp's image embeddings against ours (model in the files'
+    precision), per image llama.cpp encoded, then the logits on llama.cpp's token ids."""
+    import numpy as np
+
+    model = as_in_files(ar.model, ar.quantized_layers)
+    kind = model.config.model_type
+    emu = None
+    if kind == "llava_next":  # mtmd's order: the tiles row by row, then the overview (transformers': overview first)
+        ours = llava_next_tile_features(model, inputs)  # [1 + tiles, n, d]
+        ours = np.concatenate([ours[1:], ours[:1]])
+        if model.config.vision_config.model_type == "clip_vision_model":  # llama.cpp's CLS-last defect (#25814)
+            pix = inputs["pixel_values"][0]
+            emu = np.stack([cls_last_features(model, pix[i:i + 1]) for i in [*range(1, len(pix)), 0]])
+    elif kind == "mistral3":
+        ours = pixtral_features_with_breaks(model, inputs, tok)[None]
+    else:
+        ours = our_image_features(model, inputs)[None]
+    theirs = got["embd"]
+    rec.update(llamacpp_images=int(theirs.shape[0]), n_image_tokens=int(theirs.shape[0] * theirs.shape[1]),
+               ours_images=int(ours.shape[0]), ours_tokens=int(ours.shape[0] * ours.shape[1]),
+               max_abs_ours=float(np.abs(ours).max()), llamacpp_tokens=got.get("tokens"),
+               llamacpp_text=got.get("text", got.get("eval_error")), encode_s=round(got["encode_s"], 4))
+    if theirs.shape != ours.shape:
+        rec["shape_mismatch"] = [list(theirs.shape), list(ours.shape)]
+        return rec
+    diff = np.abs(theirs - ours).reshape(theirs.shape[0], -1).max(-1)
+    rec["max_diff_vs_ours_fp16"] = float(diff.max())
+    if kind == "llava_next":
+        rec["max_diff_tiles"], rec["max_diff_overview"] = float(diff[:-1].max()), float(diff[-1])
+    if emu is not None:
+        rec["max_diff_vs_cls_last_emulation"] = float(np.abs(theirs - emu).max())
+    a, b = theirs.reshape(-1, theirs.shape[-1]), ours.reshape(-1, ours.shape[-1])
+    rec["min_token_cosine"] = float(((a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))).min())
+    if "logits" in got and kind != "llava_next":
+        rec.update(compare_logits_on_ids(model, tok, inputs, got))
+    return rec
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--llamacpp-worker":
         llamacpp_worker(*sys.argv[2:6])
         return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--models", nargs="+", default=[*TINY, "demo"], help=f"{list(TINY)} and/or 'demo'")
+    p.add_argument("--models", nargs="+", default=[*TINY, "demo"],
+                   help=f"{list(TINY)}, 'llava_next_siglip' and/or 'demo'")
     p.add_argument("--type", default="q4_0", help="gguf type of the language model (q4_0, q8_0, q4_k_m, ...)")
     p.add_argument("--llamacpp-python", type=Path, default=None)
     p.add_argument("--json", type=Path, default=RESULTS)
@@ -338,7 +481,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     torch.set_num_threads(1)
     rows = [bench_one(m, args.type, python, WORK) for m in args.models]
     cols = ("model", "type", "n_image_tokens", "max_abs_ours", "max_diff_vs_ours", "max_diff_vs_ours_fp16",
-            "max_diff_vs_cls_last_emulation", "min_token_cosine", "mmproj_mib", "llamacpp_text")
+            "max_diff_vs_cls_last_emulation", "min_token_cosine", "max_logit_diff", "top1_agree", "mmproj_mib",
+            "llamacpp_text")
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
@@ -348,7 +492,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     version = subprocess.run([python, "-c", "import llama_cpp; print(llama_cpp.__version__)"], capture_output=True,
                              text=True).stdout.strip()
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"llama_cpp_python": version, "results": rows}, indent=2, default=str) + "\n")
+    # rows of models not run this time are kept (same llama-cpp-python only): one file for every family
+    old = json.loads(args.json.read_text()) if args.json.exists() else {}
+    kept = [r for r in old.get("results", []) if old.get("llama_cpp_python") == version
+            and (r.get("model"), r.get("type")) not in {(n["model"], n["type"]) for n in rows}]
+    args.json.write_text(json.dumps({"llama_cpp_python": version, "results": kept + rows}, indent=2, default=str)
+                         + "\n")
     print(f"wrote {args.json}")
     return 0
 
