@@ -301,7 +301,8 @@ def test_gemma3_mmproj_and_text_file(exports):
         "v.patch_embd.weight": (p[v + "embeddings.patch_embedding.weight"], F32),
         "v.patch_embd.bias": (p[v + "embeddings.patch_embedding.bias"], F32),
         "v.position_embd.weight": (p[v + "embeddings.position_embedding.weight"], F32),
-        "v.post_ln.weight": (p[v + "post_layernorm.weight"], F32), "v.post_ln.bias": (p[v + "post_layernorm.bias"], F32),
+        "v.post_ln.weight": (p[v + "post_layernorm.weight"], F32),
+        "v.post_ln.bias": (p[v + "post_layernorm.bias"], F32),
         "mm.input_projection.weight": (p[proj + "mm_input_projection_weight"], F16),  # [32 vision, 64 text]
         "mm.soft_emb_norm.weight": (p[proj + "mm_soft_emb_norm.weight"] + 1, F32),
         **_siglip_block(p, v, 0),
@@ -325,7 +326,8 @@ def test_gemma3_mmproj_and_text_file(exports):
     for gname, hf in (("blk.0.attn_norm", "layers.0.input_layernorm"), ("blk.0.post_attention_norm",
                       "layers.0.post_attention_layernorm"), ("blk.0.ffn_norm", "layers.0.pre_feedforward_layernorm"),
                       ("blk.5.post_ffw_norm", "layers.5.post_feedforward_layernorm"),
-                      ("blk.0.attn_q_norm", "layers.0.self_attn.q_norm"), ("blk.3.attn_k_norm", "layers.3.self_attn.k_norm"),
+                      ("blk.0.attn_q_norm", "layers.0.self_attn.q_norm"),
+                      ("blk.3.attn_k_norm", "layers.3.self_attn.k_norm"),
                       ("output_norm", "norm")):
         t = got[gname + ".weight"]
         assert t.tensor_type == F32
