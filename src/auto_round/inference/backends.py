@@ -424,20 +424,27 @@ def _cpu_int4_shape(group_size: int, in_features: int, out_features: int) -> Opt
     return None
 
 
-def _cpu_int4_prepare(p: PackedTensors) -> State:
-    codes = unpack_codes(p).t()  # [out, in] int32, as the kernel expects
+def _int4_kernel_operands(p: PackedTensors) -> Tuple[torch.Tensor, torch.Tensor, int]:
+    """What torch's int4 kernels (CPU and tinygemm) take: codes int32 ``[out, G * group_size]`` and
+    ``[G, out, 2]`` float32 (scale, zero term), and the padded input width.
+
+    A padded last group (G = ceil(in / group_size)): the kernels need whole groups, so the missing input
+    columns get code = z (weight exactly 0 after dequantization) and the input gets zero columns at call
+    time: they add nothing to any output. The kernels dequantize as ``(q - 8) * scale + zero_term``."""
+    codes = unpack_codes(p).t()  # [out, in] int32
     zeros = unpack_zeros(p)  # [G, out]
     padded = p.scales.shape[0] * p.group_size  # G * group_size >= in_features
     if padded > p.in_features:
-        # A padded last group (G = ceil(in / group_size)): the kernel needs whole groups, so the
-        # missing input columns get code = z (weight exactly 0 after dequantization) and the
-        # input gets zero columns at call time: they add nothing to any output.
         fill = zeros[-1].unsqueeze(1).expand(p.out_features, padded - p.in_features)
         codes = torch.cat([codes, fill], dim=1)
-    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)  # [out, K/2]
     scales = p.scales.float()
-    zero_term = scales * (8 - zeros.float())  # kernel: (q - 8) * s + zero_term
-    scales_and_zeros = torch.stack([scales, zero_term], dim=-1).contiguous()  # [G, out, 2]
+    zero_term = scales * (8 - zeros.float())
+    return codes, torch.stack([scales, zero_term], dim=-1).contiguous(), padded
+
+
+def _cpu_int4_prepare(p: PackedTensors) -> State:
+    codes, scales_and_zeros, padded = _int4_kernel_operands(p)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.contiguous(), 1)  # [out, K/2]
     return {
         "packed": packed,
         "group_size": p.group_size,
@@ -557,24 +564,16 @@ def _inner_k_tiles(k: int) -> int:
 
 
 def _cuda_int4_prepare(p: PackedTensors) -> State:
-    codes = unpack_codes(p).t()  # [out, in] int32
-    zeros = unpack_zeros(p)  # [G, out]
-    padded = p.scales.shape[0] * p.group_size
-    if padded > p.in_features:  # a padded last group: code = z there, zero inputs at call time
-        fill = zeros[-1].unsqueeze(1).expand(p.out_features, padded - p.in_features)
-        codes = torch.cat([codes, fill], dim=1)
+    codes, scales_and_zeros, padded = _int4_kernel_operands(p)
     # The CUDA conversion takes two codes per byte, the even input column in the high nibble.
     pairs = (codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8).contiguous()  # [out, K/2]
-    tiles = _inner_k_tiles(padded)
-    packed = torch.ops.aten._convert_weight_to_int4pack(pairs, tiles)
-    scales = p.scales.float()
-    zero_term = scales * (8 - zeros.float())  # kernel: (q - 8) * s + zero_term
+    packed = torch.ops.aten._convert_weight_to_int4pack(pairs, _inner_k_tiles(padded))
     return {
         "packed": packed,
         "group_size": p.group_size,
         "out_features": p.out_features,
         "pad_inputs": padded - p.in_features,
-        "sz_bfloat16": torch.stack([scales, zero_term], dim=-1).to(torch.bfloat16).contiguous(),  # [G, out, 2]
+        "sz_bfloat16": scales_and_zeros.to(torch.bfloat16),  # [G, out, 2]
         "dequant": _torch_prepare(p),  # other dtypes; references the checkpoint buffers
     }
 
