@@ -283,7 +283,7 @@ def tune_unit(
     if settings.enable_torch_compile:
         runner = compiled_run_unit()
         for w in wrappers.values():
-            w.compiled = True
+            w.use_compiled()
     order = _BatchOrder(len(inputs) // len(parallel.shards), generator)
     iters, lr0, mlr0 = settings.iters, settings.resolved_lr, settings.resolved_minmax_lr
     best, best_iter, first, last = float("inf"), 0, float("nan"), float("nan")

@@ -234,14 +234,11 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
 @torch.no_grad()
 def _unit_error(blocks, inputs: Sequence[Any], targets: Sequence[Any], extras: Sequence[UnitInputs], device,
                 autocast: Optional[torch.dtype], name: str, parallel: DataParallel) -> float:
-    """:func:`_output_error` of ``blocks``' outputs, computed batch by batch without keeping them."""
-    total, count = 0.0, 0
-    for x, t, ex in zip(inputs, targets, extras):
-        out, autocast = run_unit_amp(blocks, cast_input(x, device, torch.float32), ex, device, autocast, name)
-        sq, n = squared_error(out.float(), t.to(device), None if ex.mask is None else ex.mask.to(device))
-        total, count = total + float(sq), count + n
-    total, count = parallel.sum_floats(total, count)
-    return total / max(count, 1)
+    """:func:`_output_error` of ``blocks``' outputs, each computed when it is compared and not kept (``autocast``
+    as :func:`_forward_all` returned it for this unit)."""
+    outs = (run_unit_amp(blocks, cast_input(x, device, torch.float32), ex, device, autocast, name)[0].float()
+            for x, ex in zip(inputs, extras))
+    return _output_error(outs, targets, extras, device, parallel)
 
 
 def _keep_better(run: _Run, unit: Sequence[nn.Module], name: str, res: BlockResult, q_in: List[Any],

@@ -86,6 +86,10 @@ class TunableLinear(nn.Module):
         self.beta.copy_(beta.to(self.beta).clamp(0.0, self.clip_max))
         self._cache = None
 
+    def use_compiled(self) -> None:
+        """The unit's forward runs under torch.compile: qdq without its cache or in-place buffers (freed)."""
+        self.compiled, self._work, self._cache = True, None, None
+
     def _drop_cache(self, grad: torch.Tensor) -> None:
         self._cache = None  # its graph is being consumed by this backward
 
