@@ -24,6 +24,22 @@ CHAT_TEMPLATE = (
 )
 
 
+def hub_weight_names(model: Any) -> list:
+    """The weight renamings that make ``save_pretrained`` of a model built from a config write the tensor names
+    of the hub's checkpoints of its class, as it does for a model that ``from_pretrained`` loaded.
+
+    transformers 5 keeps CLIP's tower flat in memory (``vision_tower.embeddings``) and puts the
+    ``vision_model.`` level back on save only for a loaded model: for a built one it drops the prefix change
+    (it cannot know where the weights came from). Every folder saved from such a model (all our formats go
+    through ``save_pretrained``) then has ``vision_tower.embeddings.*``, which transformers reads but vLLM's CLIP
+    loader refuses ("There is no module or parameter named 'vision_tower.embeddings'"). Set as the model's
+    ``_weight_conversions`` (what ``from_pretrained`` records), the full mapping is reverted on save, the
+    prefix change included."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+
+    return get_model_conversion_mapping(model, add_legacy=False)
+
+
 def build_llava_with_lm(lm_dir: Union[str, Path], image_size: int = 64, patch_size: int = 16,
                         vision_hidden: int = 64, vision_layers: int = 2, seed: int = 0) -> Tuple[Any, Any, Any]:
     """Return ``(model, tokenizer, processor)``: LLaVA around the causal LM saved in ``lm_dir``.
@@ -52,6 +68,7 @@ def build_llava_with_lm(lm_dir: Union[str, Path], image_size: int = 64, patch_si
     model.model.language_model.load_state_dict(lm.model.state_dict())
     model.lm_head.load_state_dict(lm.lm_head.state_dict())
     model.eval()
+    model._weight_conversions = hub_weight_names(model)
     ip = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
     processor = LlavaProcessor(image_processor=ip, tokenizer=tok, patch_size=patch_size,
                                vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE,

@@ -131,6 +131,10 @@ class AutoRoundMLLM(AutoRound):
         from auto_round.mllm.dataset import OFFLINE_IMAGE_TEXT
 
         dataset = requested or self.template.default_dataset or DEFAULT_DATASET
+        if not isinstance(dataset, str):  # before the name checks below read it (Settings checks it later)
+            raise TypeError(f"dataset={dataset!r} ({type(dataset).__name__}) must be a string: a data set name, a "
+                            f"local file or folder, or a comma list of them (texts in a list: write them to a "
+                            f".txt or .jsonl file and pass its path)")
         if is_image_text_dataset(dataset):
             return dataset
         if self.family is not None and not self.family.text_only:
