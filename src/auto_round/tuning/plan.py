@@ -152,6 +152,19 @@ def _match(key: str, names: Sequence[str]) -> List[str]:
     return [n for n in names if rx.search(n)]
 
 
+@dataclass
+class _Draft:
+    """The plan while it is resolved: quantized layers' settings, FP layers' reasons, per-layer notes."""
+
+    cfg: Dict[str, Dict[str, Any]]
+    reason: Dict[str, str]
+    notes: Dict[str, str]
+
+    def keep_fp(self, name: str, why: str) -> None:
+        self.cfg.pop(name, None)
+        self.reason[name] = why
+
+
 def resolve_plan(
     model: nn.Module,
     settings: Settings,
@@ -165,62 +178,123 @@ def resolve_plan(
     """Build the plan. ``check_layer(name, out, in, params)`` returns why a format cannot store a
     layer (collected and raised together); ``extra_fp`` maps layer names to forced-FP reasons;
     ``format_params({name: (out, in)})`` (optional) returns ``{name: (params, note)}`` for formats that
-    choose each quantized layer's scheme (params None: kept FP, note = why), or None."""
+    choose each quantized layer's scheme (params None: kept FP, note = why), or None.
+
+    The steps, each a function below, in the order they override each other: the units and their layers;
+    the layers that can never be swapped; the settings' scheme for block layers (and ``lm_head``);
+    ``fp_layers``; ``layer_config``; the model's forced-FP layers; the format's own choice; group fitting;
+    then every layer's :class:`LayerPlan`, checked against the format."""
+    lists, block_of = _units(model, block_lists)
+    _warn_conv1d(model, lists)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    names = list(linears)
+    fixed = _unswappable(model, linears)
+    draft = _settings_scheme(names, fixed, block_of, settings, outside_reasons)
+    _apply_lm_head(model, linears, settings, draft)
+    _apply_fp_layers(settings.fp_layers, names, draft)
+    _apply_layer_config(settings, names, fixed, draft)
+    for n, why in extra_fp.items():
+        if n in draft.cfg:
+            draft.keep_fp(n, why)
+    chosen = _format_choice(format_params, settings, draft.cfg, linears)
+    for n, (chosen_params, note) in chosen.items():
+        if chosen_params is None:
+            draft.keep_fp(n, note)
+        else:
+            draft.notes[n] = note
+    _fit_groups(draft, chosen, linears)
+    layers, problems = _layer_plans(names, linears, draft, chosen, block_of, settings, check_layer)
+    if problems:
+        raise ValueError("the export format cannot store these layers:\n  " + "\n  ".join(problems) +
+                         "\nkeep them in full precision with fp_layers='<name>' or "
+                         "layer_config={'<name>': {'bits': 16}}, or choose another group_size/format")
+    plan = QuantPlan(tuple(lists), tuple(layers))
+    if not plan.quantized:
+        raise ValueError("the plan quantizes no layer; check to_quant_block_names, fp_layers and layer_config")
+    return plan
+
+
+def _units(model: nn.Module, block_lists: Sequence[str]) -> Tuple[List[Tuple[str, Tuple[str, ...]]], Dict[str, str]]:
+    """Each block list with its units' names, and each Linear inside a unit -> its unit. A block list
+    (ModuleList, or a Sequential of blocks as in timm ViTs) is tuned block by block; any other module (a
+    projector) is one unit."""
     lists = []
     block_of: Dict[str, str] = {}
     for path in block_lists:
         ml = model.get_submodule(path)
-        # A block list (ModuleList, or a Sequential of blocks as in timm ViTs) is tuned block by block;
-        # any other module (a projector) is one unit.
         per_block = isinstance(ml, nn.ModuleList) or (isinstance(ml, nn.Sequential) and is_block_list(ml))
-        names = tuple(f"{path}.{i}" for i in range(len(ml))) if per_block else (path,)
-        lists.append((path, names))
-        for bname in names:
+        unit_names = tuple(f"{path}.{i}" for i in range(len(ml))) if per_block else (path,)
+        lists.append((path, unit_names))
+        for bname in unit_names:
             for sub, m in model.get_submodule(bname).named_modules():
                 if isinstance(m, nn.Linear):  # sub == "" when the unit is itself a Linear
                     block_of[f"{bname}.{sub}" if sub else bname] = bname
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    return lists, block_of
+
+
+def _warn_conv1d(model: nn.Module, lists: Sequence[Tuple[str, Tuple[str, ...]]]) -> None:
+    """GPT-2-style transformers Conv1D (a Linear with transposed weight) in the units is not swapped: say so."""
     conv1d = [n for n, m in model.named_modules() if type(m).__name__ == "Conv1D" and hasattr(m, "nf")
               and any(n.startswith(b + ".") for _, unit_names in lists for b in unit_names)]
-    if conv1d:  # GPT-2-style transformers Conv1D: a Linear with transposed weight, not swapped here
+    if conv1d:
         logger.warning("%d transformers Conv1D layer(s) in the tuned blocks stay in full precision (only nn.Linear "
                        "is quantized): %s", len(conv1d), ", ".join(conv1d[:6]) + (" ..." if len(conv1d) > 6 else ""))
-    names = list(linears)
+
+
+def _unswappable(model: nn.Module, linears: Mapping[str, nn.Linear]) -> Dict[str, str]:
+    """Layers that can never be swapped for a quantized module, and why."""
     # nn.MultiheadAttention reads out_proj.weight directly instead of calling its forward.
-    unswappable = {f"{n}.{c}" if n else c: f"weight read directly by {type(m).__name__}"
-                   for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
-                   for c, _ in m.named_children()}
-    # Layers that can never be swapped for a quantized module, and why.
-    fixed = dict(unswappable)
-    for n in names:
-        if n not in fixed and type(linears[n]).forward is not nn.Linear.forward:
+    fixed = {f"{n}.{c}" if n else c: f"weight read directly by {type(m).__name__}"
+             for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)
+             for c, _ in m.named_children()}
+    for n, lin in linears.items():
+        if n not in fixed and type(lin).forward is not nn.Linear.forward:
             # e.g. Llama-4's router: an nn.Linear subclass returning a tuple; a wrapper would break it
-            fixed[n] = f"{type(linears[n]).__name__} overrides Linear.forward"
-    cfg: Dict[str, Dict[str, Any]] = {}
-    reason: Dict[str, str] = {}
-    notes: Dict[str, str] = {}
+            fixed[n] = f"{type(lin).__name__} overrides Linear.forward"
+    return fixed
+
+
+def _scheme(settings: Settings) -> Dict[str, Any]:
+    return {"bits": settings.bits, "group_size": settings.group_size, "sym": settings.sym}
+
+
+def _settings_scheme(names: Sequence[str], fixed: Mapping[str, str], block_of: Mapping[str, str],
+                     settings: Settings, outside_reasons: Mapping[str, str]) -> _Draft:
+    """The settings' scheme for every swappable layer in a unit; every other layer FP with its reason."""
+    draft = _Draft({}, {}, {})
     for n in names:
         if n in fixed:
-            reason[n] = fixed[n]
+            draft.reason[n] = fixed[n]
         elif n in block_of:
-            cfg[n] = {"bits": settings.bits, "group_size": settings.group_size, "sym": settings.sym}
+            draft.cfg[n] = _scheme(settings)
         else:
-            reason[n] = next((r for pre, r in outside_reasons.items() if n == pre or n.startswith(pre + ".")),
-                             "outside the tuned blocks")
-    if settings.quant_lm_head:
-        if "lm_head" not in linears:
-            raise ValueError("quant_lm_head=True but the model has no 'lm_head' Linear")
-        if _tied_lm_head(model):
-            raise ValueError("quant_lm_head=True is refused: lm_head shares its weight with the input "
-                             "embeddings (tie_word_embeddings); quantizing it would change the embeddings too")
-        cfg["lm_head"] = {"bits": settings.bits, "group_size": settings.group_size, "sym": settings.sym}
-    for frag in [f.strip() for f in settings.fp_layers.split(",") if f.strip()]:
+            draft.reason[n] = next((r for pre, r in outside_reasons.items() if n == pre or n.startswith(pre + ".")),
+                                   "outside the tuned blocks")
+    return draft
+
+
+def _apply_lm_head(model: nn.Module, linears: Mapping[str, nn.Linear], settings: Settings, draft: _Draft) -> None:
+    if not settings.quant_lm_head:
+        return
+    if "lm_head" not in linears:
+        raise ValueError("quant_lm_head=True but the model has no 'lm_head' Linear")
+    if _tied_lm_head(model):
+        raise ValueError("quant_lm_head=True is refused: lm_head shares its weight with the input "
+                         "embeddings (tie_word_embeddings); quantizing it would change the embeddings too")
+    draft.cfg["lm_head"] = _scheme(settings)
+
+
+def _apply_fp_layers(fp_layers: str, names: Sequence[str], draft: _Draft) -> None:
+    for frag in [f.strip() for f in fp_layers.split(",") if f.strip()]:
         hits = [n for n in names if frag in n]
         if not hits:
             raise ValueError(f"fp_layers entry {frag!r} matches no linear layer; e.g. {names[:3]}")
         for n in hits:
-            cfg.pop(n, None)
-            reason[n] = "fp_layers"
+            draft.keep_fp(n, "fp_layers")
+
+
+def _apply_layer_config(settings: Settings, names: Sequence[str], fixed: Mapping[str, str], draft: _Draft) -> None:
+    """Each ``layer_config`` entry (exact name or regex) merged over the layers it matches."""
     for key, override in (settings.layer_config or {}).items():
         bad = [k for k in override if k not in LAYER_CONFIG_KEYS]
         if bad:
@@ -241,56 +315,45 @@ def resolve_plan(
         for n in hits:
             if n in fixed:
                 continue
-            base = cfg.get(n, {"bits": settings.bits, "group_size": settings.group_size, "sym": settings.sym})
-            merged = {**base, **override}
+            merged = {**draft.cfg.get(n, _scheme(settings)), **override}
             if merged["bits"] >= 16:
-                cfg.pop(n, None)
-                reason[n] = "layer_config bits >= 16"
+                draft.keep_fp(n, "layer_config bits >= 16")
             else:
-                cfg[n] = merged
-                reason.pop(n, None)
-    for n, why in extra_fp.items():
-        if n in cfg:
-            cfg.pop(n)
-            reason[n] = why
-    chosen = _format_choice(format_params, settings, cfg, linears)
-    for n, (chosen_params, note) in chosen.items():
-        if chosen_params is None:
-            cfg.pop(n, None)
-            reason[n] = note
-        else:
-            notes[n] = note
-    for n in list(cfg):  # shapes the requested group size cannot store without a padded group
+                draft.cfg[n] = merged
+                draft.reason.pop(n, None)
+
+
+def _fit_groups(draft: _Draft, chosen: Mapping[str, Any], linears: Mapping[str, nn.Linear]) -> None:
+    """Shapes the requested group size cannot store without a padded group: a smaller group, or FP."""
+    for n in list(draft.cfg):
         if n in chosen:
             continue
-        gs = int(cfg[n]["group_size"])
+        gs = int(draft.cfg[n]["group_size"])
         fitted = fit_group_size(linears[n].in_features, gs)
         if fitted is None:
-            cfg.pop(n)
-            reason[n] = (f"in_features={linears[n].in_features} has no group size dividing it among {gs} "
-                         f"and its halves >= {MIN_GROUP}")
+            draft.keep_fp(n, f"in_features={linears[n].in_features} has no group size dividing it among {gs} "
+                             f"and its halves >= {MIN_GROUP}")
         elif gs != -1 and fitted != gs:
-            cfg[n] = {**cfg[n], "group_size": fitted}
-            notes[n] = f"group_size {gs} -> {fitted} (in_features not a multiple of {gs})"
+            draft.cfg[n] = {**draft.cfg[n], "group_size": fitted}
+            draft.notes[n] = f"group_size {gs} -> {fitted} (in_features not a multiple of {gs})"
+
+
+def _layer_plans(names: Sequence[str], linears: Mapping[str, nn.Linear], draft: _Draft,
+                 chosen: Mapping[str, Tuple[Optional[QuantParams], str]], block_of: Mapping[str, str],
+                 settings: Settings, check_layer) -> Tuple[List[LayerPlan], List[str]]:
+    """Every layer's :class:`LayerPlan`, and what the format's ``check_layer`` refuses."""
     layers, problems = [], []
     for n in names:
         lin = linears[n]
         params = None
-        if n in cfg:
-            c = cfg[n]
+        if n in draft.cfg:
+            c = draft.cfg[n]
             params = chosen[n][0] if n in chosen else layer_params(int(c["bits"]), int(c["group_size"]),
                                                                    lin.in_features, bool(c["sym"]), settings)
             if check_layer is not None:
                 why = check_layer(n, lin.out_features, lin.in_features, params)
                 if why:
                     problems.append(f"{n} [{lin.out_features}x{lin.in_features}]: {why}")
-        layers.append(LayerPlan(n, lin.out_features, lin.in_features, params, reason.get(n, "quantized"),
-                                block_of.get(n), notes.get(n, "") if params is not None else ""))
-    if problems:
-        raise ValueError("the export format cannot store these layers:\n  " + "\n  ".join(problems) +
-                         "\nkeep them in full precision with fp_layers='<name>' or "
-                         "layer_config={'<name>': {'bits': 16}}, or choose another group_size/format")
-    plan = QuantPlan(tuple(lists), tuple(layers))
-    if not plan.quantized:
-        raise ValueError("the plan quantizes no layer; check to_quant_block_names, fp_layers and layer_config")
-    return plan
+        layers.append(LayerPlan(n, lin.out_features, lin.in_features, params, draft.reason.get(n, "quantized"),
+                                block_of.get(n), draft.notes.get(n, "") if params is not None else ""))
+    return layers, problems
