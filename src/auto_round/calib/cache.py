@@ -137,6 +137,110 @@ def _make_meta_passthrough(block: nn.Module, own: Any, first: str, index: int, t
     return stand_in
 
 
+class _Capture:
+    """One capture of the inputs of ``blocks`` (see :func:`capture_block_inputs`): the hooks, the stand-ins
+    and what the batch being run has recorded."""
+
+    def __init__(self, model: nn.Module, blocks: Sequence[nn.Module], cache_device: torch.device) -> None:
+        self.model, self.blocks, self.device = model, blocks, cache_device
+        self.first = [_first_parameter(b) for b in blocks]
+        self.templates: Dict[int, Optional[int]] = {}  # block -> how to stand in for it (_passthrough_template)
+        self.state: Dict[str, Any] = {}  # this batch: "cap" (its CapturedBatch), "in" (the last hidden), "memo"
+        self.stood_in: Dict[nn.Module, Any] = {}  # block -> its own instance-level forward (accelerate's), if any
+        self.handles: List[Any] = []
+
+    def hook(self, learn_outputs: bool) -> None:
+        """Pre-hooks on every block; with ``learn_outputs`` also forward hooks that learn each block's
+        output structure (all but the last, which stops the forward)."""
+        self.handles += [b.register_forward_pre_hook(self._pre_hook(k), with_kwargs=True)
+                         for k, b in enumerate(self.blocks)]
+        if learn_outputs:
+            self.handles += [b.register_forward_hook(self._out_hook(k)) for k, b in enumerate(self.blocks[:-1])]
+
+    def _pre_hook(self, k: int):
+        def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
+            first = self.first[k]
+            hidden = args[0] if args else kwargs.get(first)
+            if k == 0:
+                if not args and first not in kwargs:
+                    raise RuntimeError(f"block {type(module).__name__} was called without its first argument "
+                                       f"{first!r}; cannot capture its input")
+                self.state["cap"] = CapturedBatch(hidden=to_device(hidden, self.device))
+            self.state["in"] = hidden  # None: this block is not stood in for (see _passthrough_template)
+            cap: CapturedBatch = self.state["cap"]
+            # the hidden state is passed positionally when replayed, whatever its keyword name
+            kw = {key: v for key, v in kwargs.items() if args or key != first}
+            kw.update({key: v for key, v in _DROP.items() if key in kw})
+            cap.block_args.append(_move(tuple(args[1:]), self.device, self.state["memo"]))
+            cap.block_kwargs.append(_move(kw, self.device, self.state["memo"]))
+            if k == len(self.blocks) - 1:
+                raise _StopForward
+        return hook
+
+    def _out_hook(self, k: int):
+        def hook(module: nn.Module, args: Tuple[Any, ...], output: Any):
+            if k not in self.templates:
+                self.templates[k] = _passthrough_template(self.state.get("in"), output)
+        return hook
+
+    def stand_in_meta(self) -> None:
+        """``shapes_only``: every block but the last answers from its meta-device forward."""
+        for k, b in enumerate(self.blocks[:-1]):
+            self.stood_in[b] = b.__dict__.get("forward")
+            b.forward = _make_meta_passthrough(b, self.stood_in[b], self.first[k], k, self.templates)
+
+    def stand_in_learned(self) -> None:
+        """After the first batch: every block whose output structure allows it returns its input."""
+        for k, b in enumerate(self.blocks[:-1]):
+            if self.templates.get(k) is not None:
+                self.stood_in[b] = b.__dict__.get("forward")
+                b.forward = _make_passthrough(self.first[k], self.templates[k])
+
+    def restore(self) -> None:
+        """The blocks' own forwards back."""
+        for b, own in self.stood_in.items():
+            if own is None:
+                del b.forward
+            else:
+                b.forward = own
+        self.stood_in.clear()
+
+    def close(self) -> None:
+        self.restore()
+        for h in self.handles:
+            h.remove()
+
+    def _forward(self, batch: Mapping[str, Any]) -> None:
+        self.state.clear()
+        self.state["memo"] = {}
+        try:
+            self.model(**batch, use_cache=False)
+        except _StopForward:
+            pass
+
+    def run(self, batch: Mapping[str, Any], may_rerun: bool) -> CapturedBatch:
+        """What the blocks receive from ``batch``; a forward that fails with stand-ins is re-run with the blocks'
+        own forwards (from then on) when ``may_rerun``."""
+        try:
+            self._forward(batch)
+        except Exception as exc:  # noqa: BLE001 - re-run for real, then let real errors surface
+            if not self.stood_in or not may_rerun:
+                raise
+            logger.info("capture: the forward failed with blocks passed through (%s: %s); "
+                        "running the blocks for real", type(exc).__name__, str(exc).splitlines()[0][:200])
+            self.restore()
+            self._forward(batch)
+        if "cap" not in self.state or len(self.state["cap"].block_kwargs) != len(self.blocks):
+            raise RuntimeError(
+                "the calibration forward did not reach the blocks being quantized; the data may not "
+                "exercise them (e.g. text-only data for a vision tower): use image-text calibration")
+        cap = self.state["cap"]
+        cap.loss_mask = _loss_mask(batch, cap.hidden)
+        if cap.loss_mask is not None:
+            cap.loss_mask = cap.loss_mask.to(self.device)
+        return cap
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module,
@@ -157,91 +261,19 @@ def capture_block_inputs(
     :meth:`~auto_round.calib.store.TensorStore.put`: with ``offload_dir`` each batch goes to its file at once, so
     the whole first input is never in memory).
     """
+    capture = _Capture(model, blocks, cache_device)
+    capture.hook(learn_outputs=pass_through and not shapes_only)
     out: List[CapturedBatch] = []
-    state: Dict[str, Any] = {}
-    templates: Dict[int, Optional[int]] = {}
-
-    def make_hook(k: int):
-        def hook(module: nn.Module, args: Tuple[Any, ...], kwargs: Dict[str, Any]):
-            first = first_param[k]
-            hidden = args[0] if args else kwargs.get(first)
-            if k == 0:
-                if not args and first not in kwargs:
-                    raise RuntimeError(f"block {type(module).__name__} was called without its first argument "
-                                       f"{first!r}; cannot capture its input")
-                state["cap"] = CapturedBatch(hidden=to_device(hidden, cache_device))
-            state["in"] = hidden  # None: this block is not stood in for (see _passthrough_template)
-            cap: CapturedBatch = state["cap"]
-            # the hidden state is passed positionally when replayed, whatever its keyword name
-            kw = {key: v for key, v in kwargs.items() if args or key != first}
-            kw.update({key: v for key, v in _DROP.items() if key in kw})
-            cap.block_args.append(_move(tuple(args[1:]), cache_device, state["memo"]))
-            cap.block_kwargs.append(_move(kw, cache_device, state["memo"]))
-            if k == len(blocks) - 1:
-                raise _StopForward
-        return hook
-
-    def make_out_hook(k: int):
-        def hook(module: nn.Module, args: Tuple[Any, ...], output: Any):
-            if k not in templates:
-                templates[k] = _passthrough_template(state.get("in"), output)
-        return hook
-
-    def one_forward(batch: Mapping[str, Any]) -> None:
-        state.clear()
-        state["memo"] = {}
-        try:
-            model(**batch, use_cache=False)
-        except _StopForward:
-            pass
-
-    first_param = [_first_parameter(b) for b in blocks]
-    handles = [b.register_forward_pre_hook(make_hook(k), with_kwargs=True) for k, b in enumerate(blocks)]
-    if pass_through and not shapes_only:
-        handles += [b.register_forward_hook(make_out_hook(k)) for k, b in enumerate(blocks[:-1])]
-    stood_in: Dict[nn.Module, Any] = {}  # block -> its own instance-level forward (accelerate's hook), if any
-
-    def restore() -> None:
-        for b, own in stood_in.items():
-            if own is None:
-                del b.forward
-            else:
-                b.forward = own
-        stood_in.clear()
-
     try:
         if shapes_only:
-            for k, b in enumerate(blocks[:-1]):
-                stood_in[b] = b.__dict__.get("forward")
-                b.forward = _make_meta_passthrough(b, stood_in[b], first_param[k], k, templates)
+            capture.stand_in_meta()
         for i, batch in enumerate(batches):
             if pass_through and not shapes_only and i == 1:
-                for k, b in enumerate(blocks[:-1]):
-                    if templates.get(k) is not None:
-                        stood_in[b] = b.__dict__.get("forward")
-                        b.forward = _make_passthrough(first_param[k], templates[k])
-            try:
-                one_forward(batch)
-            except Exception as exc:  # noqa: BLE001 - re-run for real, then let real errors surface
-                if not stood_in or shapes_only:
-                    raise
-                logger.info("capture: the forward failed with blocks passed through (%s: %s); "
-                            "running the blocks for real", type(exc).__name__, str(exc).splitlines()[0][:200])
-                restore()
-                one_forward(batch)
-            if "cap" not in state or len(state["cap"].block_kwargs) != len(blocks):
-                raise RuntimeError(
-                    "the calibration forward did not reach the blocks being quantized; the data may not "
-                    "exercise them (e.g. text-only data for a vision tower): use image-text calibration")
-            cap = state["cap"]
-            cap.loss_mask = _loss_mask(batch, cap.hidden)
-            if cap.loss_mask is not None:
-                cap.loss_mask = cap.loss_mask.to(cache_device)
+                capture.stand_in_learned()
+            cap = capture.run(batch, may_rerun=not shapes_only)
             if put is not None:
                 cap.hidden = put(cap.hidden)
             out.append(cap)
     finally:
-        restore()
-        for h in handles:
-            h.remove()
+        capture.close()
     return out
