@@ -534,8 +534,13 @@ def build_case(name: str, case: Dict[str, Any], formats: Sequence[str], args, wo
     if case["kind"] == "llava":
         from transformers import LlavaForConditionalGeneration
 
-        src, tok, proc = llava_hub_folder(lm_dir, work)
-        model = LlavaForConditionalGeneration.from_pretrained(str(src), dtype=torch.float32).eval()
+        if args.built_demo:  # the demo as users of `make demo` get it: built from a config, never loaded
+            from auto_round.demo_model import build_llava_with_lm
+
+            model, tok, proc = build_llava_with_lm(lm_dir)
+        else:
+            src, tok, proc = llava_hub_folder(lm_dir, work)
+            model = LlavaForConditionalGeneration.from_pretrained(str(src), dtype=torch.float32).eval()
         ar = AutoRoundMLLM(model, tok, proc, **opts)
     else:
         ar = AutoRound(str(lm_dir), None, model_dtype="fp32", **opts)
@@ -633,6 +638,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="VLLM_CPU_INT4_W4A8 for the vLLM runs (default: vLLM's own default, 1)")
     p.add_argument("--also-w4a16", action="store_true",
                    help="a second vLLM run per 4-bit folder with VLLM_CPU_INT4_W4A8=0 (bf16 activations)")
+    p.add_argument("--built-demo", action="store_true",
+                   help="LLaVA cases: quantize the demo model as build_llava_with_lm returns it (its own hub names, "
+                        "auto_round.demo_model.hub_weight_names) instead of reloading it from a hub-names folder")
     p.add_argument("--reuse", action="store_true", help="reuse exported folders found in --work")
     p.add_argument("--no-gemm-shim", action="store_true",
                    help="never replace vLLM's cpu_gemm_wna16 (by default the bench computes it in torch where "

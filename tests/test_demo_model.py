@@ -32,6 +32,15 @@ def test_built_llava_saves_nested_clip_names_and_reloads(model_dir, tmp_path):
     ar.save_quantized(tmp_path / "q", format="auto_round")
     qnames = _vision_names(tmp_path / "q")
     assert qnames and all(k.startswith("vision_tower.vision_model.") for k in qnames), qnames[:4]
+    # and our loader reads the nested names back into the same model (vision tower included)
+    from auto_round.inference import load_quantized
+
+    loaded = load_quantized(str(tmp_path / "q"), backend="torch", dtype=torch.float32)
+    inputs = proc(text="<image> describe", images=torch.rand(3, 64, 64), return_tensors="pt")
+    with torch.no_grad():
+        want_logits = ar.model(**inputs).logits
+        got_logits = loaded(**inputs).logits
+    assert torch.allclose(got_logits, want_logits, atol=1e-4), (got_logits - want_logits).abs().max()
 
 
 def test_mllm_dataset_of_another_type_is_a_clear_error(model_dir):
