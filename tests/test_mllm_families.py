@@ -69,3 +69,15 @@ def test_quant_nontext_module(name, tmp_path):
     lists = [r["name"].split(",")[0] for r in ar.summary["blocks"]]
     assert lists.index(next(x for x in lists if x.startswith(text))) > 0, "language model must come after vision"
     _check_roundtrip(vlm, ar, tmp_path / "q")
+
+
+def test_processor_comes_from_the_family_table_unless_a_template_names_one():
+    from auto_round.mllm.families import family_for, processor_for
+    from auto_round.mllm.template import Template, get_template
+
+    qwen = family_for("qwen2_5_vl")
+    assert get_template("qwen2_5_vl").processor is None  # the built-in template leaves it to the family
+    assert processor_for(qwen, get_template("qwen2_5_vl")) == "qwen2_vl"
+    assert processor_for(qwen, Template("qwen2_5_vl", processor="hf")) == "hf"  # named: the template wins
+    assert processor_for(family_for("llava"), get_template("llava")) == "hf"
+    assert processor_for(None, get_template("default")) == "hf"

@@ -24,7 +24,7 @@ import torch.nn as nn
 from auto_round.autoround import AutoRound
 from auto_round.compat import check_family_versions
 from auto_round.config import DEFAULT_DATASET, _opt
-from auto_round.mllm.families import Family, family_for, resolve_family_blocks
+from auto_round.mllm.families import Family, family_for, processor_for, resolve_family_blocks
 from auto_round.mllm.template import Template, get_template
 from auto_round.models.blocks import resolve_block_names
 from auto_round.models.loading import load_pretrained, pickle_kwargs, resolve_dtype
@@ -191,9 +191,7 @@ class AutoRoundMLLM(AutoRound):
         s = self.settings
         samples, self.dataset_used = load_image_text_samples(s.dataset, self.extra_data_dir, s.nsamples, s.seed)
         self.samples_used = len(samples)
-        name = self.template.processor
-        if name == "hf" and self.family is not None and self.family.processor != "hf":
-            name = self.family.processor  # no template names a processor: the family's own
+        name = processor_for(self.family, self.template)
         if name not in PROCESSORS:
             raise ValueError(f"template {self.template.model_type!r} names processor {name!r}, which is not "
                              f"registered; valid: {sorted(PROCESSORS)}")

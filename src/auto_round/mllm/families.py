@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -98,6 +98,15 @@ def family_for(model_type: Optional[str], architectures: Sequence[str] = ()) -> 
     if model_type in _BY_TYPE:
         return _BY_TYPE[model_type]
     return next((_BY_ARCH[a] for a in architectures or () if a in _BY_ARCH), None)
+
+
+def processor_for(family: Optional[Family], template: Any) -> str:
+    """The calibration processor's registered name: the one a template names (``template.processor``), else
+    the family's (this table is the one place that knows it), else ``"hf"``."""
+    named = getattr(template, "processor", None)
+    if named:
+        return named
+    return family.processor if family is not None else "hf"
 
 
 def _first_block_list(model: nn.Module, candidates: Sequence[str]) -> Optional[str]:

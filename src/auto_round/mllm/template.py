@@ -1,7 +1,9 @@
 """Chat templates per ``model_type``: how a calibration conversation becomes the model's text.
 
 A template is data (registered in code or read from a JSON file). It is used when the model's own
-processor has no chat template, and always for its ``default_dataset`` and ``processor`` name.
+processor has no chat template, and always for its ``default_dataset``. Its ``processor`` is None unless
+the template names one: the model's family record (:mod:`auto_round.mllm.families`) says which processor a
+family takes, in one place; a template that names one overrides it.
 The reference's registration call works as written::
 
     from auto_round.mllm.template import _register_template
@@ -35,7 +37,7 @@ class Template:
     separator: str = ""
     replace_tokens: Tuple[Tuple[str, str], ...] = ()  # e.g. (("<image>", "<|image_pad|>"),)
     default_dataset: str = "NeelNanda/pile-10k"
-    processor: str = "hf"
+    processor: Optional[str] = None  # None: the family's processor (families.processor_for)
 
     def render(self, turns: Sequence[Tuple[str, str]], system: Optional[str] = None, has_image: bool = False) -> str:
         """Conversation text; the first user turn carries ``<image>`` when ``has_image``."""
@@ -97,7 +99,7 @@ def _register_template(model_type: str, default_dataset: str = "NeelNanda/pile-1
     """
     from auto_round.mllm.processor import processor_name
 
-    name = processor_name(processor) if processor is not None else "hf"
+    name = processor_name(processor) if processor is not None else None
     data = {"model_type": model_type, "default_dataset": default_dataset, "processor": name, **formats}
     return register_template(Template.from_dict(data, f"_register_template({model_type!r})"), overwrite=True)
 
