@@ -17,6 +17,9 @@
 - ``save_dir`` (quantize, optional): also export (``format='auto_round'``) and time it;
   ``save_inplace`` (default False) packs the in-memory model instead of a copy (as the reference
   runner's ``quantize_and_save`` does); it must stay False when ``ppl_windows`` is given.
+- ``ext_tuner`` (quantize, optional): fields of :class:`auto_round.tuning.block.ExtendedTuner` that replace
+  the extended tuner's (``enable_alg_ext``) for this run, e.g. ``{"clip_max": 1.5}``: the bench's way to
+  measure one piece of it at a time (bench_frontier.py ``--ext``).
 - ``ppl_windows`` (optional): a ``torch.save``d LongTensor of evaluation windows; perplexity of the
   (fake-quantized, cast to fp32) model after quantization, or of the loaded model for ``ppl``;
   with ``ppl_bf16_weights`` also after rounding every weight to bf16 (evaluated in fp32).
@@ -105,6 +108,13 @@ def job_quantize(spec: Dict[str, Any], rec: Dict[str, Any]) -> None:
 
     rec["torch_threads"] = torch.get_num_threads()
     opts = dict(spec.get("options", {}))
+    if spec.get("ext_tuner"):
+        import dataclasses
+
+        from auto_round.tuning import block
+
+        block.EXTENDED_TUNER = dataclasses.replace(block.EXTENDED_TUNER, **spec["ext_tuner"])
+        rec["ext_tuner"] = dataclasses.asdict(block.EXTENDED_TUNER)
     windows = torch.load(spec["calib_windows"]) if spec.get("calib_windows") else None
     t0 = time.perf_counter()
     if spec.get("kind", "llm") == "llava":

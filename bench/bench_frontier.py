@@ -55,6 +55,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed", nargs="*", type=float, default=[],
                    help="also ours at iters 0 with these avg_bits over --mixed-options (mixed bits)")
     p.add_argument("--mixed-options", default="W2G64,W4G128")
+    p.add_argument("--ext", nargs="*", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
+                   help="with side ours_ext, also one run per value with these ExtendedTuner fields changed "
+                        "(e.g. clip_max=1.5 outlier_fraction=0.001): each piece measured alone")
     p.add_argument("--only", nargs="*", default=[],
                    help="run only the variants whose label contains one of these strings (e.g. mixed AutoScheme)")
     return parse_bench_args(p, argv, NAME, "W4G128, iters 0 and 2, 4 samples of 64, ours only",
@@ -71,8 +74,22 @@ def ref_options(options: str) -> str:
     return ",".join(out)
 
 
-def _variants(side: str, iters: int, mixed: Sequence[float] = (), mixed_options: str = "") -> List[Dict[str, Any]]:
-    """The runs of one side at one iteration count: (label, options)."""
+def parse_ext(text: str) -> Dict[str, Any]:
+    """``"clip_max=1.5,outlier_fraction=0.001"`` as ExtendedTuner field overrides (bools, ints, floats)."""
+    out: Dict[str, Any] = {}
+    for part in text.split(","):
+        key, sep, val = part.partition("=")
+        if not sep:
+            raise SystemExit(f"--ext {text!r}: expected FIELD=VALUE, e.g. clip_max=1.5")
+        out[key.strip()] = {"true": True, "false": False}.get(val.lower(), None)
+        if out[key.strip()] is None:
+            out[key.strip()] = int(val) if val.lstrip("-").isdigit() else float(val)
+    return out
+
+
+def _variants(side: str, iters: int, mixed: Sequence[float] = (), mixed_options: str = "",
+              ext: Sequence[str] = ()) -> List[Dict[str, Any]]:
+    """The runs of one side at one iteration count: (label, options[, ext_tuner overrides])."""
     if iters == 0:
         if side == "ours":
             return [{"label": "ours RTN", "opts": {"disable_opt_rtn": True}},
@@ -86,8 +103,11 @@ def _variants(side: str, iters: int, mixed: Sequence[float] = (), mixed_options:
                                                                      "scheme_options": ref_options(mixed_options)}}
                     for b in mixed]
         return []  # the extended tuners are tuners: nothing to add at iters 0
-    return [{"label": {"ours": "ours", "ours_ext": "ours ext", "ref": "ref", "ref_ext": "ref alg_ext"}[side],
+    runs = [{"label": {"ours": "ours", "ours_ext": "ours ext", "ref": "ref", "ref_ext": "ref alg_ext"}[side],
              "opts": {"enable_alg_ext": True} if side.endswith("_ext") else {}}]
+    if side == "ours_ext":
+        runs += [{"label": f"ours ext {e}", "opts": {"enable_alg_ext": True}, "ext_tuner": parse_ext(e)} for e in ext]
+    return runs
 
 
 def _plot(points: List[Dict[str, Any]], fp_ppl: float, path: Path) -> str:
@@ -150,10 +170,10 @@ def main(argv=None) -> int:
         bits, gs = SCHEMES[scheme]
         for iters in args.iters:
             for side in args.sides:
-                for v in _variants(side, iters, args.mixed, args.mixed_options):
+                for v in _variants(side, iters, args.mixed, args.mixed_options, args.ext):
                     if args.only and not any(o in v["label"] for o in args.only):
                         continue
-                    tag = f"{scheme}-it{iters}-{v['label'].replace(' ', '_')}"
+                    tag = f"{scheme}-it{iters}-{v['label'].replace(' ', '_').replace('=', '').replace(',', '_')}"
                     log(f"run {tag}")
                     if side.startswith("ours"):
                         opts = {"bits": bits, "group_size": gs, "sym": True, "iters": iters,
@@ -161,7 +181,7 @@ def main(argv=None) -> int:
                                 "seed": 42, "device": "cpu", **v["opts"]}
                         rec = run_ours({"job": "quantize", "kind": "llm", "model": str(model_dir),
                                         "model_dtype": "fp32", "options": opts, "calib_windows": str(win_file),
-                                        "ppl_windows": str(eval_file)}, work, tag)
+                                        "ppl_windows": str(eval_file), "ext_tuner": v.get("ext_tuner")}, work, tag)
                         ppl, seconds = rec.get("ppl"), rec.get("quantize_s")
                     else:
                         out_dir = work / f"{tag}-out"

@@ -437,3 +437,26 @@ def test_torch_compile_tunes_through_the_compiled_forward_with_eager_like_result
     for k, qw in compiled_layers.items():
         assert qw.codes.shape == eager_layers[k].codes.shape and int(qw.codes.max()) <= 3
     block._COMPILED.clear()
+
+
+def test_token_norm_loss_weighs_every_token_alike():
+    """ExtendedTuner.token_norm: a token whose hidden state (and error) is 100x larger, an attention sink,
+    counts as much as the others instead of 10^4 times more."""
+    from auto_round.tuning.block import squared_error
+
+    torch.manual_seed(0)
+    target = torch.randn(1, 4, 8)
+    out = target + 0.1 * torch.randn(1, 4, 8)
+    big_t, big_o = target.clone(), out.clone()
+    big_t[0, 0] *= 100
+    big_o[0, 0] *= 100
+    plain, n = squared_error(out, target, None)
+    plain_big, _ = squared_error(big_o, big_t, None)
+    norm, _ = squared_error(out, target, None, token_norm=True)
+    norm_big, _ = squared_error(big_o, big_t, None, token_norm=True)
+    assert n == 32 and float(plain_big) > 100 * float(plain)
+    assert torch.allclose(norm_big, norm, rtol=1e-5)
+    mask = torch.tensor([[True, True, False, True]])
+    masked, m = squared_error(out, target, mask, token_norm=True)
+    per_token = ((out - target) ** 2 / target.pow(2).mean(-1, keepdim=True)).sum(-1)[0]
+    assert m == 24 and torch.allclose(masked, per_token[[0, 1, 3]].sum(), rtol=1e-5)

@@ -154,13 +154,17 @@ class ExtendedTuner:
     - ``clip_max``: upper bound of the clip factors (1 = never beyond the group's range);
     - ``outlier_fraction`` / ``outlier_bits``: below ``outlier_bits`` bits, the largest ``outlier_fraction``
       of the squared errors of a batch are left out of the loss (a few outliers otherwise dominate the
-      sign of every gradient).
+      sign of every gradient);
+    - ``token_norm``: each token's squared error divided by the mean square of its FP target (a relative
+      error per token), so that the few tokens with massive hidden states (attention sinks) do not outweigh
+      all others; the never-worse check compares by the same loss.
     """
 
     clip_init: bool = True
     clip_max: float = 1.0
     outlier_fraction: float = 0.0
     outlier_bits: int = 4
+    token_norm: bool = False
 
 
 PLAIN_TUNER = ExtendedTuner(clip_init=False)
@@ -181,10 +185,13 @@ def _drop_outliers(err: torch.Tensor, fraction: float) -> torch.Tensor:
 
 
 def squared_error(out: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor],
-                  outlier_fraction: float = 0.0) -> Tuple[torch.Tensor, int]:
+                  outlier_fraction: float = 0.0, token_norm: bool = False) -> Tuple[torch.Tensor, int]:
     """Summed squared error over the mask's tokens and the element count it covers; with
-    ``outlier_fraction`` the largest errors are left out first (:func:`_drop_outliers`)."""
+    ``outlier_fraction`` the largest errors are left out first (:func:`_drop_outliers`); with ``token_norm``
+    each token's errors are divided by its target's mean square (see :class:`ExtendedTuner`)."""
     err = (out.float() - target.float()).pow(2)
+    if token_norm:
+        err = err / target.float().pow(2).mean(-1, keepdim=True).clamp_min(1e-12)
     if outlier_fraction > 0:
         err = _drop_outliers(err, outlier_fraction)
     if mask is None:
@@ -298,7 +305,7 @@ def tune_unit(
                 x = cast_input(inputs[i], device, compute_dtype)
                 out, autocast_dtype = run_unit_amp(blocks, x, ex, device, autocast_dtype, name, runner)
                 sq, n = squared_error(out, targets[i].to(device), None if ex.mask is None else ex.mask.to(device),
-                                      outliers)
+                                      outliers, tuner.token_norm)
                 # One backward per micro-batch keeps a single graph alive. Summed squared errors make
                 # every token weigh equally; dividing by the token count would not change any sign.
                 sq.mul(LOSS_SCALE).backward()

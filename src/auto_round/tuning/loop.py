@@ -233,12 +233,12 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
 
 @torch.no_grad()
 def _unit_error(blocks, inputs: Sequence[Any], targets: Sequence[Any], extras: Sequence[UnitInputs], device,
-                autocast: Optional[torch.dtype], name: str, parallel: DataParallel) -> float:
+                autocast: Optional[torch.dtype], name: str, parallel: DataParallel, token_norm: bool = False) -> float:
     """:func:`_output_error` of ``blocks``' outputs, each computed when it is compared and not kept (``autocast``
     as :func:`_forward_all` returned it for this unit)."""
     outs = (run_unit_amp(blocks, cast_input(x, device, torch.float32), ex, device, autocast, name)[0].float()
             for x, ex in zip(inputs, extras))
-    return _output_error(outs, targets, extras, device, parallel)
+    return _output_error(outs, targets, extras, device, parallel, token_norm)
 
 
 def _keep_better(run: _Run, unit: Sequence[nn.Module], name: str, res: BlockResult, q_in: List[Any],
@@ -258,15 +258,16 @@ def _keep_better(run: _Run, unit: Sequence[nn.Module], name: str, res: BlockResu
     lins = {n: run.model.get_submodule(n) for n in res.layers}
     for n, qw in start.items():
         load_record(lins[n], qw)
-    res.start_output_error = _unit_error(unit, q_in, targets, extras, run.device, ac, name, run.parallel)
+    norm = tuner_of(run.settings).token_norm  # compared by the loss the tuner minimised
+    res.start_output_error = _unit_error(unit, q_in, targets, extras, run.device, ac, name, run.parallel, norm)
     for n, qw in res.layers.items():
         load_record(lins[n], qw)
     outs: Optional[List[Any]] = None
     if run.settings.enable_quanted_input:
         outs = _forward_all(unit, q_in, extras, run.device, store, ac, name)[0]
-        res.output_error = _output_error(outs, targets, extras, run.device, run.parallel)
+        res.output_error = _output_error(outs, targets, extras, run.device, run.parallel, norm)
     else:
-        res.output_error = _unit_error(unit, q_in, targets, extras, run.device, ac, name, run.parallel)
+        res.output_error = _unit_error(unit, q_in, targets, extras, run.device, ac, name, run.parallel, norm)
     if res.start_output_error < res.output_error:
         logger.info("%s: the starting point is kept (output error %.6g vs %.6g tuned)", name,
                     res.start_output_error, res.output_error)
@@ -278,12 +279,13 @@ def _keep_better(run: _Run, unit: Sequence[nn.Module], name: str, res: BlockResu
 
 
 def _output_error(outs: Sequence[Any], targets: Sequence[Any], extras: Sequence[UnitInputs], device,
-                  parallel: DataParallel = SINGLE) -> float:
-    """Mean squared error of a unit's outputs against its targets over the loss-mask tokens (as the tuner's),
-    over the batches of every process."""
+                  parallel: DataParallel = SINGLE, token_norm: bool = False) -> float:
+    """Mean squared error of a unit's outputs against its targets over the loss-mask tokens (as the tuner's;
+    ``token_norm``: relative to each target token's mean square), over the batches of every process."""
     total, count = 0.0, 0
     for o, t, ex in zip(outs, targets, extras):
-        sq, n = squared_error(o.to(device), t.to(device), None if ex.mask is None else ex.mask.to(device))
+        sq, n = squared_error(o.to(device), t.to(device), None if ex.mask is None else ex.mask.to(device),
+                              token_norm=token_norm)
         total, count = total + float(sq), count + n
     total, count = parallel.sum_floats(total, count)
     return total / max(count, 1)
