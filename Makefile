@@ -1,7 +1,7 @@
 # Developer entry points. Everything runs inside .venv (made by `make venv`).
 #   make venv      create/refresh .venv from the lock (no-op while pyproject.toml and the lock are unchanged)
 #   make assets    fetch SmolLM2-135M-Instruct and the BBC corpus into $(ASSETS_DIR)
-#   make demo      run the end-to-end demo (python -m auto_round.demo)
+#   make demo      run the end-to-end demo (python -m demo)
 #   make test      run the offline test suite (slow/gpu tests are deselected in pyproject)
 #   make test-latest  build .venv-latest with the newest releases (no lock), run the suite there and
 #                  report which tests break on which versions
@@ -44,7 +44,7 @@ assets: venv
 	$(VPY) scripts/fetch_assets.py --cache-dir $(ASSETS_DIR)
 
 demo: venv assets
-	$(VPY) -m auto_round.demo
+	$(VPY) -m demo
 
 test: venv
 	$(VPY) -m pytest -q

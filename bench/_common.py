@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the demo package (demo/) beside src/
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
@@ -234,7 +236,7 @@ def compare_checkpoints(a: Path, b: Path) -> Dict[str, Any]:
 # ------------------------------------------------------------------------------------------ data
 def bbc_texts() -> tuple:
     """``(calib_texts, heldout_texts)`` of the cached BBC corpus."""
-    from auto_round.assets import bbc_split
+    from demo.assets import bbc_split
 
     return bbc_split(ASSETS)
 
@@ -245,7 +247,7 @@ def bbc_files(work: Path, tokenizer, eval_seqlen: int, eval_windows: int) -> tup
     ``eval_seqlen`` tokens (``torch.save``), what the perplexity jobs score."""
     import torch
 
-    from auto_round.assets import token_windows
+    from demo.assets import token_windows
 
     calib, heldout = bbc_texts()
     calib_file, windows_file = work / "bbc_calib.jsonl", work / "heldout_windows.pt"
@@ -358,7 +360,7 @@ WORK = ROOT / ".cache" / "bench"
 
 
 def smollm2_dir() -> Path:
-    from auto_round.assets import fetch_smollm2
+    from demo.assets import fetch_smollm2
 
     return fetch_smollm2(ASSETS)
 

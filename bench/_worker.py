@@ -40,6 +40,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the demo package (demo/) beside src/
+
 
 def peak_rss_mb() -> float:
     """Peak RSS of this process image in MiB: ``VmHWM`` from /proc (``ru_maxrss`` would include the
@@ -95,7 +97,7 @@ def _amp_dtype(ar) -> str:
 def _ppl(model, windows_path: str) -> float:
     import torch
 
-    from auto_round.assets import perplexity_of_windows
+    from demo.assets import perplexity_of_windows
 
     windows = torch.load(windows_path)
     return perplexity_of_windows(model.float(), windows)
@@ -118,7 +120,7 @@ def job_quantize(spec: Dict[str, Any], rec: Dict[str, Any]) -> None:
     windows = torch.load(spec["calib_windows"]) if spec.get("calib_windows") else None
     t0 = time.perf_counter()
     if spec.get("kind", "llm") == "llava":
-        from auto_round.demo_model import build_llava_with_lm
+        from demo.model import build_llava_with_lm
 
         model, tok, proc = build_llava_with_lm(spec["model"])
         cls = _fixed_windows_class(AutoRoundMLLM, windows) if windows is not None else AutoRoundMLLM
@@ -169,7 +171,7 @@ def job_ppl(spec: Dict[str, Any], rec: Dict[str, Any]) -> None:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[spec.get("model_dtype", "fp32")]
     t0 = time.perf_counter()
     if spec.get("kind", "llm") == "llava":
-        from auto_round.demo_model import build_llava_with_lm
+        from demo.model import build_llava_with_lm
 
         model = build_llava_with_lm(spec["model"])[0]
     else:

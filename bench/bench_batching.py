@@ -9,15 +9,18 @@ import argparse
 import json
 import logging
 import time
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the demo package (demo/) beside src/
 
 import torch
 
 
 def run(args, batch_size: int, accumulate: int) -> dict:
     from auto_round import AutoRoundMLLM
-    from auto_round.assets import fetch_smollm2
-    from auto_round.demo_model import build_llava_with_lm
+    from demo.assets import fetch_smollm2
+    from demo.model import build_llava_with_lm
 
     model, tok, proc = build_llava_with_lm(fetch_smollm2(args.cache_dir))
     ar = AutoRoundMLLM(model, tok, proc, bits=4, group_size=128, iters=args.iters, nsamples=args.nsamples,

@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from auto_round.assets import token_windows
+    from demo.assets import token_windows
 
     work = WORK / NAME
     work.mkdir(parents=True, exist_ok=True)

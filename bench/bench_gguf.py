@@ -155,7 +155,7 @@ def _load(name: str):
     if name == "smollm2":
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from auto_round.assets import fetch_smollm2
+        from demo.assets import fetch_smollm2
 
         folder = fetch_smollm2(ROOT / ".cache" / "assets")
         import torch
@@ -316,7 +316,7 @@ def _ours(args, qtype: str, iters: int, make_model, tokenizer, data: Path, windo
     """Tune (or optimized-RTN at ``iters`` 0) and export our file, or reuse the one a previous run left in
     ``work`` with the same settings."""
     from auto_round import AutoRound
-    from auto_round.assets import perplexity_of_windows
+    from demo.assets import perplexity_of_windows
 
     tag = f"ours-{qtype}-i{iters}" + ("-ext" if args.alg_ext else "")
     folder, record = work / tag, work / f"{tag}.json"
@@ -411,7 +411,7 @@ def quality(args, python: Optional[str]) -> int:
     sys.path.insert(0, str(ROOT / "bench"))
     from _common import print_table, write_text_for_windows
 
-    from auto_round.assets import bbc_split, perplexity_of_windows, token_windows
+    from demo.assets import bbc_split, perplexity_of_windows, token_windows
     from auto_round.calib.text import get_text_calibration
     from auto_round.export import get_format
 

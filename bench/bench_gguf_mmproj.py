@@ -44,6 +44,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the demo package (demo/) beside src/
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "gguf_mmproj.json"
 WORK = ROOT / ".cache" / "bench" / "gguf_mmproj"
@@ -347,8 +349,8 @@ def build(name: str):
     from tiny_vlms import FAMILIES, make_image
 
     if name == "demo":
-        from auto_round.assets import fetch_smollm2
-        from auto_round.demo_model import build_llava_with_lm
+        from demo.assets import fetch_smollm2
+        from demo.model import build_llava_with_lm
 
         model, tok, proc = build_llava_with_lm(fetch_smollm2(ROOT / ".cache" / "assets"))
         model.config.name_or_path = "smollm2-llava-demo"

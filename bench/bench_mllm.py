@@ -1,7 +1,7 @@
 """MLLM: W4G128 of the SmolLM2-LLaVA demo VLM's language model; text vs image-text calibration,
 and padded image-text batches vs the reference's forced batch size 1.
 
-The model is ``auto_round.demo_model.build_llava_with_lm`` around SmolLM2-135M-Instruct: the
+The model is ``demo.model.build_llava_with_lm`` around SmolLM2-135M-Instruct: the
 language model is real, the vision tower and projector are small and random (they stay FP).
 Runs (each its own process, fp32, CPU):
 

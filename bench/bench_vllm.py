@@ -1,7 +1,7 @@
 """vLLM loads what we write: greedy tokens of vLLM's CPU build vs our own reload, per format.
 
-For SmolLM2-135M-Instruct (real weights, ``auto_round.assets``) and the SmolLM2-LLaVA demo VLM
-(``auto_round.demo_model.build_llava_with_lm``: real language model, small random vision tower kept
+For SmolLM2-135M-Instruct (real weights, ``demo.assets``) and the SmolLM2-LLaVA demo VLM
+(``demo.model.build_llava_with_lm``: real language model, small random vision tower kept
 FP; loaded with ``from_pretrained`` from an FP folder with the hub's LLaVA tensor names, see
 :func:`llava_hub_folder` for why), each scheme is quantized once with our package (``iters`` 0 =
 optimized RTN by default, a few calibration samples, seed 42) and exported in every format asked for; a format that refuses the plan
@@ -77,6 +77,8 @@ import time
 import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the demo package (demo/) beside src/
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results" / "vllm.json"
@@ -401,7 +403,7 @@ def run_vllm(python: Path, folder: Path, prompts: List[List[int]], new_tokens: i
 def _tokenizer_of(kind: str):
     from transformers import AutoTokenizer
 
-    from auto_round.assets import fetch_smollm2
+    from demo.assets import fetch_smollm2
 
     return AutoTokenizer.from_pretrained(fetch_smollm2(ROOT / ".cache" / "assets"))
 
@@ -524,7 +526,7 @@ def build_case(name: str, case: Dict[str, Any], formats: Sequence[str], args, wo
     import torch
 
     from auto_round import AutoRound, AutoRoundMLLM
-    from auto_round.assets import fetch_smollm2
+    from demo.assets import fetch_smollm2
 
     lm_dir = fetch_smollm2(ROOT / ".cache" / "assets")
     opts = {"bits": case["bits"], "group_size": case["group_size"], "sym": case["sym"], "iters": args.iters,
@@ -535,7 +537,7 @@ def build_case(name: str, case: Dict[str, Any], formats: Sequence[str], args, wo
         from transformers import LlavaForConditionalGeneration
 
         if args.built_demo:  # the demo as users of `make demo` get it: built from a config, never loaded
-            from auto_round.demo_model import build_llava_with_lm
+            from demo.model import build_llava_with_lm
 
             model, tok, proc = build_llava_with_lm(lm_dir)
         else:
@@ -583,7 +585,7 @@ def llava_hub_folder(lm_dir: Path, work: Path):
     every export keeps them."""
     from safetensors.torch import load_file, save_file
 
-    from auto_round.demo_model import build_llava_with_lm
+    from demo.model import build_llava_with_lm
 
     model, tok, proc = build_llava_with_lm(lm_dir)
     folder = work / "llava-demo-fp-hub-names"
@@ -640,7 +642,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                    help="a second vLLM run per 4-bit folder with VLLM_CPU_INT4_W4A8=0 (bf16 activations)")
     p.add_argument("--built-demo", action="store_true",
                    help="LLaVA cases: quantize the demo model as build_llava_with_lm returns it (its own hub names, "
-                        "auto_round.demo_model.hub_weight_names) instead of reloading it from a hub-names folder")
+                        "demo.model.hub_weight_names) instead of reloading it from a hub-names folder")
     p.add_argument("--reuse", action="store_true", help="reuse exported folders found in --work")
     p.add_argument("--no-gemm-shim", action="store_true",
                    help="never replace vLLM's cpu_gemm_wna16 (by default the bench computes it in torch where "

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fetch the offline assets (SmolLM2-135M-Instruct as an HF folder, the BBC News corpus).
 
-Thin wrapper over :mod:`auto_round.assets`. Idempotent: finished assets are skipped.
+Thin wrapper over :mod:`demo.assets`. Idempotent: finished assets are skipped.
 
     python scripts/fetch_assets.py                       # both, into .cache/assets
     python scripts/fetch_assets.py --only bbc
@@ -18,8 +18,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))  # works without `pip install -e .` too
+sys.path.insert(0, str(REPO))  # the demo package (demo/assets.py) lives beside src/, outside the library
 
-from auto_round import assets  # noqa: E402
+from demo import assets  # noqa: E402
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,4 @@
-"""Tests of auto_round.assets: the pure parts offline (split rule, windows, perplexity, wheel
+"""Tests of demo.assets: the pure parts offline (split rule, windows, perplexity, wheel
 checks against fake wheels); the real downloads are marked slow."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from auto_round import assets
+from demo import assets
 from tiny_models import VOCAB, tiny_llama
 
 

@@ -1,11 +1,11 @@
-"""The demo LLaVA (``auto_round.demo_model``) saves the tensor names of the hub's LLaVA checkpoints."""
+"""The demo LLaVA (``demo.model``) saves the tensor names of the hub's LLaVA checkpoints."""
 
 import pytest
 import torch
 from safetensors import safe_open
 
 from auto_round import AutoRoundMLLM
-from auto_round.demo_model import build_llava_with_lm
+from demo.model import build_llava_with_lm
 
 
 def _vision_names(folder):

