@@ -24,9 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the demo package (demo/) beside src/
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the demo package (demo/) beside src/
 BENCH = ROOT / "bench"
 RESULTS = BENCH / "results"
 ASSETS = ROOT / ".cache" / "assets"

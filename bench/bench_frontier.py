@@ -78,12 +78,13 @@ def parse_ext(text: str) -> Dict[str, Any]:
     """``"clip_max=1.5,outlier_fraction=0.001"`` as ExtendedTuner field overrides (bools, ints, floats)."""
     out: Dict[str, Any] = {}
     for part in text.split(","):
-        key, sep, val = part.partition("=")
+        key, sep, val = (x.strip() for x in part.partition("="))
         if not sep:
             raise SystemExit(f"--ext {text!r}: expected FIELD=VALUE, e.g. clip_max=1.5")
-        out[key.strip()] = {"true": True, "false": False}.get(val.lower(), None)
-        if out[key.strip()] is None:
-            out[key.strip()] = int(val) if val.lstrip("-").isdigit() else float(val)
+        if val.lower() in ("true", "false"):
+            out[key] = val.lower() == "true"
+        else:
+            out[key] = int(val) if val.lstrip("-").isdigit() else float(val)
     return out
 
 

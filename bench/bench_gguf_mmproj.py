@@ -44,9 +44,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the demo package (demo/) beside src/
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the demo package (demo/) beside src/
 RESULTS = ROOT / "bench" / "results" / "gguf_mmproj.json"
 WORK = ROOT / ".cache" / "bench" / "gguf_mmproj"
 DEFAULT_LLAMACPP_PYTHON = ROOT / ".venv-llamacpp" / "bin" / "python"

@@ -78,9 +78,8 @@ import traceback
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the demo package (demo/) beside src/
-
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the demo package (demo/) beside src/
 RESULTS = ROOT / "bench" / "results" / "vllm.json"
 WORK = ROOT / ".cache" / "exp" / "vllm" / "bench"
 VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"

@@ -77,7 +77,7 @@ def test_processor_comes_from_the_family_table_unless_a_template_names_one():
 
     qwen = family_for("qwen2_5_vl")
     assert get_template("qwen2_5_vl").processor is None  # the built-in template leaves it to the family
-    assert processor_for(qwen, get_template("qwen2_5_vl")) == "qwen2_vl"
-    assert processor_for(qwen, Template("qwen2_5_vl", processor="hf")) == "hf"  # named: the template wins
-    assert processor_for(family_for("llava"), get_template("llava")) == "hf"
-    assert processor_for(None, get_template("default")) == "hf"
+    assert processor_for(qwen, get_template("qwen2_5_vl").processor) == "qwen2_vl"
+    assert processor_for(qwen, Template("qwen2_5_vl", processor="hf").processor) == "hf"  # named: the template wins
+    assert processor_for(family_for("llava"), get_template("llava").processor) == "hf"
+    assert processor_for(None, get_template("default").processor) == "hf"

@@ -158,8 +158,18 @@ def _type_problem(name: str, kind: str, value: Any) -> Optional[str]:
             return f"{name}={value!r} must be finite (and positive), or None for the default"
     if kind in ("str", "Optional[str]") and not isinstance(value, str) and not (kind == "Optional[str]" and value is None):
         if not (name == "device" and isinstance(value, (int, torch.device)) and not isinstance(value, bool)):
-            return f"{name}={value!r} ({type(value).__name__}) must be a string"
+            fix = (": a data set name, a local file or folder, or a comma list of them (texts in a list: write them "
+                   "to a .txt or .jsonl file and pass its path)") if name == "dataset" else ""
+            return f"{name}={value!r} ({type(value).__name__}) must be a string{fix}"
     return None
+
+
+def check_option_type(name: str, value: Any) -> None:
+    """The Settings type check of one option (TypeError naming it, the value and the fix), for code that reads
+    the option before the Settings are built."""
+    why = _type_problem(name, str(Settings.__dataclass_fields__[name].type), value)
+    if why:
+        raise TypeError(why)
 
 
 def _normalise_types(s: Settings) -> Settings:

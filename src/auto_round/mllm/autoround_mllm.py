@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from auto_round.autoround import AutoRound
 from auto_round.compat import check_family_versions
-from auto_round.config import DEFAULT_DATASET, _opt
+from auto_round.config import DEFAULT_DATASET, _opt, check_option_type
 from auto_round.mllm.families import Family, family_for, processor_for, resolve_family_blocks
 from auto_round.mllm.template import Template, get_template
 from auto_round.models.blocks import resolve_block_names
@@ -131,10 +131,7 @@ class AutoRoundMLLM(AutoRound):
         from auto_round.mllm.dataset import OFFLINE_IMAGE_TEXT
 
         dataset = requested or self.template.default_dataset or DEFAULT_DATASET
-        if not isinstance(dataset, str):  # before the name checks below read it (Settings checks it later)
-            raise TypeError(f"dataset={dataset!r} ({type(dataset).__name__}) must be a string: a data set name, a "
-                            f"local file or folder, or a comma list of them (texts in a list: write them to a "
-                            f".txt or .jsonl file and pass its path)")
+        check_option_type("dataset", dataset)  # before the name checks below read it
         if is_image_text_dataset(dataset):
             return dataset
         if self.family is not None and not self.family.text_only:
@@ -191,7 +188,7 @@ class AutoRoundMLLM(AutoRound):
         s = self.settings
         samples, self.dataset_used = load_image_text_samples(s.dataset, self.extra_data_dir, s.nsamples, s.seed)
         self.samples_used = len(samples)
-        name = processor_for(self.family, self.template)
+        name = processor_for(self.family, self.template.processor)
         if name not in PROCESSORS:
             raise ValueError(f"template {self.template.model_type!r} names processor {name!r}, which is not "
                              f"registered; valid: {sorted(PROCESSORS)}")

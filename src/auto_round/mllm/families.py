@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch.nn as nn
 
@@ -100,10 +100,9 @@ def family_for(model_type: Optional[str], architectures: Sequence[str] = ()) -> 
     return next((_BY_ARCH[a] for a in architectures or () if a in _BY_ARCH), None)
 
 
-def processor_for(family: Optional[Family], template: Any) -> str:
-    """The calibration processor's registered name: the one a template names (``template.processor``), else
-    the family's (this table is the one place that knows it), else ``"hf"``."""
-    named = getattr(template, "processor", None)
+def processor_for(family: Optional[Family], named: Optional[str]) -> str:
+    """The calibration processor's registered name: ``named`` (the one a template names, its ``processor``),
+    else the family's (this table is the one place that knows it), else ``"hf"``."""
     if named:
         return named
     return family.processor if family is not None else "hf"
