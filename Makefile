@@ -36,7 +36,7 @@ venv: $(STAMP)
 # VLM image processors of the tests need it. check_lock fails when an installed version differs.
 $(STAMP): pyproject.toml $(LOCK)
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
-	$(VPY) -m pip install $(PIP_FLAGS) -c $(LOCK) torch torchvision -e '.[test]'
+	$(VPY) -m pip install $(PIP_FLAGS) -c $(LOCK) torch torchvision -e '.[test,plot]'
 	$(VPY) scripts/check_lock.py $(LOCK)
 	@touch $(STAMP)
 

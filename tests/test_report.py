@@ -148,6 +148,16 @@ def test_plot_draws_rtn_and_tuned_loss_per_block(tmp_path, monkeypatch):
     assert calls["plots"][2:] == [([0, 1, 2], [2.0, 1.5, 1.0], "b0"), ([0, 1, 2], [4.0, 1.0, 1.0], "b1")]
 
 
+def test_the_real_matplotlib_draws_the_loss_plot(tmp_path):
+    pytest.importorskip("matplotlib")  # in the dev venv (make venv installs the [plot] extra)
+    with_curves = [{**b, "losses": [b["first"], b["last"], b["best"]]} for b in BLOCKS]
+    for blocks in (BLOCKS, with_curves):
+        path = plot_losses(blocks, tmp_path / PLOT_FILE)
+        assert path == tmp_path / PLOT_FILE
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5_000
+        path.unlink()
+
+
 def test_curve_blocks_spread_over_the_depth():
     from auto_round.report import curve_blocks
 
