@@ -50,10 +50,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seed", type=int, default=42, help="tuning seed of both sides (the windows stay the same)")
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--eval-seqlen", type=int, default=512)
     p.add_argument("--mixed", nargs="*", type=float, default=[],
-                   help="also ours at iters 0 with these avg_bits over --mixed-options (mixed bits)")
+                   help="also ours with these avg_bits over --mixed-options (mixed bits) and the reference's "
+                        "AutoScheme at the same average, at every iteration count")
     p.add_argument("--mixed-options", default="W2G64,W4G128")
     p.add_argument("--ext", nargs="*", default=[], metavar="FIELD=VALUE[,FIELD=VALUE]",
                    help="with side ours_ext, also one run per value with these ExtendedTuner fields changed "
@@ -108,6 +110,10 @@ def _variants(side: str, iters: int, mixed: Sequence[float] = (), mixed_options:
              "opts": {"enable_alg_ext": True} if side.endswith("_ext") else {}}]
     if side == "ours_ext":
         runs += [{"label": f"ours ext {e}", "opts": {"enable_alg_ext": True}, "ext_tuner": parse_ext(e)} for e in ext]
+    if side in ("ours", "ref"):  # mixed bits, tuned: the default tuner of each side over the plan
+        runs += [{"label": f"{side} {'mixed' if side == 'ours' else 'AutoScheme'} {b:g} bits",
+                  "opts": {"avg_bits": b, "scheme_options": mixed_options if side == "ours" else
+                           ref_options(mixed_options)}} for b in mixed]
     return runs
 
 
@@ -156,7 +162,7 @@ def main(argv=None) -> int:
     win_file, eval_file = work / "calib_windows.pt", work / "heldout_windows.pt"
     torch.save(reference_windows(tok, text_file, args.seqlen, args.nsamples), win_file)
     torch.save(token_windows(tok, heldout, args.eval_seqlen, args.eval_windows), eval_file)
-    settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size, "seed": 42,
+    settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size, "seed": args.seed,
                 "sym": True, "calibration": "identical BBC windows", "eval_windows": args.eval_windows,
                 "eval_seqlen": args.eval_seqlen}
     record: Dict[str, Any] = {"benchmark": NAME, "model": str(model_dir), "settings": settings,
@@ -179,7 +185,7 @@ def main(argv=None) -> int:
                     if side.startswith("ours"):
                         opts = {"bits": bits, "group_size": gs, "sym": True, "iters": iters,
                                 "nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size,
-                                "seed": 42, "device": "cpu", **v["opts"]}
+                                "seed": args.seed, "device": "cpu", **v["opts"]}
                         rec = run_ours({"job": "quantize", "kind": "llm", "model": str(model_dir),
                                         "model_dtype": "fp32", "options": opts, "calib_windows": str(win_file),
                                         "ppl_windows": str(eval_file), "ext_tuner": v.get("ext_tuner")}, work, tag)
@@ -188,7 +194,7 @@ def main(argv=None) -> int:
                         out_dir = work / f"{tag}-out"
                         rec = run_reference(str(model_dir), text_file, out_dir, work, tag, bits=bits, group_size=gs,
                                             sym=True, iters=iters, nsamples=args.nsamples, seqlen=args.seqlen,
-                                            batch_size=args.batch_size,
+                                            batch_size=args.batch_size, seed=args.seed,
                                             **{k: (True if k in ("enable_alg_ext", "disable_opt_rtn") else val)
                                                for k, val in v["opts"].items()})
                         ppl_rec = run_ppl(str(out_dir), eval_file, work, f"{tag}-ppl") if "error" not in rec else rec
@@ -203,7 +209,7 @@ def main(argv=None) -> int:
                     rows.append([scheme, iters, v["label"], fmt(ppl, ".3f"), fmt(point["increase"], ".2f"),
                                  fmt(seconds, ".1f")])
     title = (f"SmolLM2-135M-Instruct sym, BBC held-out ppl ({args.eval_windows} x {args.eval_seqlen}); FP "
-             f"{fmt(fp_ppl, '.3f')}; calibration {args.nsamples} x {args.seqlen}, batch {args.batch_size}, seed 42")
+             f"{fmt(fp_ppl, '.3f')}; calibration {args.nsamples} x {args.seqlen}, batch {args.batch_size}, seed {args.seed}")
     record["table"] = print_table(["scheme", "iters", "run", "ppl", "+ over FP", "quantize s"], rows, title)
     if fp_ppl:
         record["plot"] = _plot(record["points"], fp_ppl, (args.json or RESULTS / f"{NAME}.json").with_suffix(".png"))
