@@ -3,7 +3,8 @@
 ``PROCESSORS`` maps a name to a processor class. ``"hf"`` is generic: it renders the conversation
 with the model's own chat template (or the family :class:`~auto_round.mllm.template.Template`)
 and calls the model's Hugging Face processor. Model-specific processors subclass it where inputs
-differ. Register your own with :func:`register_processor`.
+differ. Register your own with :func:`register_processor` (:mod:`auto_round.mllm.registry`, re-exported
+here); the remote-code families' processors are in :mod:`auto_round.mllm.remote_processors`.
 
 Batches of samples of different lengths are right-padded; the padded positions are masked out of
 the tuning loss through ``attention_mask`` (no forced ``batch_size=1``).
@@ -18,37 +19,10 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Type, Union
 import torch
 
 from auto_round.mllm.dataset import ImageTextSample
+from auto_round.mllm.registry import PROCESSORS, processor_name, register_processor  # noqa: F401 (re-exported)
 from auto_round.mllm.template import Template
 
 logger = logging.getLogger(__name__)
-
-PROCESSORS: Dict[str, Type["HFProcessor"]] = {}
-
-
-def register_processor(name: str) -> Callable[[Type["HFProcessor"]], Type["HFProcessor"]]:
-    """Class decorator adding a processor under ``name`` (duplicates are refused)."""
-
-    def deco(cls: Type["HFProcessor"]) -> Type["HFProcessor"]:
-        if name in PROCESSORS:
-            raise ValueError(f"a processor named {name!r} is already registered ({PROCESSORS[name].__name__})")
-        cls.name = name
-        PROCESSORS[name] = cls
-        return cls
-
-    return deco
-
-
-def processor_name(processor: Union[str, Type[Any]]) -> str:
-    """Registered name of a processor class or name; raises listing the valid names."""
-    if isinstance(processor, str):
-        if processor not in PROCESSORS:
-            raise ValueError(f"processor {processor!r} is not registered; valid: {sorted(PROCESSORS)}")
-        return processor
-    for name, cls in PROCESSORS.items():
-        if cls is processor:
-            return name
-    raise ValueError(f"processor class {processor!r} is not registered; use register_processor(name)")
-
 
 def _pad_value(key: str, pad_id: int) -> int:
     return pad_id if key == "input_ids" else (-100 if key == "labels" else 0)
@@ -183,5 +157,3 @@ class Qwen2VLProcessor(HFProcessor):
         size = (max(unit, int(w * f) // unit * unit), max(unit, int(h * f) // unit * unit))
         return image.resize(size)
 
-
-from auto_round.mllm import remote_processors  # noqa: E402,F401  (registers phi3_v, cogvlm2, deepseek_vl_v2, molmo, chatglm)

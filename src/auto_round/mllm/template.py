@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple, Type, Union
 
+from auto_round.mllm.registry import processor_name
+
 logger = logging.getLogger(__name__)
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -97,8 +99,6 @@ def _register_template(model_type: str, default_dataset: str = "NeelNanda/pile-1
 
     ``processor`` may be a registered processor class (``PROCESSORS["hf"]``) or its name.
     """
-    from auto_round.mllm.processor import processor_name
-
     name = processor_name(processor) if processor is not None else None
     data = {"model_type": model_type, "default_dataset": default_dataset, "processor": name, **formats}
     return register_template(Template.from_dict(data, f"_register_template({model_type!r})"), overwrite=True)
