@@ -118,31 +118,17 @@ def _variants(side: str, iters: int, mixed: Sequence[float] = (), mixed_options:
 
 
 def _plot(points: List[Dict[str, Any]], fp_ppl: float, path: Path) -> str:
+    """This run's points drawn as :mod:`plot_frontier` draws the merged ones (every label on a curve)."""
+    import plot_frontier
+
+    drawn = [{**p, "curve": plot_frontier.curve_of(p["label"], pieces=True)} for p in points
+             if p["ppl"] and p["seconds"]]
+    if not drawn:
+        return "no point with a perplexity and a time: no plot"
     try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        return str(plot_frontier.plot(drawn, fp_ppl, path))
     except ImportError:
-        return "matplotlib is not installed: no plot (pip install matplotlib)"
-    schemes = sorted({p["scheme"] for p in points})
-    fig, axes = plt.subplots(1, len(schemes), figsize=(5 * len(schemes), 4), squeeze=False)
-    for ax, scheme in zip(axes[0], schemes):
-        for label in sorted({p["curve"] for p in points if p["scheme"] == scheme}):
-            pts = sorted((p["seconds"], p["ppl"], p["iters"]) for p in points
-                         if p["scheme"] == scheme and p["curve"] == label and p["ppl"] and p["seconds"])
-            if pts:
-                ax.plot([x for x, _, _ in pts], [y for _, y, _ in pts], marker="o", label=label)
-                for x, y, it in pts:
-                    ax.annotate(str(it), (x, y), fontsize=7, textcoords="offset points", xytext=(3, 3))
-        ax.axhline(fp_ppl, color="gray", linestyle=":", label="FP")
-        ax.set_title(f"SmolLM2-135M {scheme} sym")
-        ax.set_xlabel("quantize seconds (CPU)")
-        ax.set_ylabel("held-out BBC perplexity")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    return str(path)
+        return "matplotlib is not installed: no plot (make venv installs the [plot] extra)"
 
 
 def main(argv=None) -> int:
@@ -202,7 +188,7 @@ def main(argv=None) -> int:
                         ppl, seconds = rec.get("ppl"), rec.get("quantize_and_save_s")
                     failed |= bool(rec.get("error"))
                     record["runs"][tag] = rec
-                    point = {"scheme": scheme, "iters": iters, "label": v["label"], "curve": v["label"], "ppl": ppl,
+                    point = {"scheme": scheme, "iters": iters, "label": v["label"], "ppl": ppl,
                              "seconds": seconds, "increase": (ppl - fp_ppl) if ppl and fp_ppl else None}
                     record["points"].append(point)
                     log(f"  ppl {fmt(ppl, '.3f')} (+{fmt(point['increase'], '.2f')}), {fmt(seconds, '.1f')} s")
