@@ -11,7 +11,8 @@ the sides interleaved:
   reference's AutoScheme at the same average over the same schemes (the reference passes its
   AutoRound data set to AutoScheme, which takes only a name or a file: that run reads the same
   calibration text through the reference's own loader, not the identical windows);
-- iters > 0: ours (default), ours extended (``enable_alg_ext``), the reference plain and the
+- iters > 0: ours (default), ours extended (``enable_alg_ext``), ours extended followed by the
+  end-to-end scale tuning (``e2e_epochs``, side ``ours_e2e``), the reference plain and the
   reference with ``enable_alg_ext``.
 
 Perplexity: the first ``--eval-windows`` 512-token windows of the BBC held-out split, fp32; ours on
@@ -29,7 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -39,7 +40,7 @@ from _common import (RESULTS, WORK, bbc_texts, fmt, log, machine_info, parse_ben
 
 NAME = "frontier"
 SCHEMES = {"W4G128": (4, 128), "W3G128": (3, 128), "W2G64": (2, 64)}
-SIDES = ("ours", "ours_ext", "ref", "ref_ext")
+SIDES = ("ours", "ours_ext", "ours_e2e", "ref", "ref_ext")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,6 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=list(SCHEMES))
     p.add_argument("--iters", nargs="+", type=int, default=[0, 25, 50, 100, 200])
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
+    p.add_argument("--e2e-epochs", type=int, default=2, help="side ours_e2e: the extended tuner, then this many "
+                   "epochs of end-to-end scale tuning (e2e_epochs)")
+    p.add_argument("--e2e-lr", type=float, default=None, help="side ours_e2e: e2e_lr (default: the library's)")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
@@ -91,7 +95,7 @@ def parse_ext(text: str) -> Dict[str, Any]:
 
 
 def _variants(side: str, iters: int, mixed: Sequence[float] = (), mixed_options: str = "",
-              ext: Sequence[str] = ()) -> List[Dict[str, Any]]:
+              ext: Sequence[str] = (), e2e: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
     """The runs of one side at one iteration count: (label, options[, ext_tuner overrides])."""
     if iters == 0:
         if side == "ours":
@@ -106,6 +110,8 @@ def _variants(side: str, iters: int, mixed: Sequence[float] = (), mixed_options:
                                                                      "scheme_options": ref_options(mixed_options)}}
                     for b in mixed]
         return []  # the extended tuners are tuners: nothing to add at iters 0
+    if side == "ours_e2e":
+        return [{"label": "ours ext+e2e", "opts": {"enable_alg_ext": True, **(e2e or {"e2e_epochs": 2})}}]
     runs = [{"label": {"ours": "ours", "ours_ext": "ours ext", "ref": "ref", "ref_ext": "ref alg_ext"}[side],
              "opts": {"enable_alg_ext": True} if side.endswith("_ext") else {}}]
     if side == "ours_ext":
@@ -158,12 +164,13 @@ def main(argv=None) -> int:
     record["fp_ppl"] = fp_ppl
     log(f"FP ppl {fmt(fp_ppl, '.3f')}")
     failed = bool(fp.get("error"))
+    e2e = {"e2e_epochs": args.e2e_epochs, **({} if args.e2e_lr is None else {"e2e_lr": args.e2e_lr})}
     rows = []
     for scheme in args.schemes:
         bits, gs = SCHEMES[scheme]
         for iters in args.iters:
             for side in args.sides:
-                for v in _variants(side, iters, args.mixed, args.mixed_options, args.ext):
+                for v in _variants(side, iters, args.mixed, args.mixed_options, args.ext, e2e):
                     if args.only and not any(o in v["label"] for o in args.only):
                         continue
                     tag = f"{scheme}-it{iters}-{v['label'].replace(' ', '_').replace('=', '').replace(',', '_')}"

@@ -29,6 +29,7 @@ from _common import RESULTS, fmt, log, print_table  # noqa: E402
 
 # label as bench_frontier.py writes it -> the curve it belongs to (None: a point of its own)
 CURVES = {"ours": "ours (default)", "ours opt-RTN": "ours (default)", "ours ext": "ours enable_alg_ext",
+          "ours ext+e2e": "ours enable_alg_ext + e2e_epochs",
           "ref": "reference plain", "ref opt-RTN": "reference plain", "ref alg_ext": "reference enable_alg_ext",
           "ours RTN": "plain RTN, ours", "ref RTN": "plain RTN, reference"}
 # Points measured before ``enable_alg_ext`` took its present pieces (e6dd1ef): (file, label) -> the
@@ -44,7 +45,9 @@ def style(curve: str) -> Dict[str, Any]:
     """Colour by side (ours blue, the reference red), marker and line by kind of run."""
     ref = "reference" in curve
     kind = ("rtn" if "plain RTN" in curve else "mixed" if ("mixed" in curve or "AutoScheme" in curve)
-            else "ext" if ("ext" in curve) else "default")
+            else "e2e" if "e2e" in curve else "ext" if ("ext" in curve) else "default")
+    if kind == "e2e":
+        return {"color": "navy", "marker": "D", "linestyle": "-."}
     marker, line = {"default": ("o", "-"), "ext": ("^", "--"), "rtn": ("x", "none"), "mixed": ("s", "none")}[kind]
     if kind == "ext" and curve not in ("ours enable_alg_ext", "reference enable_alg_ext"):
         marker, line = "v", "none"  # a single piece or a superseded variant

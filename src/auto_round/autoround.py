@@ -120,6 +120,9 @@ def _check_parallel(settings: Settings, world: int) -> None:
     if settings.low_cpu_mem_usage:
         raise ValueError(f"low_cpu_mem_usage=True with {world} data-parallel processes: each would stream and write "
                          "the same shards; run the streamed mode in one process, or drop low_cpu_mem_usage")
+    if settings.e2e_epochs:
+        raise ValueError(f"e2e_epochs={settings.e2e_epochs} with {world} data-parallel processes: the end-to-end scale "
+                         "tuning runs in one process; drop e2e_epochs (or run in one process)")
     if settings.resume_dir is not None:
         raise ValueError(f"resume_dir={settings.resume_dir!r} with {world} data-parallel processes: resuming is not "
                          "supported across processes; drop resume_dir (or run in one process)")
@@ -226,6 +229,7 @@ class AutoRound:
         self.summary: Dict[str, Any] = {}
         self.dataset_used: str = "none (round-to-nearest)"
         self.samples_used: Optional[int] = None  # calibration samples really used (recorded in the config)
+        self.e2e: Optional[Dict[str, Any]] = None  # what the end-to-end scale tuning did (e2e_epochs)
         self.mixed_bits: Optional[Dict[str, Any]] = None  # the avg_bits choice and its report, when asked
         self.tokens_used: Optional[int] = None  # their tokens (padding excluded), for the run report
         self.phase_seconds: Dict[str, float] = {}  # plan, calibration_data, tuning, export:<format>
@@ -353,14 +357,49 @@ class AutoRound:
         plan = self.resolve_plan(formats, read_weights=self.streamed_weights is None)
         self.phase_seconds["plan"] = time.perf_counter() - t0 - sum(self.phase_seconds.values())
 
+        teacher = self._e2e_teacher(plan, factory) if self.settings.e2e_epochs else None
+
         self.quantized_layers, self.block_results = quantize_model(
             self.model, plan, self.settings, factory, self.device, resume_dir=resume_dir, hooks=hooks,
             parallel=self.parallel)
         self.phase_seconds["tuning"] = time.perf_counter() - t0 - sum(self.phase_seconds.values())
+        if teacher is not None:
+            self._e2e_tune(teacher, factory())
         self.summary = self._summarize(time.perf_counter() - t0)
         logger.info("quantized %d layers in %.1fs; peak RSS %.0f MiB", len(self.quantized_layers),
                     self.summary["seconds"], self.summary["peak_rss_mb"])
         return self
+
+    def _e2e_teacher(self, plan: QuantPlan, batches: Callable[[], List[Dict[str, torch.Tensor]]]) -> Any:
+        """Before tuning, for ``e2e_epochs``: refuse what the stage cannot train, then the FP model's top-k."""
+        from auto_round.tuning.e2e import TOP_K, model_on_device, teacher_targets
+
+        kq = [lp.name for lp in plan.quantized if lp.params.scheme.endswith("_dq")]
+        if kq:
+            raise ValueError(f"e2e_epochs={self.settings.e2e_epochs} trains float group scales, but {len(kq)} layers "
+                             f"(e.g. {kq[0]!r}) get GGUF K-quant super-blocks (6-bit sub-block scales): drop e2e_epochs "
+                             "for K-quant formats, or export one with float scales (gguf:q4_0, auto_round, ...)")
+        if self.tokenizer is None:
+            raise ValueError("e2e_epochs needs calibration data: pass a tokenizer, or set e2e_epochs=0")
+        t = time.perf_counter()
+        with model_on_device(self.model, self.device):
+            teacher = teacher_targets(self.model, batches(), TOP_K, self.device)
+        self.phase_seconds["e2e_teacher"] = time.perf_counter() - t
+        return teacher
+
+    def _e2e_tune(self, teacher: Any, batches: List[Dict[str, torch.Tensor]]) -> None:
+        """After the block-wise tuning: the end-to-end scale tuning of :mod:`auto_round.tuning.e2e`."""
+        from auto_round.tuning.e2e import model_on_device, tune_scales
+
+        t = time.perf_counter()
+        s = self.settings
+        with model_on_device(self.model, self.device):
+            self.e2e = tune_scales(self.model, self.quantized_layers, batches, teacher, s.e2e_epochs,
+                                   s.resolved_e2e_lr, s.seed, self.device)
+        self.phase_seconds["e2e"] = time.perf_counter() - t
+        logger.info("e2e scale tuning: calibration KL %.5f -> %.5f in %.1fs (%s)", self.e2e["kl_before"],
+                    self.e2e["kl_after"], self.phase_seconds["e2e"],
+                    "kept" if self.e2e["kept"] else "not lower: block-wise scales kept")
 
     def _summarize(self, seconds: float) -> Dict[str, Any]:
         assert self.plan is not None
@@ -372,6 +411,7 @@ class AutoRound:
             "plan": self.plan.summary_lines(),
             "quantized_layers": len(self.quantized_layers),
             "kept_fp": {lp.name: lp.reason for lp in self.plan.kept_fp},
+            "e2e": self.e2e,
             "mixed_bits": None if self.mixed_bits is None else {k: v for k, v in self.mixed_bits.items()
                                                                 if k != "scores"},
             "blocks": [{"name": r.name, "first": r.first_loss, "last": r.last_loss, "best": r.best_loss,

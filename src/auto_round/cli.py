@@ -69,6 +69,7 @@ SETTING_GROUP = {
     "enable_minmax_tuning": "tuning", "enable_quanted_input": "tuning", "nblocks": "tuning",
     "not_use_best_mse": "tuning", "seed": "tuning", "amp": "tuning", "gradient_accumulate_steps": "tuning",
     "resume_dir": "tuning", "enable_alg_ext": "tuning", "enable_torch_compile": "tuning",
+    "e2e_epochs": "tuning", "e2e_lr": "tuning",
     "nsamples": "data", "seqlen": "data", "batch_size": "data", "dataset": "data",
     "device": "device", "threads": "device", "low_gpu_mem_usage": "device", "offload_dir": "device",
     "low_cpu_mem_usage": "device",
@@ -76,8 +77,8 @@ SETTING_GROUP = {
     "truncation": "multimodal",
 }
 INT_SETTINGS = ("bits", "group_size", "iters", "nsamples", "seqlen", "batch_size", "gradient_accumulate_steps",
-                "nblocks", "seed", "threads")
-FLOAT_SETTINGS = ("lr", "minmax_lr", "avg_bits")
+                "nblocks", "seed", "threads", "e2e_epochs")
+FLOAT_SETTINGS = ("lr", "minmax_lr", "avg_bits", "e2e_lr")
 
 
 def _parse_layer_config(text: str) -> Dict[str, Any]:

@@ -53,6 +53,13 @@ class Settings:
     enable_torch_compile: bool = _opt(False, "compile each tuned unit's forward with torch.compile (inductor; compiled "
                                              "once for blocks of one shape): a faster tuning step, results equal to "
                                              "eager up to float rounding (fused kernels sum in another order)")
+    e2e_epochs: int = _opt(0, "after the block-wise tuning, train every group scale end to end for this many epochs over "
+                              "the calibration data (KL to the full-precision model's top-128 next-token "
+                              "probabilities; integer codes unchanged; kept only when it lowers that KL): 0 = off. "
+                              "Needs the whole model on the tuning device, float scales (not GGUF K-quants), one "
+                              "process")
+    e2e_lr: Optional[float] = _opt(None, "Adam learning rate of the end-to-end scale tuning, as a relative change of each scale "
+                                             "per step (default 1.5e-3, cosine decay)")
     disable_opt_rtn: bool = _opt(False, "with iters=0, plain round-to-nearest without calibration data instead of the "
                                         "importance-weighted clip search")
     lr: Optional[float] = _opt(None, "learning rate of the rounding offsets (default 1/iters)")
@@ -105,6 +112,10 @@ class Settings:
     @property
     def resolved_minmax_lr(self) -> float:
         return float(self.minmax_lr) if self.minmax_lr is not None else self.resolved_lr
+
+    @property
+    def resolved_e2e_lr(self) -> float:
+        return float(self.e2e_lr) if self.e2e_lr is not None else 1.5e-3
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
@@ -206,9 +217,12 @@ def validate(s: Settings) -> Settings:
         _check(getattr(s, name) >= 1, name, getattr(s, name), "must be at least 1")
     _check(s.threads is None or s.threads >= 1, "threads", s.threads, "use a positive count, or None for the "
            "cores available")
-    for name in ("lr", "minmax_lr"):
+    _check(s.e2e_epochs >= 0, "e2e_epochs", s.e2e_epochs, "use 0 (off) or a positive number of epochs")
+    _check(not (s.e2e_epochs and s.low_cpu_mem_usage), "e2e_epochs", s.e2e_epochs,
+           "end-to-end scale tuning runs the whole model, which low_cpu_mem_usage=True never holds: drop one of them")
+    for name in ("lr", "minmax_lr", "e2e_lr"):
         v = getattr(s, name)
-        _check(v is None or v > 0, name, v, "must be positive (or None for 1/iters)")
+        _check(v is None or v > 0, name, v, "must be positive (or None for its default)")
     if s.avg_bits is not None or s.scheme_options is not None:
         from auto_round.tuning.autoscheme import parse_options
 

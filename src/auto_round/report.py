@@ -3,7 +3,8 @@
 Written into each exported folder by :meth:`auto_round.AutoRound.save_quantized`, inside the
 atomic write, so the folder's manifest lists it. It holds the resolved plan (block lists, every
 linear layer's scheme, what stayed in full precision and why), per-block losses (first = the
-round-to-nearest start, best, last, best iteration), time per phase, peak memory, the calibration
+round-to-nearest start, best, last, best iteration), the end-to-end scale tuning (``e2e``: KL before and
+after, kept or not; null when off), time per phase, peak memory, the calibration
 data really used, the settings and package versions. :func:`summary_lines` is the compact table the
 CLI prints at the end of a run; :func:`plot_losses` draws the per-block loss (RTN vs tuned) when
 matplotlib is installed and says so, once, when it is not.
@@ -144,6 +145,7 @@ def build_report(*, settings: Any, plan: QuantPlan, summary: Mapping[str, Any], 
         "plan": plan_dict(plan),
         "data": dict(data),
         "blocks": blocks,
+        "e2e": summary.get("e2e"),
         "seconds": {**{k: round(v, 3) for k, v in phases.items()}, "total": round(sum(phases.values()), 3)},
         "memory": {"peak_rss_mb": round(peak_rss_mb, 1), "peak_gpu_mb": round(peak_gpu_mb, 1)},
         "versions": package_versions(),
@@ -247,6 +249,10 @@ def summary_lines(report: Mapping[str, Any], max_blocks: int = 6) -> List[str]:
         for b in worst:
             lines.append(f"  {b['name']:<32} {b['first']:>10.3g} {b['best']:>10.3g} {b['last']:>10.3g} "
                          f"{b['best_iter']:>5} {_reduction(b['first'], b['best']):>5}")
+    e2e = report.get("e2e")
+    if e2e:
+        lines.append(f"e2e       {e2e['epochs']} epochs of scale tuning: calibration KL {e2e['kl_before']:.4g} -> "
+                     f"{e2e['kl_after']:.4g}" + ("" if e2e["kept"] else " (not lower: block-wise scales kept)"))
     lines.append("time      " + ", ".join(f"{k} {v:.1f}s" for k, v in secs.items()))
     lines.append(f"memory    peak RSS {mem['peak_rss_mb']:.0f} MiB, peak GPU {mem['peak_gpu_mb']:.0f} MiB")
     return lines

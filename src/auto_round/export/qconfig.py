@@ -27,7 +27,7 @@ def build_quantization_config(settings: Settings, plan: QuantPlan, dataset: str)
         same = (lp.params.bits, p_gs, lp.params.sym) == (settings.bits, gs, settings.sym)
         if not same or lp.block is None:
             extra[lp.name] = {"bits": lp.params.bits, "group_size": p_gs, "sym": lp.params.sym, "data_type": "int"}
-    return {
+    config = {
         "quant_method": "auto-round",
         "bits": settings.bits,
         "group_size": gs,
@@ -50,3 +50,6 @@ def build_quantization_config(settings: Settings, plan: QuantPlan, dataset: str)
         "dataset": dataset,
         "autoround_version": __version__,
     }
+    if settings.e2e_epochs:  # the scales were trained end to end after the block-wise tuning
+        config.update(e2e_epochs=settings.e2e_epochs, e2e_lr=settings.resolved_e2e_lr)
+    return config
