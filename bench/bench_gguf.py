@@ -248,6 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--alg-ext", action="store_true",
                    help="our runs with enable_alg_ext (the tuner starts from the optimized-RTN clip search)")
+    p.add_argument("--e2e-epochs", type=int, default=0,
+                   help="ours: e2e_epochs (end-to-end scale tuning after the blocks; float-scale types only)")
     p.add_argument("--llamacpp-python", type=Path, default=None)
     p.add_argument("--imatrix", action="store_true",
                    help="--quality: also llama.cpp's quantizer with importance matrices (needs llama-imatrix, llama-quantize)")
@@ -318,7 +320,8 @@ def _ours(args, qtype: str, iters: int, make_model, tokenizer, data: Path, windo
     from auto_round import AutoRound
     from demo.assets import perplexity_of_windows
 
-    tag = f"ours-{qtype}-i{iters}" + ("-ext" if args.alg_ext else "")
+    tag = (f"ours-{qtype}-i{iters}" + ("-ext" if args.alg_ext else "")
+           + (f"-e2e{args.e2e_epochs}" if args.e2e_epochs else ""))
     folder, record = work / tag, work / f"{tag}.json"
     if record.is_file() and list(folder.glob("*.gguf")):
         rec = json.loads(record.read_text())
@@ -327,10 +330,11 @@ def _ours(args, qtype: str, iters: int, make_model, tokenizer, data: Path, windo
     t0 = time.perf_counter()
     ar = AutoRound(make_model(), tokenizer, **_scheme(qtype), iters=iters, nsamples=args.nsamples,
                    seqlen=args.seqlen, batch_size=args.batch_size, dataset=str(data), device="cpu",
-                   enable_alg_ext=args.alg_ext)
+                   enable_alg_ext=args.alg_ext, e2e_epochs=args.e2e_epochs)
     ar.quantize_and_save(folder, format=f"gguf:{qtype}", inplace=False, overwrite=True)
     rec = {"quantize_s": round(time.perf_counter() - t0, 1), "torch_ppl": perplexity_of_windows(ar.model, windows),
-           "iters": iters, "enable_alg_ext": args.alg_ext, "nsamples": args.nsamples, "seqlen": args.seqlen, "plan": ar.summary["plan"],
+           "iters": iters, "enable_alg_ext": args.alg_ext, "e2e_epochs": args.e2e_epochs,
+           "e2e": ar.summary["e2e"], "nsamples": args.nsamples, "seqlen": args.seqlen, "plan": ar.summary["plan"],
            "file": str(next(folder.glob("*.gguf")))}
     record.write_text(json.dumps(rec, indent=1))
     return rec

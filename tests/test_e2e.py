@@ -129,3 +129,24 @@ def test_cli_flag(model_dir, tmp_path, capsys):
     assert "e2e       1 epochs of scale tuning: calibration KL" in capsys.readouterr().out
     (cfg,) = [json.loads(p.read_text()) for p in out.rglob("quantization_config.json")]
     assert cfg["e2e_epochs"] == 1 and cfg["e2e_lr"] == 0.001
+
+
+def test_image_text_batches_run_whole_and_text_batches_split_by_sample():
+    from auto_round import AutoRoundMLLM
+    from auto_round.tuning.e2e import _chunks
+    from tiny_vlms import FAMILIES
+
+    vlm = FAMILIES["qwen2_vl"]()  # pixel patches of a batch's images packed along one axis, image_grid_thw
+    ar = AutoRoundMLLM(vlm.model, vlm.tokenizer, vlm.processor, dataset="auto_round:offline_image_text",
+                       bits=4, group_size=32, iters=1, nsamples=4, batch_size=2, seqlen=512, e2e_epochs=1,
+                       e2e_lr=2e-2)
+    batch = ar.calibration_batches()[0]
+    assert "pixel_values" in batch and len(list(_chunks(batch, torch.device("cpu")))) == 1
+    text = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    assert [keep.shape for _, keep in _chunks(text, torch.device("cpu"))] == [(1, batch["input_ids"].shape[1])] * 2
+    ar.quantize()
+    info = ar.summary["e2e"]
+    assert info["kept"] and info["kl_after"] < info["kl_before"], info
+    for name, rec in ar.quantized_layers.items():
+        weight = ar.model.get_submodule(name).weight
+        assert torch.equal(weight, rec.dequantize(weight.dtype)), name

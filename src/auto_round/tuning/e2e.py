@@ -42,39 +42,43 @@ TOP_K = 128  # teacher log-probabilities kept per position (the rest of the mass
 
 # keys of a calibration batch that are not model inputs of a plain forward
 _NOT_INPUTS = ("labels",)
+# inputs laid out [batch, tokens]: a batch of only these splits into samples (an image batch may pack its
+# pixels across samples, as Qwen2-VL's patches with image_grid_thw do, and runs whole)
+_PER_SAMPLE = ("input_ids", "attention_mask", "position_ids", "token_type_ids")
 
 
 @dataclass
 class TeacherTargets:
-    """The FP model's top-``k`` next-token log-probabilities, per calibration sample.
+    """The FP model's top-``k`` next-token log-probabilities, per chunk of a calibration batch.
 
-    ``values[b][j]``: float32 ``[n_j, k]`` for sample ``j`` of batch ``b`` (its ``n_j`` attended
-    positions, in order); ``indices[b][j]``: int64 ``[n_j, k]``, the token ids."""
+    ``values[b][j]``: float32 ``[n_j, k]`` for chunk ``j`` of batch ``b`` (a sample of a text batch, or
+    the whole of an image-text batch; its ``n_j`` attended positions, in order); ``indices[b][j]``:
+    int64 ``[n_j, k]``, the token ids."""
 
     k: int
     values: List[List[torch.Tensor]]
     indices: List[List[torch.Tensor]]
 
 
-def _samples(batch: Mapping[str, Any], device: torch.device) -> Iterator[Tuple[Dict[str, Any], torch.Tensor]]:
-    """One-sample model inputs of ``batch`` on ``device`` and the sample's attended-position mask ``[T]``."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    for j in range(ids.shape[0]):
-        one = {}
-        for key, value in batch.items():
-            if key in _NOT_INPUTS:
-                continue
-            if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == ids.shape[0]:
-                value = value[j:j + 1]
-            one[key] = value.to(device) if torch.is_tensor(value) else value
-        keep = torch.ones(ids.shape[1], dtype=torch.bool) if mask is None else mask[j].to(torch.bool).cpu()
-        yield one, keep
+def _chunks(batch: Mapping[str, Any], device: torch.device) -> Iterator[Tuple[Dict[str, Any], torch.Tensor]]:
+    """Model inputs of ``batch`` on ``device``, one sample at a time when the batch is text only (so one
+    sample's logits are the most held), and each chunk's attended-position mask ``[b, T]`` (CPU)."""
+    inputs = {k: v for k, v in batch.items() if k not in _NOT_INPUTS}
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    keep = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.to(torch.bool).cpu()
+    if all(k in _PER_SAMPLE for k in inputs):
+        spans = [(j, j + 1) for j in range(ids.shape[0])]
+    else:
+        spans = [(0, ids.shape[0])]
+    for a, b in spans:
+        chunk = {k: v[a:b] if (a, b) != (0, ids.shape[0]) else v for k, v in inputs.items()}
+        yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in chunk.items()}, keep[a:b]
 
 
 def _log_probs(model: nn.Module, inputs: Mapping[str, Any], keep: torch.Tensor) -> torch.Tensor:
     """float32 log-softmax of the model's logits at the attended positions, ``[n, vocab]``."""
-    logits = model(**inputs).logits[0]
+    logits = model(**inputs).logits
     return F.log_softmax(logits[keep.to(logits.device)].float(), dim=-1)
 
 
@@ -88,7 +92,7 @@ def teacher_targets(model: nn.Module, batches: Sequence[Mapping[str, Any]], k: i
     indices: List[List[torch.Tensor]] = []
     for batch in batches:
         vs, ids = [], []
-        for inputs, keep in _samples(batch, device):
+        for inputs, keep in _chunks(batch, device):
             lp = _log_probs(model, inputs, keep)
             v, i = lp.topk(min(k, lp.shape[-1]), dim=-1)
             vs.append(v.cpu())
@@ -227,7 +231,7 @@ def _mean_kl(model: nn.Module, batches: Sequence[Mapping[str, Any]], teacher: Te
     total, count = 0.0, 0
     with torch.no_grad():
         for b, batch in enumerate(batches):
-            for j, (inputs, keep) in enumerate(_samples(batch, device)):
+            for j, (inputs, keep) in enumerate(_chunks(batch, device)):
                 lp = _log_probs(model, inputs, keep)
                 total += float(topk_kl(lp, teacher.values[b][j].to(device), teacher.indices[b][j].to(device)))
                 count += int(keep.sum())
@@ -262,7 +266,7 @@ def tune_scales(model: nn.Module, records: Dict[str, QuantizedWeight], batches: 
                 epoch_loss, epoch_tokens = 0.0, 0
                 for b in torch.randperm(len(batches), generator=generator).tolist():
                     opt.zero_grad(set_to_none=True)
-                    parts = list(_samples(batches[b], device))
+                    parts = list(_chunks(batches[b], device))
                     tokens = max(sum(int(keep.sum()) for _, keep in parts), 1)
                     for j, (inputs, keep) in enumerate(parts):
                         lp = _log_probs(model, inputs, keep)
