@@ -163,6 +163,8 @@ def test_unsupported_format_and_iters_are_refused_before_reading(tmp_path):
         quantize_model_free(src, tmp_path / "out", iters=5)
     with pytest.raises(ValueError, match="avg_bits=2.5.*mixed bits .* calibration data"):
         quantize_model_free(src, tmp_path / "out", avg_bits=2.5, scheme_options="W2G64,W4G128")
+    with pytest.raises(ValueError, match="e2e_epochs=2: end-to-end scale tuning .* model-free mode never builds"):
+        quantize_model_free(src, tmp_path / "out", e2e_epochs=2)
     with pytest.raises(TypeError, match="did you mean 'group_size'"):
         quantize_model_free(src, tmp_path / "out", group_sise=32)
     assert not (tmp_path / "out").exists()

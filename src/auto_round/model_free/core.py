@@ -357,6 +357,10 @@ def _settings(options: Mapping[str, Any]) -> Dict[str, Any]:
         raise ValueError(f"{', '.join(f'{k}={options[k]!r}' for k in mixed)}: mixed bits choose each layer's scheme by "
                          "its sensitivity on calibration data, which model-free mode has none of; pass per-layer "
                          "schemes with layer_config, or use AutoRound(model_dir, avg_bits=..., scheme_options=...)")
+    if options.get("e2e_epochs"):
+        raise ValueError(f"e2e_epochs={options['e2e_epochs']!r}: end-to-end scale tuning runs the whole model on "
+                         "calibration data, which model-free mode never builds; use AutoRound(model_dir, "
+                         "e2e_epochs=...) instead")
     return {**options, "iters": 0, "disable_opt_rtn": True}
 
 
