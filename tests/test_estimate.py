@@ -41,6 +41,14 @@ def test_work_is_forward_and_backward_of_each_tuned_block_per_step():
     assert est.model_mib * 2**20 == sum(p.numel() * 4 for p in ar.model.parameters())
 
 
+def test_e2e_adds_the_whole_model_passes():
+    ar, plan = _plan(iters=10, nsamples=4, seqlen=32, batch_size=2, amp=False, e2e_epochs=2)
+    est = estimate_run(ar.model, plan, ar.settings, checkpoint_bytes=3 * 2**20, flops_per_second=1e9)
+    blocks = 2 * BLOCK * 2 * (3 * 2 * 32 * 10 + 2 * 4 * 32)
+    linear = 2 * BLOCK + 512 * 64  # the blocks and lm_head, over the 4 x 32 calibration tokens
+    assert est.tflops * 1e12 == blocks + linear * 4 * 32 * 2 * (3 + 3 * 2)
+
+
 def test_plain_round_to_nearest_needs_no_data_cache_or_tuning():
     ar, plan = _plan(iters=0, disable_opt_rtn=True)
     est = estimate_run(ar.model, plan, ar.settings, checkpoint_bytes=0, flops_per_second=None)

@@ -17,7 +17,8 @@ inputs, released once the targets exist, or the quantized outputs next to both).
 a measured run in ``tests/test_estimate.py``.
 
 Time is the tuning's matrix-multiply work (forward and backward of every tuned block, ``iters`` steps of
-``batch_size * seqlen * gradient_accumulate_steps`` tokens) at a throughput measured on the device with
+``batch_size * seqlen * gradient_accumulate_steps`` tokens; with ``e2e_epochs``, the whole model's forward
+over the calibration tokens three times and its forward and backward once per epoch) at a throughput measured on the device with
 one dense matmul in the tuning's dtype (autocast or float32); the quantize-dequantize of every step,
 attention and data movement come on top (often 2-3x on small models).
 """
@@ -309,6 +310,12 @@ def estimate_run(model: nn.Module, plan: QuantPlan, settings: Settings, checkpoi
         device_mib = dev_peak / MIB
     step_tokens = settings.batch_size * settings.seqlen * settings.gradient_accumulate_steps
     work = sum(units) * 2 * (3 * step_tokens * settings.iters + 2 * tokens) if uses_data else 0
+    epochs = int(getattr(settings, "e2e_epochs", 0) or 0)
+    if epochs:  # the teacher pass, the KL before and after (forwards), each epoch's forward and backward
+        linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
+        work += linear * tokens * 2 * (3 + 3 * epochs)
+        if device.type != "cpu" and not model_on_device:
+            device_mib = (device_mib or 0.0) + model_held / MIB  # the stage runs the whole model there
     seconds = work / flops_per_second if flops_per_second else None
     return RunEstimate(model_held / MIB, records / MIB, checkpoint_bytes / MIB, cache.peak / MIB, cache.tuning / MIB,
                        cache.peak_copies, where, (cache.files if where == "offload_dir" else 0.0) / MIB,
