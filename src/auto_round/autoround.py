@@ -372,13 +372,9 @@ class AutoRound:
 
     def _e2e_teacher(self, plan: QuantPlan, batches: Callable[[], List[Dict[str, torch.Tensor]]]) -> Any:
         """Before tuning, for ``e2e_epochs``: refuse what the stage cannot train, then the FP model's top-k."""
-        from auto_round.tuning.e2e import TOP_K, model_on_device, teacher_targets
+        from auto_round.tuning.e2e import TOP_K, model_on_device, refuse_kquant, teacher_targets
 
-        kq = [lp.name for lp in plan.quantized if lp.params.scheme.endswith("_dq")]
-        if kq:
-            raise ValueError(f"e2e_epochs={self.settings.e2e_epochs} trains float group scales, but {len(kq)} layers "
-                             f"(e.g. {kq[0]!r}) get GGUF K-quant super-blocks (6-bit sub-block scales): drop e2e_epochs "
-                             "for K-quant formats, or export one with float scales (gguf:q4_0, auto_round, ...)")
+        refuse_kquant([lp.name for lp in plan.quantized if lp.params.scheme.endswith("_dq")], self.settings.e2e_epochs)
         if self.tokenizer is None:
             raise ValueError("e2e_epochs needs calibration data: pass a tokenizer, or set e2e_epochs=0")
         t = time.perf_counter()

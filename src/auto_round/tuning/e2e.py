@@ -35,6 +35,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from auto_round.quant.types import QuantizedWeight
+from auto_round.tuning.wrapper import load_record, set_module
 
 logger = logging.getLogger(__name__)
 
@@ -67,13 +68,11 @@ def _chunks(batch: Mapping[str, Any], device: torch.device) -> Iterator[Tuple[Di
     ids = inputs["input_ids"]
     mask = inputs.get("attention_mask")
     keep = torch.ones(ids.shape, dtype=torch.bool) if mask is None else mask.to(torch.bool).cpu()
-    if all(k in _PER_SAMPLE for k in inputs):
-        spans = [(j, j + 1) for j in range(ids.shape[0])]
-    else:
-        spans = [(0, ids.shape[0])]
-    for a, b in spans:
-        chunk = {k: v[a:b] if (a, b) != (0, ids.shape[0]) else v for k, v in inputs.items()}
-        yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in chunk.items()}, keep[a:b]
+    if not all(k in _PER_SAMPLE for k in inputs):
+        yield {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}, keep
+        return
+    for j in range(ids.shape[0]):
+        yield {k: v[j:j + 1].to(device) for k, v in inputs.items()}, keep[j:j + 1]
 
 
 def _log_probs(model: nn.Module, inputs: Mapping[str, Any], keep: torch.Tensor) -> torch.Tensor:
@@ -116,18 +115,14 @@ def topk_kl(student_log_probs: torch.Tensor, values: torch.Tensor, indices: torc
     return per_position.sum()
 
 
-def _expand(t: torch.Tensor, group_size: int, in_features: int) -> torch.Tensor:
-    """``[out, G]`` per-group values repeated along the input dimension to ``[out, in_features]``."""
-    return t.repeat_interleave(group_size, dim=1)[:, :in_features]
-
-
-def _levels(codes: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``codes - zero`` as float32 ``[out, in_]`` (small integers, exact)."""
-    return codes.float() - _expand(zero, group_size, codes.shape[1]).float()
+def _levels(codes: torch.Tensor, zero: torch.Tensor, idx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``codes - zero`` per column (``idx``: each column's group), small integers, exact in ``dtype``."""
+    return codes.to(dtype) - zero.to(dtype)[:, idx]
 
 
 class _ScaledLinearFn(torch.autograd.Function):
-    """``linear(x, scale * (codes - zero), bias)`` with the gradient of ``scale`` only.
+    """``linear(x, scale * (codes - zero), bias)`` with the gradient of ``scale`` only; the weight is
+    :func:`~auto_round.quant.qdq.dequantize`'s, formed in the scale's dtype (float32 here).
 
     The backward rebuilds the weight from the uint8 codes rather than saving it, so a layer costs its
     input activations, not a weight-sized tensor, between forward and backward."""
@@ -135,32 +130,30 @@ class _ScaledLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, scale: torch.Tensor, codes: torch.Tensor, zero: torch.Tensor,
                 group_size: int, bias: Any) -> torch.Tensor:
-        weight = (_expand(scale, group_size, codes.shape[1]) * _levels(codes, zero, group_size)).to(x.dtype)
         ctx.save_for_backward(x, scale, codes, zero)
         ctx.group_size = group_size
-        return F.linear(x, weight, bias)
+        idx = torch.arange(codes.shape[1], device=codes.device) // group_size
+        weight = scale[:, idx] * _levels(codes, zero, idx, scale.dtype)
+        return F.linear(x, weight.to(x.dtype), bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor):  # type: ignore[override]
         x, scale, codes, zero = ctx.saved_tensors
-        gs = ctx.group_size
         out, in_ = codes.shape
-        levels = _levels(codes, zero, gs)
-        grad_x = grad @ (_expand(scale, gs, in_) * levels).to(grad.dtype)
-        prod = (grad.reshape(-1, out).float().t() @ x.reshape(-1, in_).float()) * levels
-        pad = scale.shape[1] * gs - in_
-        if pad:
-            prod = F.pad(prod, (0, pad))
-        return grad_x, prod.reshape(out, scale.shape[1], gs).sum(-1), None, None, None, None
+        idx = torch.arange(in_, device=codes.device) // ctx.group_size
+        levels = _levels(codes, zero, idx, scale.dtype)
+        grad_x = grad @ (scale[:, idx] * levels).to(grad.dtype)
+        grad_weight = grad.reshape(-1, out).to(scale.dtype).t() @ x.reshape(-1, in_).to(scale.dtype)
+        grad_scale = torch.zeros_like(scale).index_add_(1, idx, grad_weight * levels)  # columns into their group
+        return grad_x, grad_scale, None, None, None, None
 
 
-def check_e2e_records(records: Mapping[str, QuantizedWeight]) -> None:
-    """Refuse records whose scales this stage cannot train (GGUF K-quant super-blocks)."""
-    kq = [name for name, r in records.items() if r.kquant is not None]
-    if kq:
-        raise ValueError(f"e2e_epochs trains float group scales, but {len(kq)} layers (e.g. {kq[0]!r}) hold GGUF "
-                         "K-quant super-blocks (6-bit sub-block scales): drop e2e_epochs for K-quant formats, or "
-                         "export a format with float scales (gguf:q4_0, auto_round, ...)")
+def refuse_kquant(names: Sequence[str], epochs: int) -> None:
+    """Refuse layers whose scales this stage cannot train: GGUF K-quant super-blocks (``names``)."""
+    if names:
+        raise ValueError(f"e2e_epochs={epochs} trains float group scales, but {len(names)} layers (e.g. "
+                         f"{names[0]!r}) get GGUF K-quant super-blocks (6-bit sub-block scales): drop e2e_epochs "
+                         "for K-quant formats, or export one with float scales (gguf:q4_0, auto_round, ...)")
 
 
 @contextmanager
@@ -213,17 +206,14 @@ def _scales_trainable(model: nn.Module, records: Mapping[str, QuantizedWeight],
     scales: Dict[str, _RelativeScale] = {}
     try:
         for name, record in records.items():
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            linear = getattr(parent, child)
+            linear = model.get_submodule(name)
             scales[name] = _RelativeScale(record.scale.detach().float().to(device).clone())
             originals[name] = linear
-            setattr(parent, child, _ScaledLinear(record, scales[name], linear.bias, device))
+            set_module(model, name, _ScaledLinear(record, scales[name], linear.bias, device))
         yield scales
     finally:
         for name, linear in originals.items():
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, linear)
+            set_module(model, name, linear)
 
 
 def _mean_kl(model: nn.Module, batches: Sequence[Mapping[str, Any]], teacher: TeacherTargets,
@@ -245,12 +235,12 @@ def tune_scales(model: nn.Module, records: Dict[str, QuantizedWeight], batches: 
 
     Returns what happened: the mean calibration KL before and after, whether the new scales were kept,
     the steps and the seconds."""
-    check_e2e_records(records)
+    refuse_kquant([name for name, r in records.items() if r.kquant is not None], epochs)
     if epochs < 1:
         raise ValueError(f"e2e epochs={epochs} must be at least 1")
     t0 = time.perf_counter()
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
+    trainable = [p for p in model.parameters() if p.requires_grad]  # frozen here, restored after
+    for p in trainable:
         p.requires_grad_(False)
     was_training = model.training
     model.eval()
@@ -284,7 +274,7 @@ def tune_scales(model: nn.Module, records: Dict[str, QuantizedWeight], batches: 
             kl_after = _mean_kl(model, batches, teacher, device)
             tuned = {name: scale.start.clone() for name, scale in scales.items()}
     finally:
-        for p in frozen:
+        for p in trainable:
             p.requires_grad_(True)
         model.train(was_training)
     kept = bool(math.isfinite(kl_after) and kl_after < kl_before
@@ -293,9 +283,8 @@ def tune_scales(model: nn.Module, records: Dict[str, QuantizedWeight], batches: 
         for name, scale in tuned.items():
             record = records[name]
             record.scale = scale.to(device=record.scale.device, dtype=record.scale.dtype)
-            weight = model.get_submodule(name).weight
             with torch.no_grad():
-                weight.copy_(record.dequantize(weight.dtype).to(weight.device))
+                load_record(model.get_submodule(name), record)
     else:
         logger.warning("e2e scale tuning did not lower the calibration KL (%.5f -> %.5f): the block-wise scales are "
                        "kept", kl_before, kl_after)
