@@ -120,7 +120,9 @@ def rss(key):
             return int(line.split()[1]) * 1024
 
 out = []
-for nsamples, seqlen, bs in ((4, 128, 2), (2, 512, 2)):
+# the first run in a process also pays one-time allocations (kernel and thread-pool set-up: about 27 MB on an
+# AMD EPYC with AVX-512), which are not the tuning's: it runs once unmeasured and is left out
+for nsamples, seqlen, bs in ((4, 128, 2), (4, 128, 2), (2, 512, 2)):
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=512, intermediate_size=1536, num_hidden_layers=1, num_attention_heads=8,
                       num_key_value_heads=2, vocab_size=256, max_position_embeddings=1024)
@@ -137,7 +139,7 @@ for nsamples, seqlen, bs in ((4, 128, 2), (2, 512, 2)):
     out.append({"tokens": bs * seqlen, "measured": rss("VmHWM:") - before,
                 "estimated": (est.host_mib - est.model_mib) * 2**20, "tuning": est.tuning_mib * 2**20})
     del m
-print(json.dumps(out))
+print(json.dumps(out[1:]))
 """
 
 
@@ -145,10 +147,12 @@ print(json.dumps(out))
 def test_tuning_memory_is_within_a_quarter_of_a_measured_run():
     """One Llama block (hidden 512, intermediate 1536, 8 heads / 2 key-value heads: 3.0M tuned weights) tuned
     3 iterations on CPU in a fresh process, its peak RSS over its RSS before (float32 model, so the tuning's
-    float32 weights are the model's own). Measured here: 108.6 MB at 256 tokens per micro-batch (4 x 128,
-    batch 2) and 138.6 MB at 1024 (2 x 512, batch 2); estimated (records + block cache + tuning) 95.8 and
-    139.6 MB: 0.88x and 1.01x. The estimate before the fix (16 bytes per weight, 64 per token x hidden, 2 bf16
-    cache copies) was 57.7 and 83.9 MB: 0.53x and 0.61x.
+    float32 weights are the model's own), after one unmeasured warm-up run. Measured here (2026-12-07, AMD
+    EPYC): 92.5 MiB at 256 tokens per micro-batch (4 x 128, batch 2) and 128.4 MiB at 1024 (2 x 512, batch 2);
+    estimated (records + block cache + tuning) 93.7 and 120.8 MiB: 1.01x and 0.94x. Without the warm-up the
+    first run also carried about 27 MB of one-time set-up (0.79x, a failure on this machine, though it passed
+    on an earlier one). The estimate before the fix (16 bytes per weight, 64 per token x hidden, 2 bf16 cache
+    copies) was 0.53x and 0.61x.
 
     Run with a fixed glibc mmap threshold, as the large tensors of a real model behave: under glibc's default
     (dynamic, up to 32 MiB) threshold, freed activation-sized blocks stay in the heap and the same runs peaked
