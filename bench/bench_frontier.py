@@ -51,6 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--e2e-epochs", type=int, default=2, help="side ours_e2e: the extended tuner, then this many "
                    "epochs of end-to-end scale tuning (e2e_epochs)")
     p.add_argument("--e2e-lr", type=float, default=None, help="side ours_e2e: e2e_lr (default: the library's)")
+    p.add_argument("--disable-amp", action="store_true",
+                   help="ours: tune in float32 even where the CPU has native bf16 (amp=False); the figures taken on "
+                        "the AVX2-only machine were float32 because amp had nothing to use there")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
@@ -155,6 +158,7 @@ def main(argv=None) -> int:
     torch.save(reference_windows(tok, text_file, args.seqlen, args.nsamples), win_file)
     torch.save(token_windows(tok, heldout, args.eval_seqlen, args.eval_windows), eval_file)
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size, "seed": args.seed,
+                "ours_amp": not args.disable_amp,
                 "sym": True, "calibration": "identical BBC windows", "eval_windows": args.eval_windows,
                 "eval_seqlen": args.eval_seqlen}
     record: Dict[str, Any] = {"benchmark": NAME, "model": str(model_dir), "settings": settings,
@@ -179,6 +183,8 @@ def main(argv=None) -> int:
                         opts = {"bits": bits, "group_size": gs, "sym": True, "iters": iters,
                                 "nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size,
                                 "seed": args.seed, "device": "cpu", **v["opts"]}
+                        if args.disable_amp:
+                            opts["amp"] = False
                         rec = run_ours({"job": "quantize", "kind": "llm", "model": str(model_dir),
                                         "model_dtype": "fp32", "options": opts, "calib_windows": str(win_file),
                                         "ppl_windows": str(eval_file), "ext_tuner": v.get("ext_tuner")}, work, tag)

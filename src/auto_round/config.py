@@ -22,6 +22,8 @@ from auto_round.quant.qdq import SUPPORTED_BITS
 
 np_bool = np.bool_
 
+E2E_LR_2BIT = 1.5e-3  # default e2e_lr of a 2-bit layer (Settings.resolved_e2e_lr scales it by width)
+
 SCALE_DTYPES = {"fp16": torch.float16, "float16": torch.float16, "bf16": torch.bfloat16,
                 "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32}
 SYM_STYLES = ("full_range", "gptq")
@@ -59,7 +61,8 @@ class Settings:
                               "Needs the whole model on the tuning device, float scales (not GGUF K-quants), one "
                               "process")
     e2e_lr: Optional[float] = _opt(None, "Adam learning rate of the end-to-end scale tuning, as a relative change of each scale "
-                                             "per step (default 1.5e-3, cosine decay)")
+                                         "per step, cosine decay (default per layer 1.5e-3 x 2^(2 - bits): 1.5e-3 at 2 "
+                                         "bits, 3.75e-4 at 4)")
     disable_opt_rtn: bool = _opt(False, "with iters=0, plain round-to-nearest without calibration data instead of the "
                                         "importance-weighted clip search")
     lr: Optional[float] = _opt(None, "learning rate of the rounding offsets (default 1/iters)")
@@ -113,9 +116,14 @@ class Settings:
     def resolved_minmax_lr(self) -> float:
         return float(self.minmax_lr) if self.minmax_lr is not None else self.resolved_lr
 
-    @property
-    def resolved_e2e_lr(self) -> float:
-        return float(self.e2e_lr) if self.e2e_lr is not None else 1.5e-3
+    def resolved_e2e_lr(self, bits: int) -> float:
+        """``e2e_lr`` of a ``bits``-bit layer: the one given, else ``E2E_LR_2BIT * 2**(2 - bits)``.
+
+        A relative change ``d`` of a scale moves a weight on level ``q`` by ``d * |q|`` quantization steps,
+        and ``|q|`` reaches ``2**(bits - 1)``: one rate for all widths moves a 4-bit weight 4x as many
+        steps as a 2-bit one. Measured on SmolLM2 W4G128 (2 epochs): 1.5e-3 raised the calibration KL
+        in the second epoch (0.0263 -> 0.0315, block-wise scales kept), 3.75e-4 lowered it to 0.0210."""
+        return float(self.e2e_lr) if self.e2e_lr is not None else E2E_LR_2BIT * 2.0 ** (2 - bits)
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:

@@ -51,5 +51,8 @@ def build_quantization_config(settings: Settings, plan: QuantPlan, dataset: str)
         "autoround_version": __version__,
     }
     if settings.e2e_epochs:  # the scales were trained end to end after the block-wise tuning
-        config.update(e2e_epochs=settings.e2e_epochs, e2e_lr=settings.resolved_e2e_lr)
+        widths = sorted({lp.params.bits for lp in plan.quantized})
+        config.update(e2e_epochs=settings.e2e_epochs, e2e_lr=settings.resolved_e2e_lr(settings.bits))
+        if len(widths) > 1 or widths != [settings.bits]:
+            config["e2e_lr_by_bits"] = {str(b): settings.resolved_e2e_lr(b) for b in widths}
     return config

@@ -9,7 +9,8 @@ model's next-token distribution match the full-precision model's:
   sample, the top-``k`` log-probabilities of every attended position, and their indices.
 - **Loss** (:func:`topk_kl`): the KL divergence from the teacher to the student over those ``k``
   tokens plus one bucket holding the rest of the probability mass, averaged over attended tokens.
-- **Step**: Adam on a relative change of each scale (``scale = start * (1 + delta)``, float32), cosine learning-rate decay over
+- **Step**: Adam on a relative change of each scale (``scale = start * (1 + delta)``, float32; the
+  learning rate per bit width, see ``Settings.resolved_e2e_lr``), cosine learning-rate decay over
   ``epochs x batches`` steps, one calibration batch per step (its samples run one at a time and
   their gradients add up, so one sample's logits are the most held in memory).
 - **Guard**: the mean KL over the calibration data is measured before and after (with the scales
@@ -28,7 +29,7 @@ import math
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Mapping, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -229,12 +230,13 @@ def _mean_kl(model: nn.Module, batches: Sequence[Mapping[str, Any]], teacher: Te
 
 
 def tune_scales(model: nn.Module, records: Dict[str, QuantizedWeight], batches: Sequence[Mapping[str, Any]],
-                teacher: TeacherTargets, epochs: int, lr: float, seed: int,
+                teacher: TeacherTargets, epochs: int, lr: Union[float, Callable[[int], float]], seed: int,
                 device: torch.device) -> Dict[str, Any]:
     """Train the group scales of ``records`` end to end; update the records and the model's weights in place.
 
+    ``lr``: one learning rate, or a layer's learning rate from its bit width (``Settings.resolved_e2e_lr``).
     Returns what happened: the mean calibration KL before and after, whether the new scales were kept,
-    the steps and the seconds."""
+    the learning rate per bit width, the steps and the seconds."""
     refuse_kquant([name for name, r in records.items() if r.kquant is not None], epochs)
     if epochs < 1:
         raise ValueError(f"e2e epochs={epochs} must be at least 1")
@@ -250,7 +252,12 @@ def tune_scales(model: nn.Module, records: Dict[str, QuantizedWeight], batches: 
     try:
         with _scales_trainable(model, records, device) as scales:
             kl_before = _mean_kl(model, batches, teacher, device)
-            opt = torch.optim.Adam([s.delta for s in scales.values()], lr=lr)
+            lr_of = lr if callable(lr) else (lambda bits: float(lr))
+            by_bits: Dict[int, List[nn.Parameter]] = {}
+            for name, scale in scales.items():
+                by_bits.setdefault(records[name].bits, []).append(scale.delta)
+            rates = {bits: lr_of(bits) for bits in sorted(by_bits)}
+            opt = torch.optim.Adam([{"params": ps, "lr": rates[bits]} for bits, ps in sorted(by_bits.items())])
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / steps)))
             for _ in range(epochs):
                 epoch_loss, epoch_tokens = 0.0, 0
@@ -288,6 +295,6 @@ def tune_scales(model: nn.Module, records: Dict[str, QuantizedWeight], batches: 
     else:
         logger.warning("e2e scale tuning did not lower the calibration KL (%.5f -> %.5f): the block-wise scales are "
                        "kept", kl_before, kl_after)
-    return {"epochs": epochs, "lr": lr, "steps": steps, "top_k": teacher.k, "kl_before": round(kl_before, 6),
+    return {"epochs": epochs, "lr": {str(bits): rate for bits, rate in rates.items()}, "steps": steps, "top_k": teacher.k, "kl_before": round(kl_before, 6),
             "kl_after": round(kl_after, 6), "epoch_kl": [round(v, 6) for v in history], "kept": kept,
             "seconds": round(time.perf_counter() - t0, 2)}
