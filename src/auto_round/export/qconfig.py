@@ -53,6 +53,6 @@ def build_quantization_config(settings: Settings, plan: QuantPlan, dataset: str)
     if settings.e2e_epochs:  # the scales were trained end to end after the block-wise tuning
         widths = sorted({lp.params.bits for lp in plan.quantized})
         config.update(e2e_epochs=settings.e2e_epochs, e2e_lr=settings.resolved_e2e_lr(settings.bits))
-        if len(widths) > 1 or widths != [settings.bits]:
+        if widths != [settings.bits]:  # mixed widths, or one width other than the global scheme's
             config["e2e_lr_by_bits"] = {str(b): settings.resolved_e2e_lr(b) for b in widths}
     return config

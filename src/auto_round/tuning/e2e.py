@@ -295,6 +295,6 @@ def tune_scales(model: nn.Module, records: Dict[str, QuantizedWeight], batches: 
     else:
         logger.warning("e2e scale tuning did not lower the calibration KL (%.5f -> %.5f): the block-wise scales are "
                        "kept", kl_before, kl_after)
-    return {"epochs": epochs, "lr": {str(bits): rate for bits, rate in rates.items()}, "steps": steps, "top_k": teacher.k, "kl_before": round(kl_before, 6),
-            "kl_after": round(kl_after, 6), "epoch_kl": [round(v, 6) for v in history], "kept": kept,
+    return {"epochs": epochs, "lr": {str(bits): rate for bits, rate in rates.items()}, "steps": steps,
+            "top_k": teacher.k, "kl_before": round(kl_before, 6), "kl_after": round(kl_after, 6), "epoch_kl": [round(v, 6) for v in history], "kept": kept,
             "seconds": round(time.perf_counter() - t0, 2)}
