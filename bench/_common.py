@@ -285,6 +285,29 @@ def reference_windows(tokenizer, path: Path, seqlen: int, nsamples: int):
     return torch.tensor(ids[: nsamples * seqlen], dtype=torch.long).view(nsamples, seqlen)
 
 
+def identical_windows(work: Path, tokenizer, nsamples: int, seqlen: int, eval_windows: int = 0,
+                      eval_seqlen: int = 512, tag: str = "") -> tuple:
+    """The calibration both sides see, under ``work``: ``(text_file, windows_file, heldout_file)``.
+
+    ``text_file`` holds just enough BBC calibration articles for ``nsamples`` windows of ``seqlen`` (what the
+    reference runner tokenizes), ``windows_file`` those windows exactly as the runner cuts them
+    (:func:`reference_windows`, ``torch.save``, what ours reads), and ``heldout_file`` the first ``eval_windows``
+    held-out windows of ``eval_seqlen`` tokens (None when ``eval_windows`` is 0). ``tag`` suffixes the names."""
+    import torch
+
+    from demo.assets import token_windows
+
+    calib, heldout = bbc_texts()
+    text_file, windows_file = work / f"calib{tag}.txt", work / f"calib_windows{tag}.pt"
+    write_text_for_windows(tokenizer, calib, text_file, nsamples * seqlen)
+    torch.save(reference_windows(tokenizer, text_file, seqlen, nsamples), windows_file)
+    heldout_file = None
+    if eval_windows:
+        heldout_file = work / f"heldout_windows{tag}.pt"
+        torch.save(token_windows(tokenizer, heldout, eval_seqlen, eval_windows), heldout_file)
+    return text_file, windows_file, heldout_file
+
+
 def check_reference_tokenizes_alike(model_dir: str, path: Path, seqlen: int, nsamples: int, ours) -> Dict[str, Any]:
     """Tokenize ``path`` in the reference venv the runner's way and compare with ``ours``."""
     import hashlib

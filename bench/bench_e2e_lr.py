@@ -7,6 +7,10 @@ restarts from the block-wise scales, runs :func:`auto_round.tuning.e2e.tune_scal
 perplexity (16 x 512). Writes bench/results/e2e_lr_<scheme>.json after every trial.
 
     .venv/bin/python bench/bench_e2e_lr.py W4G128 3.75e-4:2 1.5e-3:2     # the README's figures (the default)
+    .venv/bin/python bench/bench_e2e_lr.py W4G128 fp32 3.75e-4:3          # tuned in float32 (amp=False)
+
+``fp32`` after the scheme tunes the blocks without bf16 autocast (``amp=False``; the results file then ends in
+``_fp32``), as ``bench_frontier.py --disable-amp`` does.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, WORK, bbc_texts, reference_windows, smollm2_dir, write_text_for_windows  # noqa: E402
+from _common import RESULTS, WORK, identical_windows, smollm2_dir  # noqa: E402
 from _worker import _fixed_windows_class, _ppl  # noqa: E402
 
 SCHEMES = {"W4G128": (4, 128), "W3G128": (3, 128), "W2G64": (2, 64)}
@@ -32,10 +36,11 @@ def main(argv=None) -> int:
     from auto_round import AutoRound
     from auto_round.tuning.e2e import TOP_K, teacher_targets, tune_scales
     from auto_round.tuning.wrapper import load_record
-    from demo.assets import token_windows
 
     args = list(sys.argv[1:] if argv is None else argv) or DEFAULT
-    scheme, trials = args[0], [tuple(float(x) for x in t.split(":")) for t in args[1:]]  # LR:EPOCHS
+    scheme, rest = args[0], args[1:]
+    fp32 = bool(rest) and rest[0] == "fp32"
+    trials = [tuple(float(x) for x in t.split(":")) for t in rest[fp32:]]  # LR:EPOCHS
     if scheme not in SCHEMES:
         raise SystemExit(f"scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
     bits, gs = SCHEMES[scheme]
@@ -43,20 +48,18 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     model_dir = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    calib, heldout = bbc_texts()
-    text_file, eval_file = work / "calib.txt", work / "heldout.pt"
-    write_text_for_windows(tok, calib, text_file, 32 * 256)
-    torch.save(token_windows(tok, heldout, 512, 16), eval_file)
+    _, win_file, eval_file = identical_windows(work, tok, 32, 256, 16, 512)
     cpu = torch.device("cpu")
 
-    ar = _fixed_windows_class(AutoRound, reference_windows(tok, text_file, 256, 32))(
+    ar = _fixed_windows_class(AutoRound, torch.load(win_file))(
         str(model_dir), None, model_dtype="fp32", bits=bits, group_size=gs, sym=True, iters=50, nsamples=32,
-        seqlen=256, batch_size=4, seed=42, device="cpu", enable_alg_ext=True)
+        seqlen=256, batch_size=4, seed=42, device="cpu", enable_alg_ext=True,
+        amp=not fp32)
     batches = ar.calibration_batches()
     teacher = teacher_targets(ar.model, batches, TOP_K, cpu)  # the FP model, before tuning
     t = time.perf_counter()
     ar.quantize()
-    out = {"scheme": scheme, "quantize_s": round(time.perf_counter() - t, 1),
+    out = {"scheme": scheme, "amp": not fp32, "quantize_s": round(time.perf_counter() - t, 1),
            "blockwise_ppl": _ppl(ar.model, str(eval_file)), "trials": []}
     print(json.dumps(out), flush=True)
     start = {name: rec.scale.clone() for name, rec in ar.quantized_layers.items()}
@@ -71,7 +74,7 @@ def main(argv=None) -> int:
         res["wall_s"] = round(time.perf_counter() - t, 1)
         out["trials"].append(res)
         print(json.dumps(res), flush=True)
-        (RESULTS / f"e2e_lr_{scheme}.json").write_text(json.dumps(out, indent=1))
+        (RESULTS / f"e2e_lr_{scheme}{'_fp32' if fp32 else ''}.json").write_text(json.dumps(out, indent=1))
     return 0
 
 

@@ -34,9 +34,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (RESULTS, WORK, bbc_texts, fmt, log, machine_info, parse_bench_args, print_table,  # noqa: E402
-                     reference_windows, run_ours, run_ppl, run_reference, smollm2_dir, write_json,
-                     write_text_for_windows)
+from _common import (RESULTS, WORK, fmt, identical_windows, log, machine_info, parse_bench_args,  # noqa: E402
+                     print_table, run_ours, run_ppl, run_reference, smollm2_dir, write_json)
 
 NAME = "frontier"
 SCHEMES = {"W4G128": (4, 128), "W3G128": (3, 128), "W2G64": (2, 64)}
@@ -142,21 +141,14 @@ def _plot(points: List[Dict[str, Any]], fp_ppl: float, path: Path) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    import torch
     from transformers import AutoTokenizer
-
-    from demo.assets import token_windows
 
     work = WORK / NAME
     work.mkdir(parents=True, exist_ok=True)
     model_dir = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    calib, heldout = bbc_texts()
-    text_file = work / "calib.txt"
-    write_text_for_windows(tok, calib, text_file, args.nsamples * args.seqlen)
-    win_file, eval_file = work / "calib_windows.pt", work / "heldout_windows.pt"
-    torch.save(reference_windows(tok, text_file, args.seqlen, args.nsamples), win_file)
-    torch.save(token_windows(tok, heldout, args.eval_seqlen, args.eval_windows), eval_file)
+    text_file, win_file, eval_file = identical_windows(work, tok, args.nsamples, args.seqlen, args.eval_windows,
+                                                      args.eval_seqlen)
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size, "seed": args.seed,
                 "ours_amp": not args.disable_amp,
                 "sym": True, "calibration": "identical BBC windows", "eval_windows": args.eval_windows,

@@ -21,7 +21,6 @@ took from it). Target (issue 13): ours' loaded time below the reference's, and a
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -32,8 +31,8 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (WORK, bbc_texts, fmt, log, machine_info, parse_bench_args, print_table,  # noqa: E402
-                     reference_windows, run_ours, run_reference, smollm2_dir, write_json, write_text_for_windows)
+from _common import (WORK, fmt, identical_windows, log, machine_info, parse_bench_args, print_table,  # noqa: E402
+                     run_ours, run_reference, smollm2_dir, write_json)
 
 NAME = "under_load"
 SIDES = ("ours", "ours-1t", "reference")
@@ -122,17 +121,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--sides", nargs="+", default=list(SIDES), choices=SIDES)
     args = parse_bench_args(p, argv, NAME, "iters 2, 8 x 64, one round", dict(iters=2, nsamples=8, seqlen=64,
                                                                               rounds=1))
-    import torch
     from transformers import AutoTokenizer
 
     work = WORK / NAME
     work.mkdir(parents=True, exist_ok=True)
     folder = smollm2_dir()
     tok = AutoTokenizer.from_pretrained(folder)
-    calib, _ = bbc_texts()
-    text_file, win_file = work / "calib.txt", work / "calib_windows.pt"
-    write_text_for_windows(tok, calib, text_file, args.nsamples * args.seqlen)
-    torch.save(reference_windows(tok, text_file, args.seqlen, args.nsamples), win_file)
+    text_file, win_file, _ = identical_windows(work, tok, args.nsamples, args.seqlen)
     comp = Competitor(work, args.competitor_threads)
     with comp:  # the competitor alone, for its quiet rate
         time.sleep(10)

@@ -155,7 +155,7 @@ def main(argv=None) -> int:
                            "quantized_layers": [f"{b['quantized_layers']}/{b['layers']}"
                                                 for b in rec.get("block_losses", [])]}
                     if not rec.get("error"):
-                        log(f"  perplexity of the reference's fake-quant folder")
+                        log("  perplexity of the reference's fake-quant folder")
                         pp = run_ppl(str(out_dir), eval_file, work, f"{tag}-ppl")
                         row["ppl"] = pp.get("ppl")
                         row["ppl_error"] = pp.get("error")

@@ -44,7 +44,7 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import RESULTS, log, machine_info, print_table, write_json  # noqa: E402
+from _common import RESULTS, machine_info, print_table, write_json  # noqa: E402
 
 GIB = 2**30
 MIB = 2**20

@@ -1,7 +1,6 @@
 """End to end through the public API and CLI: tune, export auto_round, reload, generate."""
 
 import json
-import os
 
 import pytest
 import torch

@@ -11,7 +11,6 @@ a zero below 32), so ``m`` carries one fp16 rounding, at most half an ulp: ``2^-
 import copy
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np

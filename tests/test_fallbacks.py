@@ -3,7 +3,6 @@
 import logging
 
 import pytest
-import torch
 import torch.nn as nn
 
 from auto_round.config import build_settings

@@ -3,12 +3,11 @@
 import json
 
 import pytest
-import torch
 
 from auto_round import AutoRoundMLLM
 from auto_round.cli import main_mllm
 from auto_round.mllm.processor import PROCESSORS, HFProcessor, register_processor
-from auto_round.mllm.template import TEMPLATES, Template, _register_template, get_template, load_template_file
+from auto_round.mllm.template import TEMPLATES, _register_template, get_template, load_template_file
 from tiny_vlms import FAMILIES
 
 FAST = dict(bits=4, group_size=32, iters=2, nsamples=4, seqlen=48, batch_size=2)

@@ -12,7 +12,6 @@ lengths are batched with right padding; padded tokens are masked out of the loss
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, fields
 from pathlib import Path

@@ -19,7 +19,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 import torch.nn as nn
 
-from auto_round.calib.cache import to_device
 from auto_round.config import Settings
 from auto_round.quant.opt_rtn import K_SCHEMES, search_clip
 from auto_round.quant.types import QuantizedWeight
