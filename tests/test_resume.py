@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from auto_round import AutoRound
-from auto_round.autoround import default_resume_dir
+from auto_round.tuning.resume import default_resume_dir
 from tiny_models import tiny_llama
 from tokenizer_fixture import make_tokenizer
 

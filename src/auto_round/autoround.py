@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from auto_round.config import Settings, build_settings
 from auto_round.device import peak_gpu_mb, peak_rss_mb, resolve_device
-from auto_round.export.folder import check_output_dir, write_atomically
+from auto_round.export.folder import check_output_dir, output_targets, parse_formats, write_atomically
 from auto_round.models.blocks import resolve_block_names
 from auto_round.models.loading import load_causal_lm
 from auto_round.quant.qdq import QuantParams
@@ -35,21 +35,9 @@ from auto_round.tuning.block import BlockResult
 from auto_round.tuning.loop import opt_rtn_active, quantize_model
 from auto_round.tuning.parallel import from_environment, local_device
 from auto_round.tuning.plan import QuantPlan, resolve_plan
+from auto_round.tuning.resume import clear_resume_dir, default_resume_dir
 
 logger = logging.getLogger(__name__)
-
-
-def parse_formats(format: Union[str, Sequence[str]]) -> List[str]:
-    """``"auto_round,auto_gptq"`` -> ``["auto_round", "auto_gptq"]``, each checked to exist."""
-    from auto_round.export import get_format
-
-    items = [f.strip() for f in format.split(",")] if isinstance(format, str) else [str(f) for f in format]
-    items = [f for f in items if f]
-    if not items:
-        raise ValueError(f"format={format!r} names no export format")
-    for f in items:
-        get_format(f)  # raises with the valid names
-    return items
 
 
 def _capability_checker(formats: Sequence[str]):
@@ -161,25 +149,6 @@ def _warn_fp16_overflow(results: Sequence[BlockResult]) -> None:
         logger.warning("activations of %d block(s) exceed the fp16 range (max |x| %.3g in %s, fp16 ends at 65504): "
                        "run the quantized model in bf16 or fp32, not fp16 (e.g. vLLM --dtype bfloat16)",
                        len(over), over[0].peak_activation, over[0].name)
-
-
-def default_resume_dir(output_dir: Union[str, Path]) -> Path:
-    """Where :meth:`AutoRound.quantize_and_save` checkpoints tuned blocks: ``.<name>.resume`` beside the output."""
-    out = Path(output_dir).expanduser().resolve()
-    return out.parent / f".{out.name}.resume"
-
-
-def clear_resume_dir(folder: Union[str, Path]) -> None:
-    from auto_round.tuning.resume import ResumeStore
-
-    if Path(folder).is_dir():
-        ResumeStore.remove(Path(folder))
-
-
-def output_targets(output_dir: Union[str, Path], formats: Sequence[str]) -> List[Path]:
-    """The folder of each format: ``output_dir`` itself for one format, a sub-folder per format for several."""
-    root = Path(output_dir)
-    return [root] if len(formats) == 1 else [root / f.replace(":", "-") for f in formats]
 
 
 class AutoRound:

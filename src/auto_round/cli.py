@@ -361,7 +361,7 @@ def _api(mllm: bool):
 
 
 def _quantize(ns: argparse.Namespace, cls: Any, extra: Sequence[Any]) -> int:
-    from auto_round.autoround import parse_formats
+    from auto_round.export.folder import parse_formats
 
     if ns.tasks and not ns.dry_run:  # a task that cannot run fails now, not after the tuning
         from auto_round.evaluation import check_tasks

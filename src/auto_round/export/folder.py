@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterable, List, Optional, Set, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Set, Union
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,25 @@ CHECKPOINT_FILES = ("config.json", "model.safetensors", "model.safetensors.index
 
 class OutputDirError(ValueError):
     """An output folder this run must not, or cannot, write."""
+
+
+def parse_formats(format: Union[str, Sequence[str]]) -> List[str]:
+    """``"auto_round,auto_gptq"`` -> ``["auto_round", "auto_gptq"]``, each checked to exist."""
+    from auto_round.export.registry import get_format
+
+    items = [f.strip() for f in format.split(",")] if isinstance(format, str) else [str(f) for f in format]
+    items = [f for f in items if f]
+    if not items:
+        raise ValueError(f"format={format!r} names no export format")
+    for f in items:
+        get_format(f)  # raises with the valid names
+    return items
+
+
+def output_targets(output_dir: Union[str, Path], formats: Sequence[str]) -> List[Path]:
+    """The folder of each format: ``output_dir`` itself for one format, a sub-folder per format for several."""
+    root = Path(output_dir)
+    return [root] if len(formats) == 1 else [root / f.replace(":", "-") for f in formats]
 
 
 class ForeignFilesError(FileExistsError):

@@ -44,7 +44,7 @@ import torch.nn as nn
 
 from auto_round.calib.cache import CapturedBatch, capture_block_inputs
 from auto_round.device import trim_heap
-from auto_round.export.folder import check_output_dir, write_atomically
+from auto_round.export.folder import check_output_dir, parse_formats, write_atomically
 from auto_round.model_free.checkpoint import INDEX, Checkpoint
 from auto_round.model_free.core import (COPY_CHUNK_BYTES, layer_layout, packed_tensors, replace_with_packed,
                                         shard_names, tied_copies, _shards)
@@ -53,6 +53,7 @@ from auto_round.models.streamed import FIX, StreamedWeights
 from auto_round.quant.types import QuantizedWeight
 from auto_round.tuning.loop import UnitHooks
 from auto_round.tuning.plan import QuantPlan
+from auto_round.tuning.resume import clear_resume_dir, default_resume_dir
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +220,6 @@ def quantize_and_save_streamed(ar: Any, output_dir: Union[str, Path], format: Un
                                overwrite: Optional[bool]) -> List[Path]:
     """What ``ar.quantize_and_save`` runs for ``low_cpu_mem_usage=True`` (see the module docstring);
     returns the output folder in a list, as the in-memory method does."""
-    from auto_round.autoround import clear_resume_dir, default_resume_dir, parse_formats
     from auto_round.report import write_report
 
     formats = parse_formats(format)

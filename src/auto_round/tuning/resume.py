@@ -20,7 +20,7 @@ import logging
 import os
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterable, Mapping, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -148,3 +148,15 @@ class ResumeStore:
             folder.rmdir()
         except OSError:
             pass
+
+
+def default_resume_dir(output_dir: Union[str, Path]) -> Path:
+    """Where :meth:`AutoRound.quantize_and_save` checkpoints tuned blocks: ``.<name>.resume`` beside the output."""
+    out = Path(output_dir).expanduser().resolve()
+    return out.parent / f".{out.name}.resume"
+
+
+def clear_resume_dir(folder: Union[str, Path]) -> None:
+    """Remove the resume store at ``folder`` once its checkpoint is complete (nothing when there is none)."""
+    if Path(folder).is_dir():
+        ResumeStore.remove(Path(folder))
