@@ -6,8 +6,9 @@ tuning (as ``AutoRound`` does for ``e2e_epochs``), the blocks are tuned once, th
 restarts from the block-wise scales, runs :func:`auto_round.tuning.e2e.tune_scales` and measures the held-out
 perplexity (16 x 512). Writes bench/results/e2e_lr_<scheme>.json after every trial.
 
-    .venv/bin/python bench/bench_e2e_lr.py W4G128 3.75e-4:2 1.5e-3:2     # the README's figures (the default)
-    .venv/bin/python bench/bench_e2e_lr.py W4G128 fp32 3.75e-4:3          # tuned in float32 (amp=False)
+    .venv/bin/python bench/bench_e2e_lr.py                                     # W4G128 fp32 3.75e-4:2 3.75e-4:4 7.5e-4:2 2.5e-4:3
+    .venv/bin/python bench/bench_e2e_lr.py W3G128 fp32 7.5e-4:2 1.06e-3:2     # the README's W3 trials
+    .venv/bin/python bench/bench_e2e_lr.py W4G128 3.75e-4:2 1.5e-3:2          # with bf16 autocast (amp) in the blocks
 
 ``fp32`` after the scheme tunes the blocks without bf16 autocast (``amp=False``; the results file then ends in
 ``_fp32``), as ``bench_frontier.py --disable-amp`` does.
@@ -26,7 +27,7 @@ from _common import RESULTS, WORK, identical_windows, smollm2_dir  # noqa: E402
 from _worker import _fixed_windows_class, _ppl  # noqa: E402
 
 SCHEMES = {"W4G128": (4, 128), "W3G128": (3, 128), "W2G64": (2, 64)}
-DEFAULT = ["W4G128", "3.75e-4:2", "1.5e-3:2"]
+DEFAULT = ["W4G128", "fp32", "3.75e-4:2", "3.75e-4:4", "7.5e-4:2", "2.5e-4:3"]
 
 
 def main(argv=None) -> int:

@@ -153,10 +153,11 @@ def test_image_text_batches_run_whole_and_text_batches_split_by_sample():
 
 
 def test_the_default_learning_rate_follows_each_layers_bit_width():
-    """A relative scale change moves a weight by up to 2**(bits-1) of its steps: the default rate halves per bit."""
+    """Wider layers take smaller default rates (a relative scale change moves a weight by up to 2**(bits-1) of its
+    steps); measured, the best rate halves every two bits."""
     s = build_settings(e2e_epochs=1)
-    assert s.resolved_e2e_lr(2) == pytest.approx(1.5e-3) and s.resolved_e2e_lr(4) == pytest.approx(3.75e-4)
-    assert s.resolved_e2e_lr(3) == pytest.approx(7.5e-4) and s.resolved_e2e_lr(8) == pytest.approx(1.5e-3 / 64)
+    assert s.resolved_e2e_lr(2) == pytest.approx(1.5e-3) and s.resolved_e2e_lr(4) == pytest.approx(7.5e-4)
+    assert s.resolved_e2e_lr(3) == pytest.approx(1.5e-3 / 2 ** 0.5) and s.resolved_e2e_lr(8) == pytest.approx(1.5e-3 / 8)
     given = build_settings(e2e_epochs=1, e2e_lr=1e-3)
     assert given.resolved_e2e_lr(2) == given.resolved_e2e_lr(4) == 1e-3  # a given rate holds for every width
 
@@ -168,8 +169,8 @@ def test_mixed_widths_train_with_their_own_default_rates(tmp_path):
                    layer_config={"model.layers.0.mlp.down_proj": {"bits": 4, "group_size": 32}})
     ar.quantize()
     info = ar.summary["e2e"]
-    assert info["lr"] == {"2": pytest.approx(1.5e-3), "4": pytest.approx(3.75e-4)}, info
+    assert info["lr"] == {"2": pytest.approx(1.5e-3), "4": pytest.approx(7.5e-4)}, info
     ar.save_quantized(tmp_path / "q", format="auto_round", inplace=False)
     cfg = json.loads((tmp_path / "q" / "quantization_config.json").read_text())
     assert cfg["e2e_lr"] == pytest.approx(1.5e-3)
-    assert cfg["e2e_lr_by_bits"] == {"2": pytest.approx(1.5e-3), "4": pytest.approx(3.75e-4)}
+    assert cfg["e2e_lr_by_bits"] == {"2": pytest.approx(1.5e-3), "4": pytest.approx(7.5e-4)}

@@ -61,8 +61,8 @@ class Settings:
                               "Needs the whole model on the tuning device, float scales (not GGUF K-quants), one "
                               "process")
     e2e_lr: Optional[float] = _opt(None, "Adam learning rate of the end-to-end scale tuning, as a relative change of each scale "
-                                         "per step, cosine decay (default per layer 1.5e-3 x 2^(2 - bits): 1.5e-3 at 2 "
-                                         "bits, 3.75e-4 at 4)")
+                                         "per step, cosine decay (default per layer 1.5e-3 x 2^((2 - bits) / 2): 1.5e-3 "
+                                         "at 2 bits, 1.06e-3 at 3, 7.5e-4 at 4)")
     disable_opt_rtn: bool = _opt(False, "with iters=0, plain round-to-nearest without calibration data instead of the "
                                         "importance-weighted clip search")
     lr: Optional[float] = _opt(None, "learning rate of the rounding offsets (default 1/iters)")
@@ -117,13 +117,15 @@ class Settings:
         return float(self.minmax_lr) if self.minmax_lr is not None else self.resolved_lr
 
     def resolved_e2e_lr(self, bits: int) -> float:
-        """``e2e_lr`` of a ``bits``-bit layer: the one given, else ``E2E_LR_2BIT * 2**(2 - bits)``.
+        """``e2e_lr`` of a ``bits``-bit layer: the one given, else ``E2E_LR_2BIT * 2**((2 - bits) / 2)``.
 
         A relative change ``d`` of a scale moves a weight on level ``q`` by ``d * |q|`` quantization steps,
-        and ``|q|`` reaches ``2**(bits - 1)``: one rate for all widths moves a 4-bit weight 4x as many
-        steps as a 2-bit one. Measured on SmolLM2 W4G128 (2 epochs): 1.5e-3 raised the calibration KL
-        in the second epoch (0.0263 -> 0.0315, block-wise scales kept), 3.75e-4 lowered it to 0.0210."""
-        return float(self.e2e_lr) if self.e2e_lr is not None else E2E_LR_2BIT * 2.0 ** (2 - bits)
+        and ``|q|`` reaches ``2**(bits - 1)``, so wider layers need smaller rates; measured, the best rate halves
+        every two bits rather than every bit (SmolLM2, ``enable_alg_ext`` iters 50, 2 epochs, float32 tuning,
+        held-out perplexity; ``bench/bench_e2e_lr.py``): W4G128 1.5e-3 raised the calibration KL in its second
+        epoch (block-wise scales kept), 7.5e-4 read 33.42 against 33.50 at 3.75e-4; W3G128 1.06e-3 read 40.77
+        against 41.05 at 7.5e-4. 1.5e-3 at 2 bits (W2G64 79.00)."""
+        return float(self.e2e_lr) if self.e2e_lr is not None else E2E_LR_2BIT * 2.0 ** ((2 - bits) / 2)
 
     @property
     def torch_scale_dtype(self) -> torch.dtype:
