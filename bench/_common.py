@@ -178,11 +178,12 @@ def run_reference(model: str, dataset: Path, out_dir: Path, work: Path, name: st
                   seed: int = 42, dtype: str = "float32", fmt: str = "fake",
                   timeout: Optional[float] = None, enable_alg_ext: bool = False,
                   disable_opt_rtn: bool = False, avg_bits: Optional[float] = None,
-                  scheme_options: str = "") -> Dict[str, Any]:
+                  scheme_options: str = "", disable_amp: bool = False) -> Dict[str, Any]:
     """Quantize with the reference runner (``--calib-mode windows``) and return its JSON record.
 
     ``enable_alg_ext``: the reference's SignRoundV2 path; ``disable_opt_rtn``: plain RTN at iters 0;
-    ``avg_bits`` / ``scheme_options``: its AutoScheme (mixed bits) over those preset names."""
+    ``avg_bits`` / ``scheme_options``: its AutoScheme (mixed bits) over those preset names; ``disable_amp``: its
+    ``amp=False`` (float32 tuning; by default it tunes a bf16 copy on a CPU with bf16)."""
     if not REF_PYTHON.exists():
         return {"error": f"{REF_PYTHON} is missing: run `make ref-venv`"}
     work.mkdir(parents=True, exist_ok=True)
@@ -195,6 +196,7 @@ def run_reference(model: str, dataset: Path, out_dir: Path, work: Path, name: st
            "--device", "cpu"]
     cmd += ["--enable-alg-ext"] if enable_alg_ext else []
     cmd += ["--disable-opt-rtn"] if disable_opt_rtn else []
+    cmd += ["--disable-amp"] if disable_amp else []
     cmd += ["--avg-bits", str(avg_bits), "--options", scheme_options] if avg_bits is not None else []
     rec = _timed_job(cmd, json_path, log_path, timeout, failed="reference runner")
     if "error" in rec:

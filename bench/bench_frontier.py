@@ -51,8 +51,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "epochs of end-to-end scale tuning (e2e_epochs)")
     p.add_argument("--e2e-lr", type=float, default=None, help="side ours_e2e: e2e_lr (default: the library's)")
     p.add_argument("--disable-amp", action="store_true",
-                   help="ours: tune in float32 even where the CPU has native bf16 (amp=False); the figures taken on "
-                        "the AVX2-only machine were float32 because amp had nothing to use there")
+                   help="both sides tune in float32 even where the CPU has native bf16 (amp=False; the reference "
+                        "otherwise casts the model to bf16); the figures taken on the AVX2-only machine were float32 "
+                        "on both sides because amp had nothing to use there")
     p.add_argument("--nsamples", type=int, default=32)
     p.add_argument("--seqlen", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
     text_file, win_file, eval_file = identical_windows(work, tok, args.nsamples, args.seqlen, args.eval_windows,
                                                       args.eval_seqlen)
     settings = {"nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size, "seed": args.seed,
-                "ours_amp": not args.disable_amp,
+                "ours_amp": not args.disable_amp, "ref_amp": not args.disable_amp,
                 "sym": True, "calibration": "identical BBC windows", "eval_windows": args.eval_windows,
                 "eval_seqlen": args.eval_seqlen}
     record: Dict[str, Any] = {"benchmark": NAME, "model": str(model_dir), "settings": settings,
@@ -186,6 +187,7 @@ def main(argv=None) -> int:
                         rec = run_reference(str(model_dir), text_file, out_dir, work, tag, bits=bits, group_size=gs,
                                             sym=True, iters=iters, nsamples=args.nsamples, seqlen=args.seqlen,
                                             batch_size=args.batch_size, seed=args.seed,
+                                            disable_amp=args.disable_amp,
                                             **{k: (True if k in ("enable_alg_ext", "disable_opt_rtn") else val)
                                                for k, val in v["opts"].items()})
                         ppl_rec = run_ppl(str(out_dir), eval_file, work, f"{tag}-ppl") if "error" not in rec else rec

@@ -140,6 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--options", default="W2A16G64,W4A16",
                    help="AutoScheme options, the reference's preset names (W2A16G64 = 2-bit g64 sym, W4A16 = 4-bit "
                         "g128 sym)")
+    p.add_argument("--disable-amp", action="store_true",
+                   help="amp=False: tune in float32 (by default the reference casts the model to bf16 for tuning on a "
+                        "CPU with bf16 support)")
     p.add_argument("--disable-opt-rtn", action="store_true",
                    help="with --iters 0: plain round-to-nearest instead of the reference's optimized RTN (its default)")
     return p.parse_args(argv)
@@ -190,6 +193,7 @@ def run(args: argparse.Namespace, record: dict, capture: _LossCapture) -> None:
             dataset=dataset, seed=args.seed, device_map=args.device, enable_torch_compile=False,
             **({"enable_alg_ext": True} if args.enable_alg_ext else {}),
             **({"disable_opt_rtn": True} if args.disable_opt_rtn else {}),
+            **({"amp": False} if args.disable_amp else {}),
         )
         ar.quantize_and_save(str(args.output_dir), format=args.format)
         record["quantize_and_save_s"] = time.perf_counter() - t1
@@ -209,7 +213,7 @@ def main(argv=None) -> int:
         "settings": {k: getattr(args, k) for k in ("bits", "group_size", "sym", "iters", "nsamples",
                                                    "seqlen", "batch_size", "seed", "format",
                                                    "calib_mode", "dtype", "device", "enable_alg_ext",
-                                                   "disable_opt_rtn", "avg_bits", "options")},
+                                                   "disable_opt_rtn", "disable_amp", "avg_bits", "options")},
         "output_dir": str(args.output_dir),
     }
     capture = _LossCapture()
