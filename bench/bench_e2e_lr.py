@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     args = list(sys.argv[1:] if argv is None else argv) or DEFAULT
     scheme, rest = args[0], args[1:]
     fp32 = bool(rest) and rest[0] == "fp32"
-    trials = [tuple(float(x) for x in t.split(":")) for t in rest[fp32:]]  # LR:EPOCHS
+    trials = [tuple(float(x) for x in t.split(":")) for t in (rest[1:] if fp32 else rest)]  # LR:EPOCHS
     if scheme not in SCHEMES:
         raise SystemExit(f"scheme {scheme!r}: use one of {', '.join(SCHEMES)}")
     bits, gs = SCHEMES[scheme]

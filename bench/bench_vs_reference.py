@@ -48,9 +48,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import (parse_bench_args, WORK, bbc_texts, check_reference_tokenizes_alike, fmt, log, machine_info,  # noqa: E402
-                     mean, ours_block_losses, print_table, ref_block_losses, reference_windows, run_ours,
-                     run_ppl, run_reference, smollm2_dir, tiny_llama_dir, write_json, write_text_for_windows)
+from _common import (parse_bench_args, WORK, check_reference_tokenizes_alike, fmt, identical_windows, log,  # noqa: E402
+                     machine_info, mean, ours_block_losses, print_table, ref_block_losses, run_ours, run_ppl,
+                     run_reference, smollm2_dir, tiny_llama_dir, write_json)
 
 NAME = "vs_reference"
 
@@ -96,11 +96,8 @@ def main(argv=None) -> int:
     import torch
     from transformers import AutoTokenizer
 
-    from demo.assets import token_windows
-
     work = WORK / NAME
     work.mkdir(parents=True, exist_ok=True)
-    calib, heldout = bbc_texts()
     settings = {"bits": 4, "sym": True, "iters": args.iters, "nsamples": args.nsamples, "seqlen": args.seqlen,
                 "batch_size": args.batch_size, "seed": 42}
     record = {"benchmark": NAME, "settings": settings, "machine": machine_info(), "models": {}, "runs": []}
@@ -109,12 +106,9 @@ def main(argv=None) -> int:
         folder = tiny_llama_dir(dtype="bf16") if m == "tiny" else smollm2_dir()
         gs = args.tiny_group_size if m == "tiny" else 128
         tok = AutoTokenizer.from_pretrained(folder)
-        text_file = work / f"calib_{m}.txt"
-        write_text_for_windows(tok, calib, text_file, args.nsamples * args.seqlen)
-        windows = reference_windows(tok, text_file, args.seqlen, args.nsamples)
-        win_file, eval_file = work / f"calib_windows_{m}.pt", work / f"heldout_windows_{m}.pt"
-        torch.save(windows, win_file)
-        torch.save(token_windows(tok, heldout, args.eval_seqlen, args.eval_windows), eval_file)
+        text_file, win_file, eval_file = identical_windows(work, tok, args.nsamples, args.seqlen, args.eval_windows,
+                                                          args.eval_seqlen, tag=f"_{m}")
+        windows = torch.load(win_file)
         same = check_reference_tokenizes_alike(str(folder), text_file, args.seqlen, args.nsamples, windows)
         log(f"{m}: calibration windows {tuple(windows.shape)}; reference venv tokenizes identically: "
             f"{same['identical']}")
