@@ -144,7 +144,7 @@ def test_llava_mmproj_tensors_and_metadata(exports):
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 def test_qwen2_vl_mmproj_tensors_and_metadata(exports, family):
-    ar, vlm, folder = exports(family)
+    ar, vlm, folder = exports(family if family == "qwen2_vl" else "gguf:" + family)  # 2.5: the 112-pixel window
     text, mm, _, _ = _files(folder)
     p = dict(ar.model.named_parameters())
     vc = ar.model.config.vision_config
@@ -256,6 +256,7 @@ def test_unsupported_vlms_refused_before_tuning(family):
     ("gemma3", ["layer_types=['sliding_attention', 'full_attention']", "every 6th layer", "format='auto_round'"]),
     ("mistral3", ["text rms_norm_eps=1e-06", "vision eps 1e-05", "format='auto_round'"]),
     ("llava_next", ["language model ('granite')", "['llama', 'mistral', 'qwen2']"]),
+    ("qwen2_5_vl", ["window_size=28", "windows by 112 pixels", "format='auto_round'"]),
 ])
 def test_seed_shapes_llama_cpp_cannot_run_are_refused_before_tuning(family, needles):
     vlm = FAMILIES[family]()
@@ -519,3 +520,18 @@ def test_llama_cpp_mtmd_runs_the_new_families(family, tmp_path):
     assert rec["max_diff_vs_ours_fp16"] < 2e-3 * rec["max_abs_ours"], rec
     if family != "llava_next_siglip":
         assert rec["top1_agree"] and rec["max_logit_diff"] < 0.05 * rec["logit_range"], rec
+
+
+def test_llama_cpp_qwen2_5_vl_four_windows(tmp_path):
+    """Qwen2.5-VL at its real 112-pixel window (the only one llama.cpp's graph runs; other windows are refused)
+    on a 224x224 image, so block 0 attends within 4 windows of 4x4 merge units: llama.cpp's embeddings equal
+    ours to fp16 noise, as Qwen2-VL's (before the refusal, the seed zoo's 28-pixel model gave 8.3e-4 of 0.098)."""
+    python = _llamacpp_python()
+    if python is None:
+        pytest.skip("llama_cpp is not importable (build .venv-llamacpp: see bench/bench_gguf_mmproj.py)")
+    from bench_gguf_mmproj import bench_one
+
+    rec = bench_one("qwen2_5_vl", "q4_0", python, tmp_path)
+    assert "error" not in rec and rec["window_size"] == 112 and rec["n_image_tokens"] == 64, rec
+    assert rec["max_diff_vs_ours_fp16"] < 2e-3 * rec["max_abs_ours"], rec
+    assert rec["prompt_ids_equal"] and rec["top1_agree"], rec

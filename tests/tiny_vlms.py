@@ -210,7 +210,7 @@ def tiny_qwen2_vl(seed: int = 0) -> TinyVLM:
                          "(the processor returns mm_token_type_ids; keep it in the inputs).")
 
 
-def tiny_qwen2_5_vl(seed: int = 0) -> TinyVLM:
+def tiny_qwen2_5_vl(seed: int = 0, window_size: int = 28) -> TinyVLM:
     from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor,
                               Qwen2VLImageProcessor, Qwen2VLVideoProcessor)
 
@@ -221,7 +221,7 @@ def tiny_qwen2_5_vl(seed: int = 0) -> TinyVLM:
         text_config=dict(**TEXT, vocab_size=_vocab(tok), rope_parameters={"rope_type": "default",
                          "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}, **_tok_ids(tok)),
         vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=28,
+                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=window_size,
                            fullatt_block_indexes=[1]),
         image_token_id=img_id, video_token_id=vid_id, vision_start_token_id=vs_id, vision_end_token_id=ve_id,
     )

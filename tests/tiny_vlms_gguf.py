@@ -5,7 +5,8 @@ The seed zoo (``tests/tiny_vlms.py``) builds these families in shapes llama.cpp 
 the exporter refuses (tested there): its Gemma-3 has 2 text layers with full attention on layer 1
 (llama.cpp hard-codes every 6th layer), its LLaVA-NeXT has a Granite text model (no llama.cpp text arch
 written here) and its Mistral-3 normalises the patch merger with text ``rms_norm_eps=1e-6`` (llama.cpp with
-Pixtral's 1e-5) and has images of 4 tokens (llama.cpp's pixtral preprocessing upscales to at least 8).
+Pixtral's 1e-5) and has images of 4 tokens (llama.cpp's pixtral preprocessing upscales to at least 8), and
+its Qwen2.5-VL windows by 28 pixels (one merge unit; llama.cpp always windows by 112).
 The variants here change only that, with the seed zoo's tokenizers, processors and sizes otherwise.
 """
 
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from tiny_vlms import TEXT, TinyVLM, _chat_template, _finish, _ids, _tok_ids, _tokenizer, _vocab, _wake_
+from tiny_vlms import TEXT, TinyVLM, _chat_template, _finish, _ids, _tok_ids, _tokenizer, _vocab, _wake_, tiny_qwen2_5_vl
 
 
 def tiny_gemma3_gguf(seed: int = 0) -> TinyVLM:
@@ -101,9 +102,18 @@ def tiny_mistral3_gguf(seed: int = 0) -> TinyVLM:
                    notes="Mistral-3 / Pixtral, 2 vision blocks, 112x112 -> 16 [IMG] + 3 [IMG_BREAK] + [IMG_END]")
 
 
+def tiny_qwen2_5_vl_gguf(seed: int = 0) -> TinyVLM:
+    """The seed zoo's Qwen2.5-VL with Qwen2.5-VL's real window of 112 pixels (4 merge units a side at patch 14),
+    the only one llama.cpp's qwen2.5vl graph runs: a 224x224 image is 4 windows of 16 image tokens."""
+    vlm = tiny_qwen2_5_vl(seed, window_size=112)
+    vlm.notes += " GGUF variant: window_size=112 (llama.cpp's hard-coded window)."
+    return vlm
+
+
 GGUF_FAMILIES = {
     "gemma3": tiny_gemma3_gguf,
     "llava_next": tiny_llava_next_gguf,
     "llava_next_siglip": lambda seed=0: tiny_llava_next_gguf(seed, tower="siglip"),
     "mistral3": tiny_mistral3_gguf,
+    "qwen2_5_vl": tiny_qwen2_5_vl_gguf,
 }

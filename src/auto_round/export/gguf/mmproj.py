@@ -222,6 +222,30 @@ def _qwen2vl_problem(cfg: Any) -> Optional[str]:
         if not full or any(b - a != step for a, b in zip(full, full[1:])):
             return (f"fullatt_block_indexes={full}: llama.cpp's n_wa_pattern needs full-attention blocks "
                     "every n blocks")
+        return _qwen25_window_problem(v)
+    return None
+
+
+LLAMACPP_QWEN25_WINDOW = 112  # pixels: clip.cpp's qwen2.5vl graph windows by this, read from no key of the file
+LLAMACPP_QWEN25_MERGE = 2  # and merges 2x2 patches, with a vision rope base of 10000
+
+
+def _qwen25_window_problem(v: Any) -> Optional[str]:
+    """Why llama.cpp's qwen2.5vl graph would run other windows, merges or rope than the model (None: it runs
+    the same). It cuts its window-attention blocks into ``112 / patch_size / 2`` merge units a side and writes
+    nothing into the file that could change that (a ``clip.vision.window_size`` key is ignored), so a file of
+    a model with other windows would load and run, attending over other patches, with no error anywhere."""
+    merge, patch = int(v.spatial_merge_size), int(v.patch_size)
+    if merge != LLAMACPP_QWEN25_MERGE:
+        return f"vision spatial_merge_size={merge}: llama.cpp's qwen2.5vl graph merges 2x2 patches"
+    ours, theirs = int(v.window_size) // merge // patch, LLAMACPP_QWEN25_WINDOW // LLAMACPP_QWEN25_MERGE // patch
+    if ours != theirs:
+        return (f"vision window_size={v.window_size} (windows of {ours} merge units a side at patch_size={patch}): "
+                f"llama.cpp's qwen2.5vl graph always windows by {LLAMACPP_QWEN25_WINDOW} pixels ({theirs} a side) "
+                "and no key of the file changes it; real Qwen2.5-VL checkpoints have window_size=112")
+    theta = float((getattr(v, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
+    if theta != 10000.0:
+        return f"vision rope_theta={theta:g}: llama.cpp's qwen2.5vl graph uses 10000"
     return None
 
 
