@@ -11,7 +11,8 @@ the sides interleaved:
   reference's AutoScheme at the same average over the same schemes (the reference passes its
   AutoRound data set to AutoScheme, which takes only a name or a file: that run reads the same
   calibration text through the reference's own loader, not the identical windows);
-- iters > 0: ours (default), ours extended (``enable_alg_ext``), ours extended followed by the
+- iters > 0: ours plain (``enable_alg_ext=False``: the default until 2026-12-07), ours extended
+  (``enable_alg_ext``, now the default), ours extended followed by the
   end-to-end scale tuning (``e2e_epochs``, side ``ours_e2e``), the reference plain and the
   reference with ``enable_alg_ext``.
 
@@ -116,7 +117,10 @@ def _variants(side: str, iters: int, mixed: Sequence[float] = (), mixed_options:
     if side == "ours_e2e":
         return [{"label": "ours ext+e2e", "opts": {"enable_alg_ext": True, **(e2e or {"e2e_epochs": 2})}}]
     runs = [{"label": {"ours": "ours", "ours_ext": "ours ext", "ref": "ref", "ref_ext": "ref alg_ext"}[side],
-             "opts": {"enable_alg_ext": True} if side.endswith("_ext") else {}}]
+             # "ours" is the plain tuner (enable_alg_ext=False; the library's default until 2026-12-07); "ref" the
+             # reference's default, which is its plain tuner
+             "opts": {"enable_alg_ext": True} if side.endswith("_ext") else {"enable_alg_ext": False} if side == "ours"
+             else {}}]
     if side == "ours_ext":
         runs += [{"label": f"ours ext {e}", "opts": {"enable_alg_ext": True}, "ext_tuner": parse_ext(e)} for e in ext]
     if side in ("ours", "ref"):  # mixed bits, tuned: the default tuner of each side over the plan

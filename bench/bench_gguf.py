@@ -247,7 +247,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seqlen", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--alg-ext", action="store_true",
-                   help="our runs with enable_alg_ext (the tuner starts from the optimized-RTN clip search)")
+                   help="our runs with enable_alg_ext=True (the extended tuner; the library's default since "
+                        "2026-12-07, when it is on wherever clip factors are tuned: without this flag the runs use "
+                        "the plain tuner, enable_alg_ext=False, as the figures before that date did)")
     p.add_argument("--e2e-epochs", type=int, default=0,
                    help="ours: e2e_epochs (end-to-end scale tuning after the blocks; float-scale types only)")
     p.add_argument("--llamacpp-python", type=Path, default=None)
@@ -330,7 +332,7 @@ def _ours(args, qtype: str, iters: int, make_model, tokenizer, data: Path, windo
     t0 = time.perf_counter()
     ar = AutoRound(make_model(), tokenizer, **_scheme(qtype), iters=iters, nsamples=args.nsamples,
                    seqlen=args.seqlen, batch_size=args.batch_size, dataset=str(data), device="cpu",
-                   enable_alg_ext=args.alg_ext, e2e_epochs=args.e2e_epochs)
+                   enable_alg_ext=bool(args.alg_ext), e2e_epochs=args.e2e_epochs)
     ar.quantize_and_save(folder, format=f"gguf:{qtype}", inplace=False, overwrite=True)
     rec = {"quantize_s": round(time.perf_counter() - t0, 1), "torch_ppl": perplexity_of_windows(ar.model, windows),
            "iters": iters, "enable_alg_ext": args.alg_ext, "e2e_epochs": args.e2e_epochs,

@@ -173,8 +173,8 @@ def test_extended_tuner_starts_from_the_search(monkeypatch):
     monkeypatch.setattr(block, "EXTENDED_TUNER", block.ExtendedTuner(clip_init=True))
     fp = tiny_llama()
     base, ext = copy.deepcopy(fp), copy.deepcopy(fp)
-    _, r_base = _quantize(base, bits=2, iters=4)
-    _, r_ext = _quantize(ext, bits=2, iters=4, enable_alg_ext=True)
+    _, r_base = _quantize(base, bits=2, iters=4, enable_alg_ext=False)
+    _, r_ext = _quantize(ext, bits=2, iters=4)  # the default: extended wherever clip factors are tuned
     # Iteration 0 is the starting point: the searched clip gives a lower block loss than the full range.
     for a, b in zip(r_base, r_ext):
         assert b.first_loss < a.first_loss, (a, b)
@@ -183,6 +183,22 @@ def test_extended_tuner_starts_from_the_search(monkeypatch):
 def test_extended_tuner_needs_minmax_tuning():
     with pytest.raises(ValueError, match="enable_minmax_tuning"):
         build_settings(enable_alg_ext=True, enable_minmax_tuning=False)
+
+
+def test_extended_tuner_is_the_default_wherever_clip_factors_are_tuned():
+    from auto_round.cli import build_parser
+    from auto_round.tuning.block import EXTENDED_TUNER, PLAIN_TUNER, tuner_of
+
+    assert build_settings().enable_alg_ext is None and tuner_of(build_settings()) is EXTENDED_TUNER
+    # no clip factors, nothing for the search to start: the plain tuner, and no error (only an explicit True is one)
+    assert tuner_of(build_settings(enable_minmax_tuning=False)) is PLAIN_TUNER
+    assert tuner_of(build_settings(enable_alg_ext=False)) is PLAIN_TUNER
+    with pytest.raises(TypeError, match="True, False or None"):
+        build_settings(enable_alg_ext="no")
+    parse = build_parser("auto-round").parse_args
+    assert parse(["--model", "m"]).enable_alg_ext is None
+    assert parse(["--model", "m", "--disable_alg_ext"]).enable_alg_ext is False
+    assert parse(["--model", "m", "--enable_alg_ext"]).enable_alg_ext is True
 
 
 @pytest.mark.parametrize("bits,sym,ext", [(2, True, False), (2, True, True), (3, False, True), (4, True, True),

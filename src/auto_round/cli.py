@@ -39,6 +39,9 @@ NEGATED_HELP = {
     "amp": "tune in float32 instead of under bf16 autocast (default: autocast where the hardware has bf16)",
 }
 # More reference spellings of settings (beyond the aliases declared in Settings).
+# Tri-state settings (None = the library decides): besides the flag that turns them on, one that turns them off.
+OFF_FLAGS = {"enable_alg_ext": ("--disable_alg_ext", "the plain SignRound tuner (the reference's default) instead of "
+                                                     "the extended one")}
 EXTRA_ALIASES = {"nsamples": ("--nsample",), "data_type": ("--dtype",)}
 LOADER_OPTIONS = ("model_dtype", "trust_remote_code")
 # Reference options this implementation does not offer: refused with the reason, never ignored.
@@ -102,6 +105,9 @@ def _add_setting(p: argparse._ActionsContainer, f, default: Any) -> None:
     if isinstance(default, bool) or str(f.type) in ("bool", "Optional[bool]"):
         on = " (default: on, from the recipe)" if default is True else ""
         p.add_argument(*flags, dest=f.name, action="store_const", const=True, default=default, help=help_ + on)
+        if f.name in OFF_FLAGS:
+            flag, off_help = OFF_FLAGS[f.name]
+            p.add_argument(flag, dest=f.name, action="store_const", const=False, default=default, help=off_help)
     elif f.name == "layer_config":
         p.add_argument(*flags, dest=f.name, type=_parse_layer_config, default=None, help=help_ + " (JSON or file)")
     else:

@@ -173,7 +173,7 @@ EXTENDED_TUNER = ExtendedTuner(outlier_fraction=0.001, token_norm=True)
 
 
 def tuner_of(settings: Settings) -> ExtendedTuner:
-    return EXTENDED_TUNER if settings.enable_alg_ext else PLAIN_TUNER
+    return EXTENDED_TUNER if settings.extended_tuner else PLAIN_TUNER
 
 
 def _drop_outliers(err: torch.Tensor, fraction: float) -> torch.Tensor:

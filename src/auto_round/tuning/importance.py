@@ -15,7 +15,11 @@ import torch.nn as nn
 
 
 class ImportanceCollector:
-    """Sums ``x^2`` per input channel over the tokens of every forward of the watched layers."""
+    """Sums ``x^2`` per input channel over the tokens of every forward of the watched layers.
+
+    Each forward's sum is taken in float32 and added to a float64 total: a sum over the same batches in another
+    order (data-parallel processes each summing their own, then all-reduced) then rounds to the same float32
+    importance, so every process, and one process seeing all the batches, searches the same clip factors."""
 
     def __init__(self) -> None:
         self.sums: Dict[str, torch.Tensor] = {}
@@ -27,7 +31,7 @@ class ImportanceCollector:
         if self.mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(self.mask.shape):
             x = x[self.mask.to(x.device)]
         x = x.reshape(-1, x.shape[-1])
-        sq = x.pow(2).sum(0)
+        sq = x.pow(2).sum(0).double()
         if name in self.sums:
             self.sums[name] += sq
         else:
@@ -38,7 +42,7 @@ class ImportanceCollector:
         """Mean ``x^2`` per input channel of ``name``, or None when it saw no token."""
         if not self.counts.get(name):
             return None
-        return self.sums[name] / self.counts[name]
+        return (self.sums[name] / self.counts[name]).float()
 
 
 @contextlib.contextmanager

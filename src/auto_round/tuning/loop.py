@@ -301,7 +301,7 @@ def share_importance(collector: ImportanceCollector, root: nn.Module, names: Seq
     for n in names:
         if n not in collector.sums:
             lin = root.get_submodule(n)
-            collector.sums[n] = torch.zeros(lin.in_features, device=lin.weight.device)
+            collector.sums[n] = torch.zeros(lin.in_features, device=lin.weight.device, dtype=torch.float64)
     parallel.sum_([collector.sums[n] for n in names])
     counts = parallel.sum_floats(*(collector.counts.get(n, 0) for n in names))  # one exchange for all the layers
     collector.counts.update({n: int(c) for n, c in zip(names, counts)})
