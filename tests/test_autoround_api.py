@@ -98,6 +98,7 @@ def test_cli_quantizes_local_folder(model_dir, tmp_path, capsys):
              "seqlen": 32, "batch_size": 2, "dataset": "auto_round:offline_corpus",
              "block_name_to_quantize": "model.layers"}
     assert {k: cfg[k] for k in asked} == asked
+    assert cfg["enable_alg_ext"] is True  # the tuner that ran, resolved from the default None
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         keys = set(f.keys())
     linears = [f"model.layers.{i}.{m}" for i in range(2) for m in

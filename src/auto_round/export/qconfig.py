@@ -44,6 +44,7 @@ def build_quantization_config(settings: Settings, plan: QuantPlan, dataset: str)
         "gradient_accumulate_steps": settings.gradient_accumulate_steps,
         "enable_minmax_tuning": settings.enable_minmax_tuning,
         "enable_quanted_input": settings.enable_quanted_input,
+        "enable_alg_ext": settings.extended_tuner and settings.iters > 0,  # which tuner ran (resolved from None)
         "scale_dtype": settings.scale_dtype,
         "sym_style": settings.sym_style,
         "seed": settings.seed,
