@@ -38,10 +38,10 @@ NEGATED_HELP = {
                             "blocks' (default: quantized)",
     "amp": "tune in float32 instead of under bf16 autocast (default: autocast where the hardware has bf16)",
 }
-# More reference spellings of settings (beyond the aliases declared in Settings).
 # Tri-state settings (None = the library decides): besides the flag that turns them on, one that turns them off.
 OFF_FLAGS = {"enable_alg_ext": ("--disable_alg_ext", "the plain SignRound tuner (the reference's default) instead of "
                                                      "the extended one")}
+# More reference spellings of settings (beyond the aliases declared in Settings).
 EXTRA_ALIASES = {"nsamples": ("--nsample",), "data_type": ("--dtype",)}
 LOADER_OPTIONS = ("model_dtype", "trust_remote_code")
 # Reference options this implementation does not offer: refused with the reason, never ignored.
