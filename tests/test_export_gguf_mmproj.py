@@ -268,6 +268,22 @@ def test_seed_shapes_llama_cpp_cannot_run_are_refused_before_tuning(family, need
     assert ar.quantized_layers == {}
 
 
+def test_qwen_configs_llama_cpp_cannot_run_are_refused():
+    """llama.cpp's qwen2vl graphs merge 2x2 patches, and the 2.5 one windows by 112 pixels with a vision rope base
+    of 10000, none of them read from the file: other values are refused, not written into a file that runs wrong."""
+    fmt = get_format("gguf:q4_0")
+    vlm = FAMILIES["qwen2_vl"]()
+    vlm.model.config.vision_config.spatial_merge_size = 3
+    assert "spatial_merge_size=3" in fmt.check_model(vlm.model, vlm.processor)
+    vlm = GGUF_FAMILIES["qwen2_5_vl"]()
+    assert fmt.check_model(vlm.model, vlm.processor) is None  # the 112-pixel window: runs (tested with llama.cpp)
+    vc = vlm.model.config.vision_config
+    vc.rope_parameters = {**vc.rope_parameters, "rope_theta": 20000.0}
+    assert "rope_theta=20000" in fmt.check_model(vlm.model, vlm.processor)
+    vc.rope_parameters, vc.window_size = {**vc.rope_parameters, "rope_theta": 10000.0}, 224
+    assert "window_size=224" in fmt.check_model(vlm.model, vlm.processor)
+
+
 def test_llava_configs_llama_cpp_cannot_run_are_refused():
     vlm = FAMILIES["llava"]()
     vlm.model.config.vision_feature_select_strategy = "full"

@@ -212,6 +212,8 @@ def _qwen2vl_problem(cfg: Any) -> Optional[str]:
     v = _vision(cfg)
     if int(v.temporal_patch_size) != 2:
         return f"temporal_patch_size={v.temporal_patch_size}: llama.cpp splits the Conv3d patch embedding in 2"
+    if int(v.spatial_merge_size) != LLAMACPP_QWEN_MERGE:
+        return f"vision spatial_merge_size={v.spatial_merge_size}: llama.cpp's qwen2vl graphs merge 2x2 patches"
     if cfg.model_type == "qwen2_vl" and v.hidden_act != "quick_gelu":
         return f"vision hidden_act {v.hidden_act!r}: llama.cpp's qwen2vl graph runs quick_gelu"
     if cfg.model_type == "qwen2_5_vl":
@@ -227,18 +229,16 @@ def _qwen2vl_problem(cfg: Any) -> Optional[str]:
 
 
 LLAMACPP_QWEN25_WINDOW = 112  # pixels: clip.cpp's qwen2.5vl graph windows by this, read from no key of the file
-LLAMACPP_QWEN25_MERGE = 2  # and merges 2x2 patches, with a vision rope base of 10000
+LLAMACPP_QWEN_MERGE = 2  # both Qwen graphs merge 2x2 patches; 2.5's vision rope base is 10000
 
 
 def _qwen25_window_problem(v: Any) -> Optional[str]:
-    """Why llama.cpp's qwen2.5vl graph would run other windows, merges or rope than the model (None: it runs
+    """Why llama.cpp's qwen2.5vl graph would run other windows or rope than the model (None: it runs
     the same). It cuts its window-attention blocks into ``112 / patch_size / 2`` merge units a side and writes
     nothing into the file that could change that (a ``clip.vision.window_size`` key is ignored), so a file of
     a model with other windows would load and run, attending over other patches, with no error anywhere."""
-    merge, patch = int(v.spatial_merge_size), int(v.patch_size)
-    if merge != LLAMACPP_QWEN25_MERGE:
-        return f"vision spatial_merge_size={merge}: llama.cpp's qwen2.5vl graph merges 2x2 patches"
-    ours, theirs = int(v.window_size) // merge // patch, LLAMACPP_QWEN25_WINDOW // LLAMACPP_QWEN25_MERGE // patch
+    merge, patch = int(v.spatial_merge_size), int(v.patch_size)  # merge: 2, checked for both Qwen graphs
+    ours, theirs = int(v.window_size) // merge // patch, LLAMACPP_QWEN25_WINDOW // LLAMACPP_QWEN_MERGE // patch
     if ours != theirs:
         return (f"vision window_size={v.window_size} (windows of {ours} merge units a side at patch_size={patch}): "
                 f"llama.cpp's qwen2.5vl graph always windows by {LLAMACPP_QWEN25_WINDOW} pixels ({theirs} a side) "
