@@ -4,8 +4,8 @@
 several runs (one scheme and one iteration count at a time, on the same identical windows and the
 same held-out split: each file records them). This script merges the files, checks that they
 share the calibration and evaluation settings and the FP perplexity, and draws one panel per
-scheme with a curve per method (ours default, ours ``enable_alg_ext``, the reference plain and
-with ``enable_alg_ext``; iters 0 of a default curve is its optimized RTN); plain RTN, mixed bits,
+scheme with a curve per method (ours ``enable_alg_ext``, our default since 2026-12-07, ours plain, the
+reference plain and with ``enable_alg_ext``; iters 0 of a default curve is its optimized RTN); plain RTN, mixed bits,
 runs at another seed than 42 and (``--pieces``) the single-piece ``ours ext FIELD=VALUE`` runs are
 points of their own. Each point is annotated with its iteration count. Writes
 ``bench/results/frontier_all.png`` and ``frontier_all.json``
@@ -28,7 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, fmt, log, print_table  # noqa: E402
 
 # label as bench_frontier.py writes it -> the curve it belongs to (None: a point of its own)
-CURVES = {"ours": "ours (default)", "ours opt-RTN": "ours (default)", "ours ext": "ours enable_alg_ext",
+# Since 2026-12-07 our default tuner is the extended one, and "ours" runs name the plain tuner (enable_alg_ext=False);
+# iters 0 (optimized RTN, no tuner) starts the default curve.
+DEFAULT_EXT = "ours enable_alg_ext (default)"
+CURVES = {"ours": "ours plain tuner", "ours opt-RTN": DEFAULT_EXT, "ours ext": DEFAULT_EXT,
           "ours ext+e2e": "ours enable_alg_ext + e2e_epochs",
           "ref": "reference plain", "ref opt-RTN": "reference plain", "ref alg_ext": "reference enable_alg_ext",
           "ours RTN": "plain RTN, ours", "ref RTN": "plain RTN, reference"}
@@ -49,7 +52,7 @@ def style(curve: str) -> Dict[str, Any]:
     if kind == "e2e":
         return {"color": "navy", "marker": "D", "linestyle": "-."}
     marker, line = {"default": ("o", "-"), "ext": ("^", "--"), "rtn": ("x", "none"), "mixed": ("s", "none")}[kind]
-    if kind == "ext" and curve not in ("ours enable_alg_ext", "reference enable_alg_ext"):
+    if kind == "ext" and curve not in (DEFAULT_EXT, "reference enable_alg_ext"):
         marker, line = "v", "none"  # a single piece or a superseded variant
     return {"color": ("tab:red" if ref else "tab:blue") if kind != "ext" or "enable_alg_ext" in curve
             else "tab:cyan", "marker": marker, "linestyle": line}

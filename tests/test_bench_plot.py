@@ -25,8 +25,8 @@ def test_merge_puts_each_label_on_its_curve_and_keeps_other_seeds_apart(tmp_path
     b = _write(tmp_path / "frontier_b.json", [_pt("ours", 50, 96.0)], seed=1)
     merged = plot_frontier.merge([a, b])
     curves = sorted((p["curve"], p["iters"]) for p in merged["points"])
-    assert curves == [("ours (default)", 0), ("ours (default)", 50), ("ours (default), seed 1", 50),
-                      ("reference enable_alg_ext", 50)]
+    assert curves == [("ours enable_alg_ext (default)", 0), ("ours plain tuner", 50),
+                      ("ours plain tuner, seed 1", 50), ("reference enable_alg_ext", 50)]
     assert len(plot_frontier.merge([a], pieces=True)["points"]) == 4  # the single-piece run drawn too
 
 
@@ -47,4 +47,5 @@ def test_main_writes_a_png_and_the_merged_points(tmp_path):
     assert plot_frontier.main(["--files", str(src), "--out", str(out)]) == 0
     assert out.read_bytes()[:4] == b"\x89PNG" and out.stat().st_size > 10_000
     merged = json.loads(out.with_suffix(".json").read_text())
-    assert {p["curve"] for p in merged["points"]} == {"ours (default)", "plain RTN, ours"}
+    assert {p["curve"] for p in merged["points"]} == {"ours enable_alg_ext (default)", "ours plain tuner",
+                                                      "plain RTN, ours"}
