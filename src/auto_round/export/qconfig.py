@@ -44,7 +44,10 @@ def build_quantization_config(settings: Settings, plan: QuantPlan, dataset: str)
         "gradient_accumulate_steps": settings.gradient_accumulate_steps,
         "enable_minmax_tuning": settings.enable_minmax_tuning,
         "enable_quanted_input": settings.enable_quanted_input,
-        "enable_alg_ext": settings.extended_tuner and settings.iters > 0,  # which tuner ran (resolved from None)
+        # the tuner that ran (enable_alg_ext resolved; False as soon as a tuned layer is a GGUF K-quant, whose
+        # units keep the plain tuner by default)
+        "enable_alg_ext": settings.iters > 0 and settings.extended_tuner_for(
+            lp.params.scheme for lp in plan.quantized if lp.block is not None),
         "scale_dtype": settings.scale_dtype,
         "sym_style": settings.sym_style,
         "seed": settings.seed,

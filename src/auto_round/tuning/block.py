@@ -172,8 +172,9 @@ PLAIN_TUNER = ExtendedTuner(clip_init=False)
 EXTENDED_TUNER = ExtendedTuner(outlier_fraction=0.001, token_norm=True)
 
 
-def tuner_of(settings: Settings) -> ExtendedTuner:
-    return EXTENDED_TUNER if settings.extended_tuner else PLAIN_TUNER
+def tuner_of(settings: Settings, layers: Sequence[LayerPlan]) -> ExtendedTuner:
+    """The tuner of a unit of these planned ``layers`` (:meth:`Settings.extended_tuner_for` their schemes)."""
+    return EXTENDED_TUNER if settings.extended_tuner_for(lp.params.scheme for lp in layers) else PLAIN_TUNER
 
 
 def _drop_outliers(err: torch.Tensor, fraction: float) -> torch.Tensor:
@@ -268,7 +269,7 @@ def tune_unit(
     step draws local batch indices, runs the batches of every shard held here, and sums the gradients and
     losses over the processes (:mod:`auto_round.tuning.parallel`)."""
     t0 = time.perf_counter()
-    tuner = tuner_of(settings)
+    tuner = tuner_of(settings, layers)
     outliers = tuner.outlier_fraction if layers and max(lp.params.bits for lp in layers) < tuner.outlier_bits else 0.0
     wrappers: Dict[str, TunableLinear] = {}
     for lp in layers:
