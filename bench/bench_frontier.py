@@ -116,11 +116,12 @@ def _variants(side: str, iters: int, mixed: Sequence[float] = (), mixed_options:
         return []  # the extended tuners are tuners: nothing to add at iters 0
     if side == "ours_e2e":
         return [{"label": "ours ext+e2e", "opts": {"enable_alg_ext": True, **(e2e or {"e2e_epochs": 2})}}]
+    # "ours" is our plain tuner (enable_alg_ext=False; the library's default until 2026-12-07), "ref" the
+    # reference's default, which is its plain tuner
+    opts = {"ours": {"enable_alg_ext": False}, "ours_ext": {"enable_alg_ext": True}, "ref": {},
+            "ref_ext": {"enable_alg_ext": True}}[side]
     runs = [{"label": {"ours": "ours", "ours_ext": "ours ext", "ref": "ref", "ref_ext": "ref alg_ext"}[side],
-             # "ours" is the plain tuner (enable_alg_ext=False; the library's default until 2026-12-07); "ref" the
-             # reference's default, which is its plain tuner
-             "opts": {"enable_alg_ext": True} if side.endswith("_ext") else {"enable_alg_ext": False} if side == "ours"
-             else {}}]
+             "opts": opts}]
     if side == "ours_ext":
         runs += [{"label": f"ours ext {e}", "opts": {"enable_alg_ext": True}, "ext_tuner": parse_ext(e)} for e in ext]
     if side in ("ours", "ref"):  # mixed bits, tuned: the default tuner of each side over the plan

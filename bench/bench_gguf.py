@@ -332,7 +332,7 @@ def _ours(args, qtype: str, iters: int, make_model, tokenizer, data: Path, windo
     t0 = time.perf_counter()
     ar = AutoRound(make_model(), tokenizer, **_scheme(qtype), iters=iters, nsamples=args.nsamples,
                    seqlen=args.seqlen, batch_size=args.batch_size, dataset=str(data), device="cpu",
-                   enable_alg_ext=bool(args.alg_ext), e2e_epochs=args.e2e_epochs)
+                   enable_alg_ext=args.alg_ext, e2e_epochs=args.e2e_epochs)
     ar.quantize_and_save(folder, format=f"gguf:{qtype}", inplace=False, overwrite=True)
     rec = {"quantize_s": round(time.perf_counter() - t0, 1), "torch_ppl": perplexity_of_windows(ar.model, windows),
            "iters": iters, "enable_alg_ext": args.alg_ext, "e2e_epochs": args.e2e_epochs,

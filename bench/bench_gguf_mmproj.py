@@ -366,12 +366,11 @@ def build(name: str):
         vlm = GGUF_FAMILIES[name]()
         return (vlm.model, vlm.tokenizer, vlm.processor, make_image(IMAGE_SIZES[name]),
                 "<|user|>\n<image>What is shown?<|assistant|>\n", None)
-    if name == "qwen2_5_vl":  # the window llama.cpp runs (112 px); the seed zoo's 28 is refused for GGUF
-        from tiny_vlms_gguf import GGUF_FAMILIES
+    from tiny_vlms_gguf import GGUF_FAMILIES
 
-        vlm = GGUF_FAMILIES[name]()
-    else:
-        vlm = FAMILIES[name]()
+    # a seed family's GGUF variant where it has one that changes only its config (Qwen2.5-VL: the 112-pixel
+    # window llama.cpp runs; the seed zoo's 28 is refused for GGUF), on the same path as the seed families
+    vlm = GGUF_FAMILIES.get(name, FAMILIES[name])()
     proc = vlm.processor
     if name.startswith("qwen"):  # processor sized for the bench image (llama.cpp's qwen2vl needs >= 8 tokens)
         side = IMAGE_SIZES[name][0]

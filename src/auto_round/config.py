@@ -57,9 +57,9 @@ class Settings:
         None, "extended tuner: the clip factors start from the importance-weighted optimized-RTN search, each "
               "token's error counts relative to its FP target's mean square, and below 4 bits the largest 0.1% of "
               "squared errors are left out of the loss. None (default): on wherever the clip factors are tuned "
-              "(enable_minmax_tuning) on an integer grid (GGUF K-quants keep the plain tuner), as it gives a lower perplexity than the plain tuner in the same time at "
-              "W2, W3 and W4 (README); False: the plain SignRound tuner, the reference's default "
-              "(CLI: --disable_alg_ext)")
+              "(enable_minmax_tuning) on an integer grid (GGUF K-quants keep the plain tuner), as it gives a "
+              "lower perplexity than the plain tuner in the same time at W2, W3 and W4 (README); False: the "
+              "plain SignRound tuner, the reference's default (CLI: --disable_alg_ext)")
     enable_torch_compile: bool = _opt(False, "compile each tuned unit's forward with torch.compile (inductor; compiled "
                                              "once for blocks of one shape): a faster tuning step, results equal to "
                                              "eager up to float rounding (fused kernels sum in another order)")

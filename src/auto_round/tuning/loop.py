@@ -188,7 +188,8 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
     # The tuner's clip factors start from the search with the extended tuner, and on a GGUF K grid whenever
     # they are tuned at all (min-max tuning): min-max sub-block ranges, double-quantized, put a massive
     # channel's weight anywhere within a level. Without clip factors a K layer starts from its full range.
-    clip_init = tuner_of(run.settings, layers).clip_init
+    tuner = tuner_of(run.settings, layers)
+    clip_init = tuner.clip_init
     k_init = run.settings.enable_minmax_tuning
     watched = [lp.name for lp in layers
                if lp.params.scheme in SEARCHABLE and (clip_init or (k_init and lp.params.scheme in K_SCHEMES))]
@@ -213,7 +214,7 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
             init = {n: collector.importance(n) for n in watched}
             res = tune_unit(run.model, name, unit, layers, q_in, targets, extras, run.settings, run.device,
                             run.gen, torch.float32, ac, clip_init=init, parallel=run.parallel)
-            q_out = _keep_better(run, unit, name, res, q_in, targets, extras, store, ac, layers)
+            q_out = _keep_better(run, unit, name, res, q_in, targets, extras, store, ac, tuner.token_norm)
             if run.store is not None:
                 result = {k: getattr(res, k) for k in ("name", "first_loss", "last_loss", "best_loss", "best_iter",
                                                         "seconds", "output_error", "start_output_error",
@@ -243,8 +244,9 @@ def _unit_error(blocks, inputs: Sequence[Any], targets: Sequence[Any], extras: S
 
 def _keep_better(run: _Run, unit: Sequence[nn.Module], name: str, res: BlockResult, q_in: List[Any],
                  targets: List[Any], extras: List[UnitInputs], store: TensorStore,
-                 ac: Optional[torch.dtype], layers: Sequence[Any]) -> Optional[List[Any]]:
-    """Never worse than where tuning started (``layers``: the unit's planned layers, which pick its tuner's loss): the unit's output error over every calibration batch with the
+                 ac: Optional[torch.dtype], token_norm: bool) -> Optional[List[Any]]:
+    """Never worse than where tuning started (compared by the loss the tuner minimised: ``token_norm``, its
+    tuner's): the unit's output error over every calibration batch with the
     tuned records against its starting point's (round-to-nearest, or the clip search it started from); the
     starting point is kept when its error is lower (logged, ``res.kept_start``). Tuning picks its best
     iteration by the loss of one batch at a time, which can favour a state that does worse on the rest.
@@ -258,16 +260,15 @@ def _keep_better(run: _Run, unit: Sequence[nn.Module], name: str, res: BlockResu
     lins = {n: run.model.get_submodule(n) for n in res.layers}
     for n, qw in start.items():
         load_record(lins[n], qw)
-    norm = tuner_of(run.settings, layers).token_norm  # compared by the loss the tuner minimised
-    res.start_output_error = _unit_error(unit, q_in, targets, extras, run.device, ac, name, run.parallel, norm)
+    res.start_output_error = _unit_error(unit, q_in, targets, extras, run.device, ac, name, run.parallel, token_norm)
     for n, qw in res.layers.items():
         load_record(lins[n], qw)
     outs: Optional[List[Any]] = None
     if run.settings.enable_quanted_input:
         outs = _forward_all(unit, q_in, extras, run.device, store, ac, name)[0]
-        res.output_error = _output_error(outs, targets, extras, run.device, run.parallel, norm)
+        res.output_error = _output_error(outs, targets, extras, run.device, run.parallel, token_norm)
     else:
-        res.output_error = _unit_error(unit, q_in, targets, extras, run.device, ac, name, run.parallel, norm)
+        res.output_error = _unit_error(unit, q_in, targets, extras, run.device, ac, name, run.parallel, token_norm)
     if res.start_output_error < res.output_error:
         logger.info("%s: the starting point is kept (output error %.6g vs %.6g tuned)", name,
                     res.start_output_error, res.output_error)

@@ -208,6 +208,12 @@ def _qwen2vl_hparams(cfg: Any, ip: Any) -> HParams:
     return keys
 
 
+# What llama.cpp's Qwen vision graphs hard-code (clip.cpp 0c1e570), read from no key of the file:
+LLAMACPP_QWEN_MERGE = 2  # both graphs merge 2x2 patches
+LLAMACPP_QWEN25_WINDOW = 112  # pixels: the qwen2.5vl graph's window-attention windows
+LLAMACPP_QWEN25_ROPE_THETA = 10000.0  # the qwen2.5vl graph's vision rope base
+
+
 def _qwen2vl_problem(cfg: Any) -> Optional[str]:
     v = _vision(cfg)
     if int(v.temporal_patch_size) != 2:
@@ -228,10 +234,6 @@ def _qwen2vl_problem(cfg: Any) -> Optional[str]:
     return None
 
 
-LLAMACPP_QWEN25_WINDOW = 112  # pixels: clip.cpp's qwen2.5vl graph windows by this, read from no key of the file
-LLAMACPP_QWEN_MERGE = 2  # both Qwen graphs merge 2x2 patches; 2.5's vision rope base is 10000
-
-
 def _qwen25_window_problem(v: Any) -> Optional[str]:
     """Why llama.cpp's qwen2.5vl graph would run other windows or rope than the model (None: it runs
     the same). It cuts its window-attention blocks into ``112 / patch_size / 2`` merge units a side and writes
@@ -243,9 +245,9 @@ def _qwen25_window_problem(v: Any) -> Optional[str]:
         return (f"vision window_size={v.window_size} (windows of {ours} merge units a side at patch_size={patch}): "
                 f"llama.cpp's qwen2.5vl graph always windows by {LLAMACPP_QWEN25_WINDOW} pixels ({theirs} a side) "
                 "and no key of the file changes it; real Qwen2.5-VL checkpoints have window_size=112")
-    theta = float((getattr(v, "rope_parameters", None) or {}).get("rope_theta", 10000.0))
-    if theta != 10000.0:
-        return f"vision rope_theta={theta:g}: llama.cpp's qwen2.5vl graph uses 10000"
+    theta = float((getattr(v, "rope_parameters", None) or {}).get("rope_theta", LLAMACPP_QWEN25_ROPE_THETA))
+    if theta != LLAMACPP_QWEN25_ROPE_THETA:
+        return f"vision rope_theta={theta:g}: llama.cpp's qwen2.5vl graph uses {LLAMACPP_QWEN25_ROPE_THETA:g}"
     return None
 
 
