@@ -211,6 +211,29 @@ def test_extended_tuner_is_the_default_wherever_clip_factors_are_tuned():
     assert parse(["--model", "m", "--enable_alg_ext"]).enable_alg_ext is True
 
 
+def test_the_saved_config_records_the_tuner_each_unit_ran():
+    from auto_round.export.qconfig import build_quantization_config
+    from auto_round.tuning.plan import QuantPlan
+
+    def layer(block, scheme):
+        return LayerPlan(f"{block}.q", 32, 32, QuantParams(2 if scheme.endswith("_dq") else 4, 16, scheme), "", block)
+
+    blocks = ("m.0", "m.1", "m.2")
+    mixed = QuantPlan((("m", blocks),), (layer("m.0", "sym"), layer("m.1", "asym_dq"), layer("m.2", "sym")))
+    cfg = build_quantization_config(build_settings(), mixed, "d")
+    assert cfg["enable_alg_ext"] is True and cfg["plain_tuner_blocks"] == ["m.1"]
+    # two blocks a unit: the K-quant block takes its neighbour to the plain tuner
+    cfg = build_quantization_config(build_settings(nblocks=2), mixed, "d")
+    assert cfg["enable_alg_ext"] is True and cfg["plain_tuner_blocks"] == ["m.0", "m.1"]
+    for settings, ext in ((build_settings(enable_alg_ext=False), False), (build_settings(iters=0), False),
+                          (build_settings(enable_alg_ext=True), True)):
+        cfg = build_quantization_config(settings, mixed, "d")
+        assert cfg["enable_alg_ext"] is ext and "plain_tuner_blocks" not in cfg
+    kquant = QuantPlan((("m", blocks[:1]),), (layer("m.0", "asym_dq"),))
+    cfg = build_quantization_config(build_settings(), kquant, "d")
+    assert cfg["enable_alg_ext"] is False and "plain_tuner_blocks" not in cfg
+
+
 @pytest.mark.parametrize("bits,sym,ext", [(2, True, False), (2, True, True), (3, False, True), (4, True, True),
                                           (4, False, False)])
 def test_never_worse_than_round_to_nearest(bits, sym, ext):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 from auto_round.config import Settings
 from auto_round.tuning.plan import QuantPlan
@@ -17,6 +17,7 @@ def build_quantization_config(settings: Settings, plan: QuantPlan, dataset: str)
     (including ``lm_head`` or others outside the block lists).
     """
     gs = settings.group_size
+    extended, plain = _tuners_run(settings, plan)
     extra: Dict[str, Dict[str, Any]] = {}
     for lp in plan.layers:
         if lp.params is None:
@@ -44,19 +45,35 @@ def build_quantization_config(settings: Settings, plan: QuantPlan, dataset: str)
         "gradient_accumulate_steps": settings.gradient_accumulate_steps,
         "enable_minmax_tuning": settings.enable_minmax_tuning,
         "enable_quanted_input": settings.enable_quanted_input,
-        # the tuner that ran (enable_alg_ext resolved; False as soon as a tuned layer is a GGUF K-quant, whose
-        # units keep the plain tuner by default)
-        "enable_alg_ext": settings.iters > 0 and settings.extended_tuner_for(
-            lp.params.scheme for lp in plan.quantized if lp.block is not None),
+        # the tuner that ran (enable_alg_ext resolved per unit: GGUF K-quant units keep the plain tuner by default)
+        "enable_alg_ext": bool(extended),
         "scale_dtype": settings.scale_dtype,
         "sym_style": settings.sym_style,
         "seed": settings.seed,
         "dataset": dataset,
         "autoround_version": __version__,
     }
+    if extended and plain:  # a plan mixing K-quant and integer units ran both tuners
+        config["plain_tuner_blocks"] = plain
     if settings.e2e_epochs:  # the scales were trained end to end after the block-wise tuning
         widths = sorted({lp.params.bits for lp in plan.quantized})
         config.update(e2e_epochs=settings.e2e_epochs, e2e_lr=settings.resolved_e2e_lr(settings.bits))
         if widths != [settings.bits]:  # mixed widths, or one width other than the global scheme's
             config["e2e_lr_by_bits"] = {str(b): settings.resolved_e2e_lr(b) for b in widths}
     return config
+
+
+def _tuners_run(settings: Settings, plan: QuantPlan) -> Tuple[List[str], List[str]]:
+    """The tuned blocks whose unit (``nblocks`` consecutive blocks of a list) ran the extended tuner, and those
+    that ran the plain one (:meth:`Settings.extended_tuner_for` of the unit's schemes; none with ``iters=0``)."""
+    extended: List[str] = []
+    plain: List[str] = []
+    if settings.iters == 0:
+        return extended, plain
+    for _, blocks in plan.block_lists:
+        for start in range(0, len(blocks), settings.nblocks):
+            unit = blocks[start:start + settings.nblocks]
+            schemes = [lp.params.scheme for b in unit for lp in plan.in_block(b)]
+            if schemes:
+                (extended if settings.extended_tuner_for(schemes) else plain).extend(unit)
+    return extended, plain
