@@ -64,16 +64,14 @@ def build_quantization_config(settings: Settings, plan: QuantPlan, dataset: str)
 
 
 def _tuners_run(settings: Settings, plan: QuantPlan) -> Tuple[List[str], List[str]]:
-    """The tuned blocks whose unit (``nblocks`` consecutive blocks of a list) ran the extended tuner, and those
-    that ran the plain one (:meth:`Settings.extended_tuner_for` of the unit's schemes; none with ``iters=0``)."""
+    """The tuned blocks whose unit (:meth:`QuantPlan.units`, as the tuning loop cuts them) ran the extended tuner,
+    and those that ran the plain one (:meth:`Settings.extended_tuner_for` of the unit's schemes; none with ``iters=0``)."""
     extended: List[str] = []
     plain: List[str] = []
     if settings.iters == 0:
         return extended, plain
-    for _, blocks in plan.block_lists:
-        for start in range(0, len(blocks), settings.nblocks):
-            unit = blocks[start:start + settings.nblocks]
-            schemes = [lp.params.scheme for b in unit for lp in plan.in_block(b)]
-            if schemes:
-                (extended if settings.extended_tuner_for(schemes) else plain).extend(unit)
+    for unit in plan.units(settings.nblocks):
+        schemes = [lp.params.scheme for b in unit for lp in plan.in_block(b)]
+        if schemes:
+            (extended if settings.extended_tuner_for(schemes) else plain).extend(unit)
     return extended, plain

@@ -27,7 +27,7 @@ from auto_round.tuning.block import (BlockResult, UnitInputs, squared_error, amp
                                      tune_unit, tuner_of)
 from auto_round.tuning.importance import ImportanceCollector, watch_inputs
 from auto_round.tuning.parallel import SINGLE, DataParallel
-from auto_round.tuning.plan import QuantPlan
+from auto_round.tuning.plan import QuantPlan, unit_ranges
 from auto_round.tuning.resume import ResumeStore, data_fingerprint, run_fingerprint
 from auto_round.tuning.wrapper import load_record, quantized_record, rtn_quantize
 
@@ -129,8 +129,7 @@ def _tune_list(run: _Run, path: str, block_names: Sequence[str]) -> None:
             c.hidden = None  # held by q_in from here on: each batch is freed (its file deleted) once consumed
         fp_in = q_in
         bar = _progress(len(blocks), f"tuning {path}", run.progress)
-        for start in range(0, len(blocks), s.nblocks):
-            end = min(start + s.nblocks, len(blocks))
+        for start, end in unit_ranges(len(blocks), s.nblocks):
             names = block_names[start:end]
             run.hooks.load(run.model, names)
             fp_in, q_in, records, result = _tune_unit(run, blocks[start:end], names,

@@ -45,6 +45,11 @@ class LayerPlan:
     note: str = ""  # how the requested scheme was adapted to the layer's shape, if it was
 
 
+def unit_ranges(n_blocks: int, nblocks: int) -> List[Tuple[int, int]]:
+    """``(start, end)`` of each tuning unit of a list of ``n_blocks`` blocks: ``nblocks`` consecutive ones."""
+    return [(start, min(start + nblocks, n_blocks)) for start in range(0, n_blocks, nblocks)]
+
+
 @dataclass(frozen=True)
 class QuantPlan:
     """Block lists to tune (path, block names) and every linear layer's fate."""
@@ -62,6 +67,10 @@ class QuantPlan:
 
     def in_block(self, block: str) -> List[LayerPlan]:
         return [lp for lp in self.quantized if lp.block == block]
+
+    def units(self, nblocks: int) -> List[Tuple[str, ...]]:
+        """The block names of each tuning unit, list after list (:func:`unit_ranges`)."""
+        return [blocks[start:end] for _, blocks in self.block_lists for start, end in unit_ranges(len(blocks), nblocks)]
 
     def summary_lines(self) -> List[str]:
         """Human-readable plan: block lists, counts, and what stays FP and why."""
