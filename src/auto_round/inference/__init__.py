@@ -3,7 +3,8 @@
 transformers loads ``quant_method "auto-round"`` checkpoints by itself through
 :mod:`auto_round.inference.convert_model`; :func:`load_quantized` is a shortcut that also lets
 you pick the backend (``"auto"``, ``"torch"``, ``"cpu_int4"``, ``"torch_cached"``) and loads GPTQ
-(``desc_act=False``) and AWQ GEMM checkpoints, of LLMs and VLMs, with the same modules.
+(act-order included) and AWQ GEMM checkpoints, of LLMs and VLMs, with the same modules, those GPTQModel
+writes included (:mod:`auto_round.inference.foreign`).
 """
 
 from __future__ import annotations
@@ -13,16 +14,17 @@ from typing import Optional, Union
 import torch
 
 from auto_round.inference.backends import list_backends, select_backend
+from auto_round.inference.foreign import normalize_quantization_config
 from auto_round.inference.qlinear import QuantLinear
 
 __all__ = ["QuantLinear", "list_backends", "load_quantized", "select_backend"]
 
 
-def _auto_class(path: str, trust_remote_code: bool):
-    """The transformers auto class for the checkpoint at ``path``: causal LM, else image-text-to-text (VLMs)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+def _auto_class(config, path: str, trust_remote_code: bool):
+    """The transformers auto class for ``config`` (of the checkpoint at ``path``): causal LM, else
+    image-text-to-text (VLMs)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     auto_map = getattr(config, "auto_map", None) or {}
     for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
         if type(config) in auto._model_mapping or (trust_remote_code and auto.__name__ in auto_map):
@@ -48,14 +50,18 @@ def load_quantized(
     transformers read GPTQ checkpoints with these modules). ``dtype`` (e.g. ``torch.bfloat16``)
     is the dtype of the non-quantized parts and of the activations; None keeps the checkpoint's.
     """
-    from transformers import AutoRoundConfig
+    from transformers import AutoConfig, AutoRoundConfig
 
     if backend != "auto":
         from auto_round.inference.backends import get_backend
 
         get_backend(backend)  # fail before loading, listing the valid names
-    auto = _auto_class(str(path), trust_remote_code)
-    kwargs = {"device_map": str(device), "quantization_config": AutoRoundConfig(backend=backend),
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    qc = getattr(config, "quantization_config", None)
+    if isinstance(qc, dict):  # written by another tool (GPTQModel, AutoAWQ): read for what its tensors are
+        config.quantization_config = normalize_quantization_config(qc)
+    auto = _auto_class(config, str(path), trust_remote_code)
+    kwargs = {"device_map": str(device), "quantization_config": AutoRoundConfig(backend=backend), "config": config,
               "trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype

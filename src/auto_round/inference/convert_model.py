@@ -17,8 +17,10 @@ outside the blocks (``lm_head``) only when ``extra_config`` names them exactly w
 ``scales`` buffers.
 
 GPTQ checkpoints (``quant_method "gptq"``, loaded through ``AutoRoundConfig``, which renames them
-``packing_format "auto_round:gptq"``; recognised by their ``desc_act`` key) carry ``g_idx``; only
-``desc_act=False`` checkpoints with ``g_idx[i] == i // group_size`` are accepted. AWQ GEMM
+``packing_format "auto_round:gptq"``; recognised by their ``desc_act`` key) carry ``g_idx``, act-order
+(``desc_act=True``) ones included; GPTQModel's ``format "gptq_v2"`` (raw zeros) is read with the raw
+layout, and its ``dynamic`` overrides (see :func:`dynamic_override`) apply per layer
+(:mod:`auto_round.inference.foreign` prepares GPTQModel's configs for transformers). AWQ GEMM
 checkpoints (``quant_method "awq"``, renamed ``packing_format "auto_round:awq"``) skip the layers named
 in ``modules_to_not_convert`` (substring match, as AWQ readers do); ``zero_point`` is ``not sym``. Their
 ``lm_head: true`` quantizes ``lm_head`` with the global scheme; without
@@ -45,6 +47,7 @@ logger = logging.getLogger(__name__)
 
 GPTQ_PACKING = "auto_round:gptq"
 AWQ_PACKING = "auto_round:awq"  # what transformers' AutoRoundConfig names AWQ GEMM checkpoints
+RAW_PACKING = "auto_round"  # input-packed words, zeros stored as they are
 _FP_BITS = 16
 
 
@@ -110,6 +113,23 @@ def _block_prefixes(qconfig: Any) -> List[str]:
     return [n.strip() for n in flat if n and n.strip()]
 
 
+def dynamic_override(dynamic: Optional[Mapping[str, Any]], name: str) -> Union[None, bool, Mapping[str, Any]]:
+    """GPTQModel's ``dynamic`` rule for module ``name``: the first pattern (in the config's order) that matches
+    from the start of the name decides; ``-:pattern`` means the module is not quantized (False), ``+:pattern``
+    or a bare pattern gives its overrides (``bits``, ``group_size``, ``sym``); None when no pattern matches."""
+    for key, overrides in (dynamic or {}).items():
+        negative = key.startswith("-:")
+        raw = key[2:] if key.startswith(("-:", "+:")) else key
+        try:
+            rx = re.compile(raw)
+        except re.error as err:
+            raise ValueError(f"quantization_config.dynamic pattern {key!r} is not a regular expression Python reads "
+                             f"({err}); rewrite it in Python's re syntax in the checkpoint's config.json") from err
+        if rx.match(name):
+            return False if negative else (overrides or {})
+    return None
+
+
 def _extra_entry(extra: Mapping[str, Any], name: str, exact_only: bool,
                  patterns: Mapping[str, Optional["re.Pattern[str]"]]) -> Optional[Mapping]:
     if name in extra:
@@ -159,12 +179,13 @@ def quantized_layer_schemes(model: nn.Module, qconfig: Any) -> Dict[str, LayerSc
     bits = int(_get(qconfig, "bits", None) or _get(qconfig, "w_bit", 4))
     group_size = int(_get(qconfig, "group_size", None) or _get(qconfig, "q_group_size", 128))
     sym = bool(_get(qconfig, "sym", True))
-    is_awq = "awq" in str(_get(qconfig, "quant_method", "")) or _packing_format(qconfig) == AWQ_PACKING
+    is_awq = "awq" in str(_get(qconfig, "quant_method", "")) or packing_format_of(qconfig) == AWQ_PACKING
     if is_awq and _get(qconfig, "zero_point") is not None:
         sym = not bool(_get(qconfig, "zero_point"))
     not_converted = list(_get(qconfig, "modules_to_not_convert") or []) if is_awq else []
     global_type = _get(qconfig, "data_type", "int") or "int"
     extra = _get(qconfig, "extra_config") or {}
+    dynamic = _get(qconfig, "dynamic")
     gptq_lm_head = bool(_get(qconfig, "lm_head", False))  # GPTQ configs' own lm_head flag
     prefixes = _block_prefixes(qconfig)
     if not prefixes:
@@ -184,6 +205,11 @@ def quantized_layer_schemes(model: nn.Module, qconfig: Any) -> Dict[str, LayerSc
         entry = _extra_entry(extra, name, exact_only=not inside, patterns=patterns)
         if not inside and entry is None:
             continue
+        rule = dynamic_override(dynamic, name) if inside else None
+        if rule is False:  # GPTQModel's -: pattern: stored in full precision
+            continue
+        if rule:
+            entry = {**(entry or {}), **rule}
         layer_bits = int(_get(entry or {}, "bits", bits) or bits)
         if layer_bits >= _FP_BITS:
             continue
@@ -202,11 +228,15 @@ def quantized_layer_schemes(model: nn.Module, qconfig: Any) -> Dict[str, LayerSc
     return schemes
 
 
-def _packing_format(qconfig: Any) -> str:
+def packing_format_of(qconfig: Any) -> str:
+    """The ``packing_format`` (a key of :data:`auto_round.export.layout.PACKING_FORMATS`) of a checkpoint's
+    config: its own key, else from ``quant_method``; GPTQModel's ``format "gptq_v2"`` stores raw zeros."""
     quant_method = str(_get(qconfig, "quant_method", "auto-round"))
     fmt = _get(qconfig, "packing_format")
     if fmt is None:
         fmt = GPTQ_PACKING if "gptq" in quant_method else AWQ_PACKING if "awq" in quant_method else "auto_round:auto_gptq"
+    if fmt == GPTQ_PACKING and str(_get(qconfig, "format", "")) == "gptq_v2":
+        fmt = RAW_PACKING
     if fmt not in PACKING_FORMATS:
         raise ValueError(
             f"checkpoint packing_format {fmt!r} is not supported by this auto_round; "
@@ -233,14 +263,6 @@ def scale_storage_dtype(qconfig: Any) -> torch.dtype:
     return dtype
 
 
-def _check_gptq(qconfig: Any, packing_format: str) -> None:
-    if packing_format == GPTQ_PACKING and _get(qconfig, "desc_act", False):
-        raise ValueError(
-            "GPTQ checkpoints with desc_act=True (act-order) are not supported; use a checkpoint "
-            "quantized with desc_act=False"
-        )
-
-
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -257,8 +279,7 @@ def convert_hf_model(model: nn.Module, target_device: str = "cpu") -> Tuple[nn.M
     qconfig = getattr(model.config, "quantization_config", None)
     if qconfig is None:
         raise ValueError("model.config has no quantization_config; is this a quantized checkpoint?")
-    packing_format = _packing_format(qconfig)
-    _check_gptq(qconfig, packing_format)
+    packing_format = packing_format_of(qconfig)
     requested = str(_get(qconfig, "backend", "auto") or "auto")
     if requested != "auto":
         get_backend(requested)  # unknown names fail here, listing the valid ones
@@ -268,8 +289,9 @@ def convert_hf_model(model: nn.Module, target_device: str = "cpu") -> Tuple[nn.M
             "no Linear layer matched the quantization_config (block_name_to_quantize="
             f"{_block_prefixes(qconfig)}); check the block names against the model's modules"
         )
-    # GPTQ checkpoints carry g_idx; their configs (unlike auto-round ones) always have desc_act.
-    with_g_idx = packing_format == GPTQ_PACKING and _get(qconfig, "desc_act") is not None
+    # GPTQ checkpoints (v1, or GPTQModel's raw-zero v2) carry g_idx; their configs, unlike auto-round ones,
+    # always have desc_act.
+    with_g_idx = packing_format in (GPTQ_PACKING, RAW_PACKING) and _get(qconfig, "desc_act") is not None
     scale_dtype = torch.float16 if with_g_idx else scale_storage_dtype(qconfig)  # GPTQ: always fp16
     used: Counter = Counter()
     for name, scheme in schemes.items():

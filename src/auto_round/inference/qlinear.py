@@ -6,8 +6,9 @@ and ``save_pretrained`` writes them back) and runs through one backend of
 
 The buffers' shapes and packing are those of the checkpoint's ``packing_format``, owned by
 :mod:`auto_round.export.layout` (GPTQ-style input-packed words, raw zeros, or AWQ's
-output-packed words); ``g_idx`` int32 ``[in_features]`` is added for GPTQ checkpoints (must equal
-``i // group_size``). ``scales`` ``[G, out_features]`` are in the run's ``scale_dtype``.
+output-packed words); ``g_idx`` int32 ``[in_features]`` is added for GPTQ checkpoints: ``i // group_size``,
+or, for act-order (``desc_act=True``) checkpoints, any grouping of ``group_size`` channels per group, run
+with the input channels permuted so that each group's are side by side. ``scales`` ``[G, out_features]`` are in the run's ``scale_dtype``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.nn as nn
 
 from auto_round.export.layout import PACKING_FORMATS, layout_for, pack, to_canonical
 from auto_round.inference.backends import Backend, PackedTensors, select_backend
+from auto_round.quant.pack import pack_bits, unpack_bits
 from auto_round.quant.qdq import n_groups
 from auto_round.quant.types import QuantizedWeight
 
@@ -82,6 +84,7 @@ class QuantLinear(nn.Module):
         self.backend = backend
         self.backend_name: Optional[str] = None
         self._state: Optional[Dict[str, Any]] = None
+        self._perm: Optional[torch.Tensor] = None  # act-order input permutation, set by post_init
         groups = n_groups(in_features, group_size)
         kw = {"device": device}
         self.register_buffer(
@@ -166,6 +169,7 @@ class QuantLinear(nn.Module):
 
     def _reset_state(self) -> None:
         self._state = None
+        self._perm = None
         self.backend_name = None
 
     def _apply(self, fn, recurse: bool = True):  # type: ignore[override]
@@ -173,17 +177,30 @@ class QuantLinear(nn.Module):
         self._reset_state()
         return super()._apply(fn, recurse)
 
-    def _check_g_idx(self) -> None:
+    def _input_order(self) -> Optional[torch.Tensor]:
+        """None when ``g_idx`` is absent or ``i // group_size``; for an act-order (``desc_act=True``) checkpoint,
+        the input permutation ``perm`` (int64 ``[in]``) that puts each group's channels side by side: channel
+        ``perm[j]`` belongs to group ``j // group_size``. Refuses a ``g_idx`` that is not such a grouping."""
         if self.g_idx is None:
-            return
-        expected = torch.arange(self.in_features, device=self.g_idx.device) // self.group_size
-        if not torch.equal(self.g_idx.to(torch.int64), expected):
+            return None
+        g_idx = self.g_idx.to(torch.int64)
+        expected = torch.arange(self.in_features, device=g_idx.device) // self.group_size
+        if torch.equal(g_idx, expected):
+            return None
+        perm = torch.argsort(g_idx, stable=True)
+        if not torch.equal(g_idx[perm], expected):
+            counts = torch.bincount(g_idx.clamp(min=0), minlength=n_groups(self.in_features, self.group_size))
             raise ValueError(
-                f"g_idx of a [{self.out_features}, {self.in_features}] layer is not "
-                f"i // group_size (group_size={self.group_size}): either the checkpoint has no "
-                "g_idx for it or it is an act-order (desc_act=True) checkpoint, which is not "
-                "supported; re-quantize with desc_act=False"
-            )
+                f"g_idx of a [{self.out_features}, {self.in_features}] layer does not give every group "
+                f"group_size={self.group_size} input channels (values {int(g_idx.min())}..{int(g_idx.max())}, "
+                f"group sizes {sorted(set(counts.tolist()))}): the file's g_idx was not written for this "
+                "group size; re-export it")
+        return perm
+
+    def _permuted(self, p: PackedTensors, perm: torch.Tensor) -> PackedTensors:
+        """``p`` with its input channels in the order ``perm`` (groups then contiguous, as the backends expect)."""
+        codes = unpack_bits(p.qweight, p.bits, dim=0, length=p.in_features)
+        return p._replace(qweight=pack_bits(codes.index_select(0, perm.to(codes.device)), p.bits, dim=0))
 
     def select(self) -> Backend:
         """The backend that would run this layer on its buffers' current device."""
@@ -208,10 +225,12 @@ class QuantLinear(nn.Module):
                 "QuantLinear buffers are still on the meta device: the checkpoint did not "
                 "provide qweight/qzeros/scales for this layer"
             )
-        self._check_g_idx()
+        perm = self._input_order()
         backend = self.select()
         with torch.no_grad():
-            self._state = backend.prepare(self.packed())
+            packed = self.packed()
+            self._state = backend.prepare(packed if perm is None else self._permuted(packed, perm))
+        self._perm = perm
         self._matmul = backend.matmul
         self._state_device = self.qweight.device
         self.backend_name = backend.name
@@ -220,6 +239,8 @@ class QuantLinear(nn.Module):
         """``x [..., in_features]`` -> ``[..., out_features]`` in ``x.dtype``."""
         if self._state is None or self._state_device != self.qweight.device:
             self.post_init()
+        if self._perm is not None:  # act-order checkpoint: the inputs follow the channels' permuted order
+            x = x.index_select(-1, self._perm)
         y = self._matmul(self._state, x)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
