@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from auto_round import AutoRound
+from auto_round import AutoRound, AutoRoundMLLM
 from auto_round.inference import load_quantized
 from auto_round.inference.foreign import normalize_quantization_config
 from auto_round.inference.qlinear import QuantLinear
@@ -161,3 +161,28 @@ def test_configs_of_this_package_pass_unchanged():
     assert normalize_quantization_config(cfg) == cfg
     cfg = {"quant_method": "auto-round", "packing_format": "auto_round:auto_gptq", "bits": 4}
     assert normalize_quantization_config(cfg) == cfg
+
+
+@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
+def test_vlm_folder_without_block_names_keeps_its_vision_tower(name, tmp_path):
+    """GPTQModel and AutoAWQ record no block_name_to_quantize: the quantized block lists are read from the tensor
+    names on disk, which for a LLaVA are not the module names (transformers saves it with the hub's renamings)."""
+    from tiny_vlms import FAMILIES, make_image, skip_on_upstream_break
+
+    skip_on_upstream_break(name)
+    vlm = FAMILIES[name]()
+    ar = AutoRoundMLLM(vlm.model, vlm.tokenizer, vlm.processor, **RTN)
+    out = ar.quantize_and_save(tmp_path / "q", format="auto_gptq", inplace=False)[0]
+    inputs = vlm.inputs("What is shown?", images=[make_image(vlm.image_size)])
+    with torch.no_grad():
+        ref = load_quantized(str(out), backend="torch")(**inputs).logits
+    cfg = json.loads((out / "config.json").read_text())
+    qc = cfg["quantization_config"]
+    del qc["block_name_to_quantize"]
+    qc.update(GPTQMODEL_KEYS)
+    (out / "config.json").write_text(json.dumps(cfg))
+    loaded = load_quantized(str(out), backend="torch")
+    quantized = [n for n, m in loaded.named_modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == len(ar.quantized_layers) and all("vision" not in n for n in quantized)
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, ref)

@@ -9,12 +9,13 @@ writes included (:mod:`auto_round.inference.foreign`).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional, Union
 
 import torch
 
 from auto_round.inference.backends import list_backends, select_backend
-from auto_round.inference.foreign import normalize_quantization_config
+from auto_round.inference.foreign import normalize_quantization_config, with_block_lists
 from auto_round.inference.qlinear import QuantLinear
 
 __all__ = ["QuantLinear", "list_backends", "load_quantized", "select_backend"]
@@ -33,6 +34,17 @@ def _auto_class(config, path: str, trust_remote_code: bool):
                      "AutoModelForCausalLM nor AutoModelForImageTextToText can build; load it with its own model "
                      "class' from_pretrained (quantized layers load the same way), or pass trust_remote_code=True "
                      "if it ships its modeling code")
+
+
+def _skeleton(auto, config, trust_remote_code: bool):
+    """The model of ``config`` on the meta device, without its quantization (module names only)."""
+    import copy
+
+    plain = copy.deepcopy(config)
+    if hasattr(plain, "quantization_config"):
+        del plain.quantization_config
+    with torch.device("meta"):
+        return auto.from_config(plain, trust_remote_code=trust_remote_code)
 
 
 def load_quantized(
@@ -58,9 +70,10 @@ def load_quantized(
         get_backend(backend)  # fail before loading, listing the valid names
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     qc = getattr(config, "quantization_config", None)
-    if isinstance(qc, dict):  # written by another tool (GPTQModel, AutoAWQ): read for what its tensors are
-        config.quantization_config = normalize_quantization_config(qc)
     auto = _auto_class(config, str(path), trust_remote_code)
+    if isinstance(qc, dict):  # written by another tool (GPTQModel, AutoAWQ): read for what its tensors are
+        config.quantization_config = with_block_lists(normalize_quantization_config(qc), Path(path),
+                                                      lambda: _skeleton(auto, config, trust_remote_code))
     kwargs = {"device_map": str(device), "quantization_config": AutoRoundConfig(backend=backend), "config": config,
               "trust_remote_code": trust_remote_code}
     if dtype is not None:

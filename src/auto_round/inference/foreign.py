@@ -18,13 +18,19 @@ for what its tensors are, then hands transformers a config it accepts:
 - AWQ: GPTQModel names the AutoAWQ kernel layout ``format``, AutoAWQ ``version``; only ``gemm`` (the
   layout :mod:`auto_round.export.layout` reads) is accepted, whichever key says it.
 
-Configs from this package, the reference, AutoGPTQ and AutoAWQ pass through unchanged.
+Neither tool records which block lists it quantized (``block_name_to_quantize``), and a VLM's vision tower is a
+block list too: :func:`quantized_block_lists` finds them from the tensor names on disk, so that a GPTQModel or
+AutoAWQ VLM folder keeps its vision tower in full precision as it was written.
+
+Configs from this package and the reference pass through unchanged.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Mapping
+import json
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping
 
 GPTQ_V1, GPTQ_V2 = "gptq", "gptq_v2"
 READABLE_GPTQ = (GPTQ_V1, GPTQ_V2)
@@ -65,4 +71,74 @@ def normalize_quantization_config(qc: Mapping[str, Any]) -> Dict[str, Any]:
     out.pop("checkpoint_format", None)
     out["format"] = layout
     out["desc_act"] = bool(out.get("desc_act", False))  # its presence marks a checkpoint with g_idx
+    return out
+
+
+QUANTIZED_TENSOR_SUFFIX = ".qweight"  # every GPTQ/AWQ/auto_round packed layer stores one
+
+
+def block_lists(layer_names: Iterable[str]) -> List[str]:
+    """The module paths holding ``layer_names``: for a layer inside a numbered list, the list
+    (``model.language_model.layers`` for ``model.language_model.layers.3.mlp.up_proj``), else the layer itself
+    (``lm_head``); sorted."""
+    found = set()
+    for name in layer_names:
+        parts = name.split(".")
+        index = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        found.add(".".join(parts[:index] if index else parts))
+    return sorted(found)
+
+
+def checkpoint_tensor_names(folder: Path) -> List[str]:
+    """Every tensor name of a local safetensors checkpoint (from its index, else the file headers); [] when the
+    folder has no safetensors files."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        return list(json.loads(index.read_text()).get("weight_map", {}))
+    from safetensors import safe_open
+
+    names: List[str] = []
+    for f in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            names.extend(fh.keys())
+    return names
+
+
+def _disk_name(model, name: str) -> str:
+    """The name transformers saves module ``name``'s weight under (its checkpoint renamings reverted: a LLaVA's
+    ``model.language_model.layers.0...`` is ``language_model.model.layers.0...`` on disk); ``name`` when this
+    transformers has no such renamings for the model."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # a transformers without checkpoint renamings: disk names are module names
+        return name
+    import torch
+
+    (key,) = revert_weight_conversion(model, {f"{name}.weight": torch.empty(0, device="meta")}).keys()
+    return key.removesuffix(".weight")
+
+
+def quantized_block_lists(model, tensor_names: Iterable[str]) -> List[str]:
+    """The block lists of ``model`` (module paths, see :func:`block_lists`) whose Linear layers the checkpoint
+    stores packed (a ``.qweight`` under the layer's name on disk)."""
+    import torch.nn as nn
+
+    on_disk = {n[: -len(QUANTIZED_TENSOR_SUFFIX)] for n in tensor_names if n.endswith(QUANTIZED_TENSOR_SUFFIX)}
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return block_lists(n for n in linears if n in on_disk or _disk_name(model, n) in on_disk)
+
+
+def with_block_lists(qc: Mapping[str, Any], folder: Path, skeleton) -> Dict[str, Any]:
+    """``qc`` with ``block_name_to_quantize`` read from the checkpoint in ``folder`` when the config names no block
+    list (as GPTQModel and AutoAWQ write them); ``skeleton()`` builds the model on the meta device (called only
+    then). Unchanged when the config names its lists, the folder is not local, or no layer is found packed."""
+    out = dict(qc)
+    if out.get("block_name_to_quantize") or out.get("to_quant_block_names") or not folder.is_dir():
+        return out
+    names = checkpoint_tensor_names(folder)
+    if not any(n.endswith(QUANTIZED_TENSOR_SUFFIX) for n in names):
+        return out
+    lists = quantized_block_lists(skeleton(), names)
+    if lists:
+        out["block_name_to_quantize"] = lists
     return out
