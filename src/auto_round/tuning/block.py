@@ -260,6 +260,7 @@ def tune_unit(
     autocast_dtype: Optional[torch.dtype] = None,
     clip_init: Optional[Mapping[str, Optional[torch.Tensor]]] = None,
     parallel: DataParallel = SINGLE,
+    tuner: Optional[ExtendedTuner] = None,
 ) -> BlockResult:
     """Tune every planned layer of ``blocks`` (already on ``device``); leaves qdq weights in place.
 
@@ -267,9 +268,10 @@ def tune_unit(
     start from the optimized-RTN search (:func:`auto_round.quant.opt_rtn.search_clip`) instead of 1.
     ``parallel``: ``inputs``/``targets``/``extras`` are this process's batches (:meth:`DataParallel.own`); each
     step draws local batch indices, runs the batches of every shard held here, and sums the gradients and
-    losses over the processes (:mod:`auto_round.tuning.parallel`)."""
+    losses over the processes (:mod:`auto_round.tuning.parallel`). ``tuner``: the unit's tuner as the caller
+    resolved it (:func:`tuner_of`, resolved here when None)."""
     t0 = time.perf_counter()
-    tuner = tuner_of(settings, layers)
+    tuner = tuner if tuner is not None else tuner_of(settings, layers)
     outliers = tuner.outlier_fraction if layers and max(lp.params.bits for lp in layers) < tuner.outlier_bits else 0.0
     wrappers: Dict[str, TunableLinear] = {}
     for lp in layers:

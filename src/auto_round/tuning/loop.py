@@ -212,7 +212,7 @@ def _tune_unit(run: _Run, unit: Sequence[nn.Module], names: Sequence[str], extra
         else:
             init = {n: collector.importance(n) for n in watched}
             res = tune_unit(run.model, name, unit, layers, q_in, targets, extras, run.settings, run.device,
-                            run.gen, torch.float32, ac, clip_init=init, parallel=run.parallel)
+                            run.gen, torch.float32, ac, clip_init=init, parallel=run.parallel, tuner=tuner)
             q_out = _keep_better(run, unit, name, res, q_in, targets, extras, store, ac, tuner.token_norm)
             if run.store is not None:
                 result = {k: getattr(res, k) for k in ("name", "first_loss", "last_loss", "best_loss", "best_iter",
