@@ -53,6 +53,7 @@ WRITTEN_BY_PEERS = {
     "tiny-gptq-w2": ("gptqmodel", "tiny", {**G32, "bits": 2}),
     "tiny-gptq-w3": ("gptqmodel", "tiny", {**G32, "bits": 3}),  # 32 codes in 3 words, across word boundaries
     "tiny-gptq-w8": ("gptqmodel", "tiny", {**G32, "bits": 8}),
+    "tiny-gptq-lm-head": ("gptqmodel", "tiny", {**G32, "lm_head": True}),
     "smollm2-gptq-g64": ("gptqmodel", "smollm2", {"bits": 4, "group_size": 64, "desc_act": False}),
     "smollm2-awq-g64": ("gptqmodel", "smollm2", {"bits": 4, "group_size": 64, "quant_method": "awq",
                                                  "format": "gemm"}),
