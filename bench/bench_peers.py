@@ -5,8 +5,8 @@
     .venv/bin/python bench/bench_peers.py --quick   # the tiny Llama only
 
 Part 1, **they write, we read**: GPTQModel quantizes on CPU (random-token calibration) the tiny random Llama in
-five variants (GPTQ v1 sym and asym, act-order ``desc_act=True``, ``dynamic`` rules keeping one layer in full
-precision and one at 8 bits, and the ``gptq_v2`` layout), the tiny random Qwen2-VL of the tests (its language model;
+nine variants (GPTQ v1 sym and asym, act-order ``desc_act=True``, ``dynamic`` rules keeping one layer in full
+precision and putting others at 8 bits, the ``gptq_v2`` layout, 2, 3 and 8 bits, and ``lm_head=True``), the tiny random Qwen2-VL of the tests (its language model;
 text conversations as calibration) and SmolLM2-135M (GPTQ v1 and AWQ GEMM, group 64);
 AutoAWQ quantizes SmolLM2 (GEMM, asym, group 64). Their folders are read back by ``GPTQModel.load`` (AutoAWQ's own
 loader needs intel-extension-for-pytorch on CPU).
