@@ -6,8 +6,8 @@
 
 Part 1, **they write, we read**: GPTQModel quantizes on CPU (random-token calibration) the tiny random Llama in
 nine variants (GPTQ v1 sym and asym, act-order ``desc_act=True``, ``dynamic`` rules keeping one layer in full
-precision and putting others at 8 bits, the ``gptq_v2`` layout, 2, 3 and 8 bits, and ``lm_head=True``), the tiny random Qwen2-VL of the tests (its language model;
-text conversations as calibration) and SmolLM2-135M (GPTQ v1 and AWQ GEMM, group 64);
+precision and putting others at 8 bits, the ``gptq_v2`` layout, 2, 3 and 8 bits, and ``lm_head=True``), the tiny
+random Qwen2-VL of the tests (its language model; text conversations as calibration) and SmolLM2-135M (GPTQ v1 and AWQ GEMM, group 64);
 AutoAWQ quantizes SmolLM2 (GEMM, asym, group 64). Their folders are read back by ``GPTQModel.load`` (AutoAWQ's own
 loader needs intel-extension-for-pytorch on CPU).
 Part 2, **we write, they read**: our ``auto_gptq`` and ``auto_awq`` exports of SmolLM2 (W4G64 sym RTN), read by
@@ -241,7 +241,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       fmt(c.get("top1_disagreement_max_margin"), ".3f")])
     print_table(["case", "writer", "reader", "result", "layers (ours)", "layers (GPTQModel)", "weight max rel diff",
                  "weights identical", "logits max diff", "top-1 agree", "margin where not"], table,
-                "GPTQModel 7.7 / AutoAWQ 0.2.9 and auto_round on each other's checkpoints (weights in fp16, logits in bf16, both sides)")
+                "GPTQModel 7.7 / AutoAWQ 0.2.9 and auto_round on each other's checkpoints "
+                "(weights in fp16, logits in bf16, both sides)")
     write_json(NAME, {"machine": machine_info(), "rows": rows}, args.json)
     return 0
 

@@ -8,7 +8,8 @@ The buffers' shapes and packing are those of the checkpoint's ``packing_format``
 :mod:`auto_round.export.layout` (GPTQ-style input-packed words, raw zeros, or AWQ's
 output-packed words); ``g_idx`` int32 ``[in_features]`` is added for GPTQ checkpoints: ``i // group_size``,
 or, for act-order (``desc_act=True``) checkpoints, any grouping of ``group_size`` channels per group, run
-with the input channels permuted so that each group's are side by side. ``scales`` ``[G, out_features]`` are in the run's ``scale_dtype``.
+with the input channels permuted so that each group's are side by side. ``scales`` ``[G, out_features]`` are in
+the run's ``scale_dtype``.
 """
 
 from __future__ import annotations
