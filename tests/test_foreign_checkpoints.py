@@ -163,8 +163,8 @@ def test_configs_of_this_package_pass_unchanged():
     assert normalize_quantization_config(cfg) == cfg
 
 
-@pytest.mark.parametrize("name", ["llava", "qwen2_vl"])
-def test_vlm_folder_without_block_names_keeps_its_vision_tower(name, tmp_path):
+@pytest.mark.parametrize("name, fmt", [("llava", "auto_gptq"), ("qwen2_vl", "auto_gptq"), ("llava", "auto_awq")])
+def test_vlm_folder_without_block_names_keeps_its_vision_tower(name, fmt, tmp_path):
     """GPTQModel and AutoAWQ record no block_name_to_quantize: the quantized block lists are read from the tensor
     names on disk, which for a LLaVA are not the module names (transformers saves it with the hub's renamings)."""
     from tiny_vlms import FAMILIES, make_image, skip_on_upstream_break
@@ -172,14 +172,17 @@ def test_vlm_folder_without_block_names_keeps_its_vision_tower(name, tmp_path):
     skip_on_upstream_break(name)
     vlm = FAMILIES[name]()
     ar = AutoRoundMLLM(vlm.model, vlm.tokenizer, vlm.processor, **RTN)
-    out = ar.quantize_and_save(tmp_path / "q", format="auto_gptq", inplace=False)[0]
+    out = ar.quantize_and_save(tmp_path / "q", format=fmt, inplace=False)[0]
     inputs = vlm.inputs("What is shown?", images=[make_image(vlm.image_size)])
     with torch.no_grad():
         ref = load_quantized(str(out), backend="torch")(**inputs).logits
     cfg = json.loads((out / "config.json").read_text())
     qc = cfg["quantization_config"]
     del qc["block_name_to_quantize"]
-    qc.update(GPTQMODEL_KEYS)
+    if fmt == "auto_gptq":
+        qc.update(GPTQMODEL_KEYS)
+    else:  # AutoAWQ writes modules_to_not_convert: null
+        qc["modules_to_not_convert"] = None
     (out / "config.json").write_text(json.dumps(cfg))
     loaded = load_quantized(str(out), backend="torch")
     quantized = [n for n, m in loaded.named_modules() if isinstance(m, QuantLinear)]
