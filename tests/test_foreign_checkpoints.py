@@ -189,3 +189,34 @@ def test_vlm_folder_without_block_names_keeps_its_vision_tower(name, fmt, tmp_pa
     assert len(quantized) == len(ar.quantized_layers) and all("vision" not in n for n in quantized)
     with torch.no_grad():
         assert torch.equal(loaded(**inputs).logits, ref)
+
+
+def test_block_lists_of_a_hub_checkpoint_come_from_its_remote_headers(monkeypatch, caplog):
+    """A hub repo id: the tensor names come from huggingface_hub's safetensors metadata (no download); when the hub
+    cannot be reached the config is left as it is, with a warning."""
+    import types
+
+    import huggingface_hub
+
+    from auto_round.inference.foreign import with_block_lists
+
+    names = ["model.layers.0.mlp.up_proj.qweight", "model.layers.0.mlp.up_proj.scales", "lm_head.weight",
+             "model.layers.1.self_attn.q_proj.qweight"]
+    seen = []
+
+    def metadata(repo_id, **_):
+        seen.append(repo_id)
+        return types.SimpleNamespace(weight_map={n: "model.safetensors" for n in names})
+
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", metadata)
+    qc = {"quant_method": "gptq", "bits": 4}
+    assert with_block_lists(qc, "org/model", tiny_llama)["block_name_to_quantize"] == ["model.layers"]
+    assert seen == ["org/model"]
+
+    def offline(repo_id, **_):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "get_safetensors_metadata", offline)
+    with caplog.at_level("WARNING"):
+        assert with_block_lists(qc, "org/model", tiny_llama) == qc
+    assert "could not list the tensors of 'org/model'" in caplog.text

@@ -9,7 +9,6 @@ writes included (:mod:`auto_round.inference.foreign`).
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Union
 
 import torch
@@ -72,7 +71,7 @@ def load_quantized(
     qc = getattr(config, "quantization_config", None)
     auto = _auto_class(config, str(path), trust_remote_code)
     if isinstance(qc, dict):  # written by another tool (GPTQModel, AutoAWQ): read for what its tensors are
-        config.quantization_config = with_block_lists(normalize_quantization_config(qc), Path(path),
+        config.quantization_config = with_block_lists(normalize_quantization_config(qc), str(path),
                                                       lambda: _skeleton(auto, config, trust_remote_code))
     kwargs = {"device_map": str(device), "quantization_config": AutoRoundConfig(backend=backend), "config": config,
               "trust_remote_code": trust_remote_code}

@@ -29,8 +29,11 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping
+
+logger = logging.getLogger(__name__)
 
 GPTQ_V1, GPTQ_V2 = "gptq", "gptq_v2"
 READABLE_GPTQ = (GPTQ_V1, GPTQ_V2)
@@ -89,9 +92,20 @@ def block_lists(layer_names: Iterable[str]) -> List[str]:
     return sorted(found)
 
 
-def checkpoint_tensor_names(folder: Path) -> List[str]:
-    """Every tensor name of a local safetensors checkpoint (from its index, else the file headers); [] when the
-    folder has no safetensors files."""
+def checkpoint_tensor_names(path: str) -> List[str]:
+    """Every tensor name of a safetensors checkpoint: a local folder (its index, else the file headers), or a hub
+    repo id (its safetensors headers, read remotely by ``huggingface_hub``); [] when the folder has no safetensors
+    files or the hub cannot be reached (logged: the loader then falls back to every block list)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        try:
+            from huggingface_hub import get_safetensors_metadata
+
+            return list(get_safetensors_metadata(str(path)).weight_map)
+        except Exception as err:  # offline, gated, not a repo: from_pretrained reports it in its own words
+            logger.warning("could not list the tensors of %r (%s: %s) to find its quantized block lists", path,
+                           type(err).__name__, err)
+            return []
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         return list(json.loads(index.read_text()).get("weight_map", {}))
@@ -128,14 +142,14 @@ def quantized_block_lists(model, tensor_names: Iterable[str]) -> List[str]:
     return block_lists(n for n in linears if n in on_disk or _disk_name(model, n) in on_disk)
 
 
-def with_block_lists(qc: Mapping[str, Any], folder: Path, skeleton) -> Dict[str, Any]:
-    """``qc`` with ``block_name_to_quantize`` read from the checkpoint in ``folder`` when the config names no block
-    list (as GPTQModel and AutoAWQ write them); ``skeleton()`` builds the model on the meta device (called only
-    then). Unchanged when the config names its lists, the folder is not local, or no layer is found packed."""
+def with_block_lists(qc: Mapping[str, Any], path: str, skeleton) -> Dict[str, Any]:
+    """``qc`` with ``block_name_to_quantize`` read from the checkpoint at ``path`` (a folder or a hub repo id) when
+    the config names no block list (as GPTQModel and AutoAWQ write them); ``skeleton()`` builds the model on the
+    meta device (called only then). Unchanged when the config names its lists or no layer is found packed."""
     out = dict(qc)
-    if out.get("block_name_to_quantize") or out.get("to_quant_block_names") or not folder.is_dir():
+    if out.get("block_name_to_quantize") or out.get("to_quant_block_names"):
         return out
-    names = checkpoint_tensor_names(folder)
+    names = checkpoint_tensor_names(path)
     if not any(n.endswith(QUANTIZED_TENSOR_SUFFIX) for n in names):
         return out
     lists = quantized_block_lists(skeleton(), names)
