@@ -118,18 +118,18 @@ def checkpoint_tensor_names(path: str) -> List[str]:
     return names
 
 
-def _disk_name(model, name: str) -> str:
-    """The name transformers saves module ``name``'s weight under (its checkpoint renamings reverted: a LLaVA's
-    ``model.language_model.layers.0...`` is ``language_model.model.layers.0...`` on disk); ``name`` when this
-    transformers has no such renamings for the model."""
+def _disk_names(model, name: str) -> List[str]:
+    """The names transformers saves module ``name``'s weight under (its checkpoint renamings reverted: a LLaVA's
+    ``model.language_model.layers.0...`` is ``language_model.model.layers.0...`` on disk; a converter that splits
+    a fused weight on save gives several); ``[name]`` when this transformers has no such renamings."""
     try:
         from transformers.core_model_loading import revert_weight_conversion
     except ImportError:  # a transformers without checkpoint renamings: disk names are module names
-        return name
+        return [name]
     import torch
 
-    (key,) = revert_weight_conversion(model, {f"{name}.weight": torch.empty(0, device="meta")}).keys()
-    return key.removesuffix(".weight")
+    saved = revert_weight_conversion(model, {f"{name}.weight": torch.empty(0, device="meta")})
+    return [key.removesuffix(".weight") for key in saved]
 
 
 def quantized_block_lists(model, tensor_names: Iterable[str]) -> List[str]:
@@ -139,7 +139,7 @@ def quantized_block_lists(model, tensor_names: Iterable[str]) -> List[str]:
 
     on_disk = {n[: -len(QUANTIZED_TENSOR_SUFFIX)] for n in tensor_names if n.endswith(QUANTIZED_TENSOR_SUFFIX)}
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return block_lists(n for n in linears if n in on_disk or _disk_name(model, n) in on_disk)
+    return block_lists(n for n in linears if n in on_disk or not on_disk.isdisjoint(_disk_names(model, n)))
 
 
 def with_block_lists(qc: Mapping[str, Any], path: str, skeleton) -> Dict[str, Any]:
